@@ -1,0 +1,21 @@
+"""User-facing exceptions: each carries one sentence naming what was found and what to do."""
+
+
+class ConvRewriteError(Exception):
+    """Base class of every error convrewrite raises on purpose."""
+
+
+class UnsupportedModelError(ConvRewriteError):
+    """The model (or one of its layers) cannot be walked or rebuilt faithfully."""
+
+
+class ProfileError(ConvRewriteError):
+    """A device profile / cost model file is missing, corrupt, or of an unknown version."""
+
+
+class VerificationError(ConvRewriteError):
+    """A rewritten model does not match the original within tolerance."""
+
+
+class PlanError(ConvRewriteError):
+    """A plan names an unknown site or implementation, or one that does not apply."""

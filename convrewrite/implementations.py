@@ -1,0 +1,143 @@
+"""The registry of convolution implementations.
+
+Each implementation says which ConvSpecs it applies to, builds its Keras layer from the original layer
+plus spec, moves the original's weights into it, and exposes the features a cost model needs.
+Adding an implementation means: one layer file under `convrewrite/layers/` and one `register(...)` here.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+
+from .errors import PlanError
+from .spec import ConvSpec
+
+_REGISTRY: Dict[str, "Implementation"] = {}
+
+
+class Implementation:
+    """Base class. Subclasses set `name`/`description` and override what differs."""
+
+    name: str = ""
+    description: str = ""
+
+    def applicable(self, spec: ConvSpec) -> Tuple[bool, str]:
+        """(True, "") if this implementation computes `spec` exactly, else (False, why not)."""
+        raise NotImplementedError
+
+    def make_layer(self, layer, spec: ConvSpec, **options):
+        """A new, unbuilt Keras layer computing what `layer` computes, named like it."""
+        raise NotImplementedError
+
+    def transfer_weights(self, old_layer, new_layer, spec: ConvSpec) -> None:
+        """Copy `old_layer`'s weights into the built `new_layer` (values, never shared variables)."""
+        new_layer.set_weights([np.array(w) for w in old_layer.get_weights()])
+
+    def features(self, spec: ConvSpec) -> Dict[str, float]:
+        """Numbers the cost model regresses time on. Must not depend on anything but the spec."""
+        macs = spec.macs() or 0
+        n_in = (spec.batch or 1) * (spec.height or 0) * (spec.width or 0) * spec.in_channels
+        ho, wo = spec.output_hw()
+        n_out = (spec.batch or 1) * (ho or 0) * (wo or 0) * spec.filters
+        return {"macs": float(macs), "bytes": 4.0 * (n_in + n_out), "calls": 1.0}
+
+    def __repr__(self):
+        return f"<Implementation {self.name}>"
+
+
+def register(impl: Implementation) -> Implementation:
+    """Add an implementation to the registry (replacing one of the same name)."""
+    if not impl.name:
+        raise ValueError("Received an implementation without a name; expected a non-empty `name`.")
+    _REGISTRY[impl.name] = impl
+    return impl
+
+
+def get(name: str) -> Implementation:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PlanError(f"Unknown implementation {name!r}; expected one of {sorted(_REGISTRY)}.") from None
+
+
+def names():
+    return list(_REGISTRY)
+
+
+def candidates(spec: ConvSpec, allowed=None):
+    """{name: (applicable, reason)} for every registered implementation (filtered by `allowed`)."""
+    out = {}
+    for name, impl in _REGISTRY.items():
+        if allowed is not None and name not in allowed:
+            continue
+        out[name] = impl.applicable(spec)
+    return out
+
+
+# ---- built-in implementations -------------------------------------------------------------------
+class Direct(Implementation):
+    """Keras's own layer (cuDNN on GPU, oneDNN on CPU), re-created from its config."""
+
+    name = "direct"
+    description = "Keras's own kernel (cuDNN on GPU, oneDNN/Eigen on CPU)"
+
+    def applicable(self, spec):
+        return True, ""
+
+    def make_layer(self, layer, spec, **options):
+        return type(layer).from_config(layer.get_config())
+
+
+class Depthwise(Implementation):
+    """A grouped Conv2D with one input channel per group, run through the depthwise kernel.
+
+    Conv2D(groups=C) kernel (kh, kw, 1, C*M) holds output channel c*M + m of group c, which is exactly
+    the order DepthwiseConv2D's (kh, kw, C, M) kernel produces, so the weights map by a reshape.
+    """
+
+    name = "depthwise"
+    description = "grouped Conv2D with groups == in_channels through the depthwise kernel"
+
+    def applicable(self, spec):
+        if spec.kind != "conv2d":
+            return False, "already a depthwise layer" if spec.kind == "depthwise_conv2d" else f"kind {spec.kind}"
+        if spec.groups == 1 or spec.groups != spec.in_channels:
+            return False, f"groups={spec.groups} is not in_channels={spec.in_channels}"
+        if max(spec.strides) > 1 and max(spec.dilation) > 1:
+            return False, "depthwise kernel does not combine strides > 1 with dilation > 1"
+        return True, ""
+
+    def make_layer(self, layer, spec, **options):
+        import keras
+
+        config = layer.get_config()
+        return keras.layers.DepthwiseConv2D(
+            kernel_size=spec.kernel,
+            strides=spec.strides,
+            padding=spec.padding,
+            depth_multiplier=spec.filters // spec.in_channels,
+            data_format=spec.data_format,
+            dilation_rate=spec.dilation,
+            activation=config["activation"],
+            use_bias=spec.use_bias,
+            name=layer.name,
+            dtype=config.get("dtype"),
+            trainable=layer.trainable,
+            depthwise_regularizer=config.get("kernel_regularizer"),
+            bias_regularizer=config.get("bias_regularizer"),
+            activity_regularizer=config.get("activity_regularizer"),
+            depthwise_constraint=config.get("kernel_constraint"),
+            bias_constraint=config.get("bias_constraint"),
+        )
+
+    def transfer_weights(self, old_layer, new_layer, spec):
+        weights = [np.array(w) for w in old_layer.get_weights()]
+        kh, kw = spec.kernel
+        weights[0] = weights[0].reshape(kh, kw, spec.in_channels, spec.filters // spec.in_channels)
+        new_layer.set_weights(weights)
+
+
+register(Direct())
+register(Depthwise())

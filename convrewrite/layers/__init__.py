@@ -1,0 +1,1 @@
+"""Keras layers convrewrite substitutes for convolutions. Each is registered serializable."""

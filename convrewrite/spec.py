@@ -1,0 +1,184 @@
+"""ConvSpec: the one value that describes a convolution site.
+
+The graph walk produces it, the planner and cost model consume it, the implementations build layers
+from it. It is frozen (hashable, usable as a cache key) and round-trips through plain JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Optional, Tuple
+
+CONV_KINDS = ("conv2d", "depthwise_conv2d")
+"""Kinds the walker recognises today. Conv1D/Conv3D/SeparableConv2D/Conv2DTranspose get kinds of their own
+when an implementation for them exists; until then they are ordinary (kept) layers."""
+
+
+def _pair(value, name):
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"Received {name}={value!r}; expected an int or a pair of ints.")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """A 2-D convolution site, always described in channels_last terms.
+
+    `height`/`width`/`batch` are None when unknown at build time (e.g. `Input((None, None, 3))`).
+    `filters` is the number of output channels (for depthwise: in_channels * depth_multiplier).
+    `groups` is 1 for ordinary Conv2D, Cin for depthwise.
+    """
+
+    kind: str
+    in_channels: int
+    filters: int
+    kernel: Tuple[int, int]
+    height: Optional[int] = None
+    width: Optional[int] = None
+    batch: Optional[int] = None
+    strides: Tuple[int, int] = (1, 1)
+    dilation: Tuple[int, int] = (1, 1)
+    padding: str = "valid"
+    groups: int = 1
+    depth_multiplier: int = 1
+    use_bias: bool = True
+    activation: str = "linear"
+    dtype: str = "float32"
+    data_format: str = "channels_last"
+
+    def __post_init__(self):
+        if self.kind not in CONV_KINDS:
+            raise ValueError(f"Received kind={self.kind!r}; expected one of {CONV_KINDS}.")
+        for name in ("kernel", "strides", "dilation"):
+            object.__setattr__(self, name, _pair(getattr(self, name), name))
+        if self.padding not in ("same", "valid"):
+            raise ValueError(f"Received padding={self.padding!r}; expected 'same' or 'valid'.")
+        if self.in_channels % self.groups or self.filters % self.groups:
+            raise ValueError(
+                f"Received groups={self.groups} with in_channels={self.in_channels}, "
+                f"filters={self.filters}; expected groups to divide both."
+            )
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def effective_kernel(self) -> Tuple[int, int]:
+        """Kernel extent once dilation spreads its taps: (k - 1) * d + 1 per axis."""
+        return tuple((k - 1) * d + 1 for k, d in zip(self.kernel, self.dilation))
+
+    @property
+    def is_depthwise_like(self) -> bool:
+        """True when every group holds exactly one input channel (depthwise, possibly grouped Conv2D)."""
+        return self.groups == self.in_channels and self.groups > 1 or self.kind == "depthwise_conv2d"
+
+    def output_hw(self) -> Tuple[Optional[int], Optional[int]]:
+        """Output spatial size under TF/Keras padding rules, None where the input size is unknown."""
+        out = []
+        for n, k, s in zip((self.height, self.width), self.effective_kernel, self.strides):
+            if n is None:
+                out.append(None)
+            elif self.padding == "same":
+                out.append(math.ceil(n / s))
+            else:
+                out.append(max(math.ceil((n - k + 1) / s), 0))
+        return tuple(out)
+
+    def macs(self, batch: Optional[int] = None) -> Optional[int]:
+        """Multiply-accumulates of the direct algorithm (None if the spatial size is unknown)."""
+        ho, wo = self.output_hw()
+        if ho is None or wo is None:
+            return None
+        b = batch or self.batch or 1
+        return b * ho * wo * self.filters * (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+
+    def with_input(self, batch=None, height=None, width=None) -> "ConvSpec":
+        """A copy with the input size filled in (the walker leaves it None when the model does)."""
+        return dataclasses.replace(
+            self,
+            batch=self.batch if batch is None else batch,
+            height=self.height if height is None else height,
+            width=self.width if width is None else width,
+        )
+
+    # ---- serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("kernel", "strides", "dilation"):
+            d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ConvSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"Received unknown ConvSpec fields {sorted(unknown)}; expected a subset of {sorted(fields)}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ConvSpec":
+        return cls.from_dict(json.loads(text))
+
+    def short(self) -> str:
+        """Compact one-line description for tables: `dw 7x7 s1 96->96 @56x56`."""
+        tag = {"conv2d": "conv", "depthwise_conv2d": "dw"}[self.kind]
+        if self.kind == "conv2d" and self.groups > 1:
+            tag += f" g{self.groups}"
+        k = f"{self.kernel[0]}x{self.kernel[1]}"
+        s = f"s{self.strides[0]}" if self.strides[0] == self.strides[1] else f"s{self.strides[0]}x{self.strides[1]}"
+        d = "" if self.dilation == (1, 1) else f" d{self.dilation[0]}"
+        hw = f"{self.height}x{self.width}" if self.height else "?x?"
+        return f"{tag} {k} {s}{d} {self.padding} {self.in_channels}->{self.filters} @{hw}"
+
+
+def spec_from_layer(layer, input_shape) -> ConvSpec:
+    """Describe a Keras Conv2D / DepthwiseConv2D layer called on a tensor of `input_shape`.
+
+    input_shape: the full shape including batch, in the layer's data_format.
+    """
+    import keras
+
+    config = layer.get_config()
+    data_format = config.get("data_format") or "channels_last"
+    shape = tuple(input_shape)
+    if len(shape) != 4:
+        raise ValueError(f"Layer '{layer.name}' received input of rank {len(shape)}; expected rank 4.")
+    if data_format == "channels_first":
+        batch, cin, h, w = shape
+    else:
+        batch, h, w, cin = shape
+    activation = config.get("activation", "linear")
+    if not isinstance(activation, str):
+        activation = keras.activations.serialize(layer.activation)
+        if isinstance(activation, dict):
+            activation = activation.get("config", {}).get("name", str(activation))
+    policy = getattr(layer, "dtype_policy", None)
+    dtype = getattr(policy, "name", None) or str(layer.compute_dtype)
+    common = dict(
+        in_channels=int(cin),
+        kernel=tuple(config["kernel_size"]),
+        height=None if h is None else int(h),
+        width=None if w is None else int(w),
+        batch=None if batch is None else int(batch),
+        strides=tuple(config["strides"]),
+        dilation=tuple(config["dilation_rate"]),
+        padding=config["padding"],
+        use_bias=bool(config["use_bias"]),
+        activation=str(activation),
+        dtype=dtype,
+        data_format=data_format,
+    )
+    # Exact types only: a subclass may override call(), so it is not known to compute a plain conv.
+    if type(layer) is keras.layers.DepthwiseConv2D:
+        m = int(config["depth_multiplier"])
+        return ConvSpec(kind="depthwise_conv2d", filters=int(cin) * m, groups=int(cin), depth_multiplier=m, **common)
+    if type(layer) is keras.layers.Conv2D:
+        return ConvSpec(kind="conv2d", filters=int(config["filters"]), groups=int(config.get("groups", 1)), **common)
+    raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a Conv2D or DepthwiseConv2D.")

@@ -1,0 +1,24 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np
+import pytest
+
+
+def rel_error(actual, expected):
+    """Normwise relative error: max |actual - expected| / max |expected| (0 when both are zero)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
+    scale = np.max(np.abs(expected)) if expected.size else 0.0
+    err = np.max(np.abs(actual - expected)) if expected.size else 0.0
+    return float(err / scale) if scale > 0 else float(err)
+
+
+@pytest.fixture
+def rng(request):
+    """A numpy Generator seeded per test (stable across runs, different between tests)."""
+    seed = abs(hash(request.node.nodeid)) % (2**32)
+    return np.random.default_rng(seed)
