@@ -35,6 +35,26 @@ class Implementation:
         """Copy `old_layer`'s weights into the built `new_layer` (values, never shared variables)."""
         new_layer.set_weights([np.array(w) for w in old_layer.get_weights()])
 
+    def dependencies(self, spec: ConvSpec, options: dict):
+        """Names of model inputs / layers whose outputs `call` needs besides the site's own input.
+
+        The rebuild orders the graph so these are computed first (e.g. PAC's guidance)."""
+        return []
+
+    def call(self, new_layer, args, kwargs, context):
+        """Call `new_layer` in the rebuilt graph where the original layer was called with (args, kwargs).
+
+        context.resolve(name) returns the rebuilt symbolic tensor of a model input or of a layer's
+        output (its first call); context.site is the Site being replaced, context.options its options."""
+        return new_layer(*args, **kwargs)
+
+    def probe_call(self, new_layer, x):
+        """Call the replacement on a lone input tensor `x` for per-site verification.
+
+        Implementations that take extra inputs (guidance) feed random ones here: at conversion their
+        output must not depend on them."""
+        return new_layer(x)
+
     def features(self, spec: ConvSpec) -> Dict[str, float]:
         """Numbers the cost model regresses time on. Must not depend on anything but the spec."""
         macs = spec.macs() or 0
@@ -141,3 +161,5 @@ class Depthwise(Implementation):
 
 register(Direct())
 register(Depthwise())
+
+# ---- implementations defined next to their layers (one line each) -----------------------------
