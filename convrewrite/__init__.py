@@ -1,7 +1,22 @@
-"""convrewrite: measure, choose and prove equivalent the fastest implementation of each convolution."""
+"""convrewrite: measure, choose and prove equivalent the fastest implementation of each convolution.
 
-from . import reference
+    fast = convrewrite.optimize(model)      # new model, verified equivalent; `model` is untouched
+    print(convrewrite.plan(model).summary())
+"""
+
+# implementations first: the layer modules it imports register themselves against it.
+from . import implementations  # noqa: I001
+from . import layers, reference
+from .api import build, optimize, plan, verify
 from .errors import ConvRewriteError, PlanError, ProfileError, UnsupportedModelError, VerificationError
+from .planner import Plan, PlanRow
 from .spec import ConvSpec
+from .verify import VerificationReport
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "optimize", "plan", "verify", "build", "layers", "reference", "implementations",
+    "Plan", "PlanRow", "ConvSpec", "VerificationReport",
+    "ConvRewriteError", "PlanError", "ProfileError", "UnsupportedModelError", "VerificationError",
+]

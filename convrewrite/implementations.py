@@ -22,6 +22,7 @@ class Implementation:
 
     name: str = ""
     description: str = ""
+    layer_classes: tuple = ()  # classes of the layers make_layer returns that only this implementation makes
 
     def applicable(self, spec: ConvSpec) -> Tuple[bool, str]:
         """(True, "") if this implementation computes `spec` exactly, else (False, why not)."""
@@ -84,6 +85,14 @@ def get(name: str) -> Implementation:
 
 def names():
     return list(_REGISTRY)
+
+
+def for_layer(layer) -> Implementation:
+    """The implementation that made `layer` (by its class), `direct` for Keras's own layers."""
+    for impl in _REGISTRY.values():
+        if impl.layer_classes and isinstance(layer, impl.layer_classes):
+            return impl
+    return _REGISTRY["direct"]
 
 
 def candidates(spec: ConvSpec, allowed=None):

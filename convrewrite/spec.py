@@ -138,6 +138,15 @@ class ConvSpec:
         return f"{tag} {k} {s}{d} {self.padding} {self.in_channels}->{self.filters} @{hw}"
 
 
+def is_conv_site(layer) -> bool:
+    """True for the layer types the walker describes as sites.
+
+    Exact types only: a subclass may override call(), so it is not known to compute a plain conv."""
+    import keras
+
+    return type(layer) in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+
+
 def spec_from_layer(layer, input_shape) -> ConvSpec:
     """Describe a Keras Conv2D / DepthwiseConv2D layer called on a tensor of `input_shape`.
 
@@ -145,6 +154,8 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
     """
     import keras
 
+    if not is_conv_site(layer):
+        raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a Conv2D or DepthwiseConv2D.")
     config = layer.get_config()
     data_format = config.get("data_format") or "channels_last"
     shape = tuple(input_shape)
@@ -175,10 +186,7 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
         dtype=dtype,
         data_format=data_format,
     )
-    # Exact types only: a subclass may override call(), so it is not known to compute a plain conv.
     if type(layer) is keras.layers.DepthwiseConv2D:
         m = int(config["depth_multiplier"])
         return ConvSpec(kind="depthwise_conv2d", filters=int(cin) * m, groups=int(cin), depth_multiplier=m, **common)
-    if type(layer) is keras.layers.Conv2D:
-        return ConvSpec(kind="conv2d", filters=int(config["filters"]), groups=int(config.get("groups", 1)), **common)
-    raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a Conv2D or DepthwiseConv2D.")
+    return ConvSpec(kind="conv2d", filters=int(config["filters"]), groups=int(config.get("groups", 1)), **common)

@@ -1,0 +1,96 @@
+"""The public entry points: plan, optimize, verify."""
+
+from __future__ import annotations
+
+from . import implementations
+from .errors import VerificationError
+from .graph import walk
+from .planner import Plan, make_plan
+from .verify import VerificationReport, verify as _verify
+
+
+def _resolve_cost_model(cost_model):
+    """None/'rules' -> rule-based; a CostModel or a path -> that; 'auto' -> the shipped profile for this device."""
+    if cost_model in (None, "rules"):
+        return None
+    try:
+        from . import cost
+    except ImportError:  # cost models not available in this build
+        if cost_model == "auto":
+            return None
+        raise
+    return cost.resolve(cost_model)
+
+
+def plan(model, cost_model="auto", allow=None, pac=None) -> Plan:
+    """Decide an implementation for every conv site of `model` (nothing is built).
+
+    cost_model: "auto" (the profile shipped or measured for this device), a path to a profile JSON, a
+    CostModel, or None for the rule-based chooser. allow: names the planner may pick from.
+    pac: {"layers": [names] | regex, "guidance": "self" | input/layer name, **PacConv2D options}.
+    """
+    return make_plan(walk(model), _resolve_cost_model(cost_model), allow=allow, pac=pac)
+
+
+def build(model, plan: Plan):
+    """Rebuild `model` as `plan` says, without verification. The original is left untouched."""
+    graph = walk(model)
+    rows = {r.site: r for r in plan}
+
+    def substitute(site):
+        row = rows.get(site.path)
+        if row is None or row.choice == "direct":
+            return None
+        return implementations.get(row.choice), dict(row.options)
+
+    return graph.rebuild(substitute)
+
+
+def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, verify=True, inputs=None,
+             rtol=None, measure=False):
+    """A new keras.Model computing what `model` computes, each convolution in its fastest implementation.
+
+    Verifies by default: any site whose replacement differs from the original beyond tolerance falls back
+    to `direct` (recorded in the report), and if the model still differs a VerificationError is raised.
+    The returned model carries `convrewrite_plan` and `convrewrite_report` attributes.
+    measure: time the candidates on this model's real shapes (needs a cost model; see convrewrite.cost).
+    """
+    if plan is None:
+        cm = _resolve_cost_model(cost_model)
+        if measure:
+            if cm is None:
+                from . import cost
+
+                cm = cost.resolve("auto")
+            cm.measure_specs([s.spec for s in walk(model).all_sites()], allow=allow)
+        plan = make_plan(walk(model), cm, allow=allow, pac=pac)
+    new = build(model, plan)
+    report = None
+    if verify:
+        report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
+        failing = [s for s in report.failing_sites if plan.row(s).choice != "direct"]
+        if failing:
+            fallbacks = []
+            for site in failing:
+                row = plan.row(site)
+                check = next(c for c in report.sites if c.name == site)
+                fallbacks.append({"site": site, "from": row.choice, "to": "direct",
+                                  "why": f"rel error {check.rel_error:.2e} > {check.tolerance:.0e}"})
+                plan.force(site, "direct", reason=f"fell back from {row.choice}: verification failed")
+            new = build(model, plan)
+            report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
+            report.fallbacks = fallbacks
+        if not report.passed:
+            raise VerificationError(
+                f"Optimized model '{model.name}' differs from the original beyond tolerance at "
+                f"{[c.name for c in report.checks if not c.passed]} even after falling back; the original is unchanged.\n"
+                + report.summary()
+            )
+    new.convrewrite_plan = plan
+    new.convrewrite_report = report
+    return new
+
+
+def verify(original, new, inputs=None, rtol=None, sites=True, seed=0) -> VerificationReport:
+    """Compare `new` with `original`: per output end to end and per conv site (see convrewrite.verify)."""
+    return _verify(original, new, inputs=inputs, rtol=rtol, sites=sites, seed=seed, plan=getattr(new, "convrewrite_plan", None))

@@ -1,0 +1,348 @@
+"""Keras model <-> networkx.DiGraph: find convolution sites, rebuild with substitutions.
+
+This module knows nothing about FFT or PAC. It walks Sequential and Functional models (recursively into
+nested models), describes every Conv2D / DepthwiseConv2D call as a `Site`, and rebuilds a new Functional
+model in which each layer is either re-created from its config with copied weights or replaced by what a
+`substitute(site) -> (Implementation, options)` callback says.
+
+Graph shape: one node per layer call (keras `Node`), one edge per tensor flowing between calls.
+Node attributes: `op` (the layer/operation), `node` (the keras Node), `order` (Keras's execution order).
+Edge attributes: `tensors` (indices of the consumer's input tensors this edge carries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Dict, List, Optional, Tuple
+
+import networkx as nx
+
+from .errors import UnsupportedModelError
+from .spec import ConvSpec, is_conv_site, spec_from_layer
+
+
+@dataclasses.dataclass(eq=False)
+class Site:
+    """One convolution layer of the model (a shared layer is one site, whatever its call count).
+
+    path: the layer's name prefixed by the names of the models that enclose it ("backbone/conv3").
+    spec: described from the layer's first call.
+    """
+
+    path: str
+    layer: object
+    spec: ConvSpec
+    calls: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+
+class ModelGraph:
+    """A walked Functional model: its DiGraph, its sites (own and nested), and nested model graphs."""
+
+    def __init__(self, model, prefix: str = ""):
+        self.model = _as_functional(model)
+        self.source = model
+        self.prefix = prefix
+        self.graph = nx.DiGraph()
+        self.sites: List[Site] = []  # own and nested, in execution order
+        self.own_sites: List[Site] = []  # called directly in this graph
+        self.children: Dict[int, "ModelGraph"] = {}  # id(nested model layer) -> its graph
+        self.layers: Dict[str, object] = {}  # path -> layer, for every layer met (own and nested)
+        self._walk()
+
+    # ---- walking -------------------------------------------------------------------------------
+    def _walk(self):
+        fn = self.model
+        order = 0
+        keras_nodes = []
+        for depth in sorted(fn._nodes_by_depth, reverse=True):
+            for node in fn._nodes_by_depth[depth]:
+                keras_nodes.append(node)
+        node_key = {}
+        for node in keras_nodes:
+            op = node.operation
+            key = f"{op.name}:{op._inbound_nodes.index(node) if node in op._inbound_nodes else 0}"
+            node_key[id(node)] = key
+            self.graph.add_node(key, op=op, node=node, order=order, is_input=bool(node.is_input))
+            order += 1
+        for node in keras_nodes:
+            for position, tensor in enumerate(node.input_tensors):
+                producer, node_index, _ = tensor._keras_history
+                src = producer._inbound_nodes[node_index]
+                if id(src) not in node_key:
+                    raise UnsupportedModelError(
+                        f"Layer '{node.operation.name}' consumes a tensor from '{producer.name}' that is not part of "
+                        f"model '{self.source.name}'; expected a self-contained Functional graph."
+                    )
+                u, v = node_key[id(src)], node_key[id(node)]
+                if self.graph.has_edge(u, v):
+                    self.graph[u][v]["tensors"].append(position)
+                else:
+                    self.graph.add_edge(u, v, tensors=[position])
+
+        seen = {}
+        for key in self.ordered_nodes():
+            data = self.graph.nodes[key]
+            op, node = data["op"], data["node"]
+            if data["is_input"]:
+                continue
+            path = self.prefix + op.name
+            self.layers[path] = op
+            if id(op) in seen:
+                if isinstance(seen[id(op)], Site):
+                    seen[id(op)].calls += 1
+                continue
+            if _is_model(op):
+                child = ModelGraph(op, prefix=path + "/")
+                self.children[id(op)] = child
+                self.sites.extend(child.sites)
+                self.layers.update(child.layers)
+                seen[id(op)] = child
+                continue
+            if is_conv_site(op):
+                spec = spec_from_layer(op, tuple(node.input_tensors[0].shape))
+                site = Site(path=path, layer=op, spec=spec)
+                self.sites.append(site)
+                self.own_sites.append(site)
+                seen[id(op)] = site
+            else:
+                seen[id(op)] = op
+
+    def ordered_nodes(self, extra_edges=()):
+        """Node keys in an execution order; `extra_edges` (u, v) force u before v (e.g. guidance)."""
+        graph = self.graph
+        if extra_edges:
+            graph = graph.copy()
+            graph.add_edges_from(extra_edges)
+            if not nx.is_directed_acyclic_graph(graph):
+                cycle = nx.find_cycle(graph)
+                raise UnsupportedModelError(
+                    f"Wiring {extra_edges} into model '{self.source.name}' makes a cycle through "
+                    f"{[u for u, _ in cycle]}; expected extra inputs that are computed before the layer using them."
+                )
+        return list(nx.lexicographical_topological_sort(graph, key=lambda k: graph.nodes[k].get("order", 0)))
+
+    def node_for_layer_name(self, name: str) -> Optional[str]:
+        """Key of the first call of the layer (or model input) named `name` in this graph."""
+        best = None
+        for key, data in self.graph.nodes(data=True):
+            if data["op"].name == name and (best is None or data["order"] < self.graph.nodes[best]["order"]):
+                best = key
+        return best
+
+    def all_sites(self) -> List[Site]:
+        return list(self.sites)
+
+    def find_sites(self, selector) -> List[Site]:
+        """Sites matching `selector`: a path, a bare layer name, a list of those, or a compiled regex."""
+        if isinstance(selector, re.Pattern):
+            return [s for s in self.sites if selector.fullmatch(s.path) or selector.fullmatch(s.name)]
+        if isinstance(selector, str):
+            selector = [selector]
+        out = []
+        for item in selector:
+            if isinstance(item, re.Pattern):
+                out.extend(self.find_sites(item))
+                continue
+            matches = [s for s in self.sites if s.path == item] or [s for s in self.sites if s.name == item]
+            out.extend(m for m in matches if m not in out)
+        return out
+
+    # ---- rebuilding ----------------------------------------------------------------------------
+    def rebuild(self, substitute: Callable[[Site], Optional[Tuple[object, dict]]]):
+        """A new Functional model where each site is built by `substitute(site)`.
+
+        substitute returns (Implementation, options) for a site, or None to keep it as it is
+        (re-created from config). Every other layer is re-created from its config; every weight is copied
+        by value, so the new model shares no variables with the original. Shared layers stay shared.
+        """
+        return _Rebuilder(self, substitute).run()
+
+
+class _Rebuilder:
+    """One rebuild of one ModelGraph (nested models get a rebuilder of their own, cached per model)."""
+
+    def __init__(self, mg: ModelGraph, substitute, cache=None):
+        self.mg = mg
+        self.substitute = substitute
+        self.cache = {} if cache is None else cache  # id(old layer) -> new layer, across nesting
+        self.transfers = []  # (implementation or None, old, new, spec)
+        self.tensors = {}  # id(old KerasTensor) -> new KerasTensor
+        self.site_by_layer = {id(s.layer): s for s in mg.own_sites}
+
+    def run(self):
+        import keras
+
+        fn = self.mg.model
+        choices = {}
+        extra_edges = []
+        for site in self.mg.own_sites:
+            choice = self.substitute(site)
+            choices[id(site.layer)] = choice
+            if choice is not None:
+                impl, options = choice
+                site_key = self.mg.node_for_layer_name(site.layer.name)
+                for dep in impl.dependencies(site.spec, options):
+                    dep_key = self.mg.node_for_layer_name(dep)
+                    if dep_key is None:
+                        raise UnsupportedModelError(
+                            f"Layer '{site.path}' asks for '{dep}' but model '{self.mg.source.name}' has no input "
+                            f"or layer of that name; expected one of {sorted(self.mg.graph.nodes[k]['op'].name for k in self.mg.graph)}."
+                        )
+                    extra_edges.append((dep_key, site_key))
+
+        new_inputs = []
+        for old in fn.inputs:
+            new = keras.Input(batch_shape=tuple(old.shape), dtype=old.dtype, sparse=getattr(old, "sparse", False),
+                              name=old._keras_history.operation.name)
+            self.tensors[id(old)] = new
+            new_inputs.append(new)
+
+        for key in self.mg.ordered_nodes(extra_edges):
+            data = self.mg.graph.nodes[key]
+            if data["is_input"]:
+                continue
+            node, op = data["node"], data["op"]
+            missing = [t for t in node.input_tensors if id(t) not in self.tensors]
+            if missing:
+                raise UnsupportedModelError(
+                    f"Layer '{self.mg.prefix}{op.name}' needs tensors not produced by model '{self.mg.source.name}' "
+                    f"before it; expected a Functional graph whose inputs are all model inputs."
+                )
+            args, kwargs = node.arguments.fill_in(self.tensors)
+            if id(op) in choices and choices[id(op)] is not None:
+                impl, options = choices[id(op)]
+                new_layer = self._new_site_layer(op, impl, options)
+                context = _CallContext(self, self.site_by_layer[id(op)], options, args)
+                outputs = impl.call(new_layer, args, kwargs, context)
+            else:
+                new_layer = self._new_layer(op)
+                outputs = new_layer(*args, **kwargs)
+            flat = keras.tree.flatten(outputs)
+            if len(flat) != len(node.outputs):
+                raise UnsupportedModelError(
+                    f"Layer '{self.mg.prefix}{op.name}' returned {len(flat)} tensors when rebuilt; expected {len(node.outputs)}."
+                )
+            for old_t, new_t in zip(node.outputs, flat):
+                self.tensors[id(old_t)] = new_t
+
+        inputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], fn._inputs_struct)
+        outputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], fn._outputs_struct)
+        model = keras.Model(inputs=inputs, outputs=outputs, name=self.mg.source.name)
+        for impl, old, new, spec in self.transfers:
+            if impl is None:
+                _copy_weights(old, new)
+            else:
+                impl.transfer_weights(old, new, spec)
+        model.trainable = self.mg.source.trainable
+        return model
+
+    def _new_site_layer(self, op, impl, options):
+        if id(op) not in self.cache:
+            site = self.site_by_layer[id(op)]
+            new = impl.make_layer(op, site.spec, **options)
+            self.cache[id(op)] = new
+            self.transfers.append((impl, op, new, site.spec))
+        return self.cache[id(op)]
+
+    def _new_layer(self, op):
+        if id(op) in self.cache:
+            return self.cache[id(op)]
+        if id(op) in self.mg.children:
+            new = _Rebuilder(self.mg.children[id(op)], self.substitute, self.cache).run()
+        else:
+            new = recreate(op, self.mg.prefix + op.name)
+            self.transfers.append((None, op, new, None))
+        self.cache[id(op)] = new
+        return new
+
+
+class _CallContext:
+    """What an implementation's `call` may ask of the rebuild: other tensors by name, its options."""
+
+    def __init__(self, rebuilder, site, options, args):
+        self._rebuilder = rebuilder
+        self.site = site
+        self.options = options
+        self.args = args
+
+    def resolve(self, name: str):
+        mg = self._rebuilder.mg
+        key = mg.node_for_layer_name(name)
+        if key is None:
+            raise UnsupportedModelError(f"Layer '{self.site.path}' asks for '{name}', which model '{mg.source.name}' does not have.")
+        outputs = mg.graph.nodes[key]["node"].outputs
+        if id(outputs[0]) not in self._rebuilder.tensors:
+            raise UnsupportedModelError(f"Layer '{self.site.path}' asks for '{name}', which is not computed before it.")
+        return self._rebuilder.tensors[id(outputs[0])]
+
+
+def recreate(op, path: str = ""):
+    """A fresh copy of a layer/operation from its config (no weights yet)."""
+    from keras.src.saving import serialization_lib
+
+    try:
+        # The layer already lives in this process, so re-creating it is not a deserialization risk
+        # (Lambda layers refuse safe mode otherwise).
+        with serialization_lib.SafeModeScope(False):
+            return type(op).from_config(op.get_config())
+    except Exception as exc:  # noqa: BLE001 - any failure means the layer cannot be copied faithfully
+        raise UnsupportedModelError(
+            f"Layer '{path or op.name}' ({type(op).__name__}) cannot be re-created from its config "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); expected a layer with "
+            f"get_config()/from_config(), registered with keras.saving.register_keras_serializable."
+        ) from exc
+
+
+def _copy_weights(old, new):
+    import numpy as np
+
+    if not hasattr(old, "get_weights"):
+        return
+    weights = old.get_weights()
+    if not weights:
+        return
+    try:
+        new.set_weights([np.array(w) for w in weights])
+    except ValueError as exc:
+        raise UnsupportedModelError(
+            f"Layer '{old.name}' ({type(old).__name__}) re-created from config has weights that do not match "
+            f"the original's ({exc}); expected get_config() to describe the layer fully."
+        ) from exc
+
+
+def _is_model(op) -> bool:
+    import keras
+
+    return isinstance(op, keras.Model)
+
+
+def _as_functional(model):
+    import keras
+    from keras.src.models.functional import Functional
+
+    if isinstance(model, keras.Sequential):
+        functional = getattr(model, "_functional", None)
+        if functional is None:
+            raise UnsupportedModelError(
+                f"Sequential model '{model.name}' has no known input shape; expected it to start with "
+                f"keras.Input(...) or to be built (model.build(input_shape)) before optimizing."
+            )
+        return functional
+    if isinstance(model, Functional):
+        return model
+    if isinstance(model, keras.Model):
+        raise UnsupportedModelError(
+            f"Model '{model.name}' is a subclassed {type(model).__name__}, whose call() cannot be walked; expected a "
+            f"Sequential or Functional model (wrap its layers in keras.Model(inputs, outputs))."
+        )
+    raise UnsupportedModelError(f"Received {type(model).__name__}; expected a keras.Model (Sequential or Functional).")
+
+
+def walk(model) -> ModelGraph:
+    """Walk a Sequential or Functional Keras model (recursively into nested models)."""
+    return ModelGraph(model)

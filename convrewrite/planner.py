@@ -1,0 +1,213 @@
+"""Plan: which implementation each convolution site gets, and why.
+
+A plan is made from a walked model (`ModelGraph`) by a chooser. Without a cost model the chooser is a
+rule: `depthwise` where it applies (a grouped Conv2D with one channel per group runs 10-25x faster through
+the depthwise kernel on CPU), else `direct`. With a cost model it picks the lowest predicted time.
+Users may edit a plan by hand (`plan.force("conv3", "direct")`) before applying it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Dict, List, Optional
+
+from . import implementations
+from .errors import PlanError
+from .spec import ConvSpec
+
+
+@dataclasses.dataclass
+class PlanRow:
+    """The decision for one site. `predicted_ms` maps implementation -> predicted time where known."""
+
+    site: str
+    spec: ConvSpec
+    choice: str
+    reason: str
+    candidates: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> "" or why not applicable
+    options: Dict[str, object] = dataclasses.field(default_factory=dict)
+    predicted_ms: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def speedup(self) -> Optional[float]:
+        """Predicted time of `direct` over the chosen implementation's, where both are predicted."""
+        if "direct" in self.predicted_ms and self.choice in self.predicted_ms and self.predicted_ms[self.choice] > 0:
+            return self.predicted_ms["direct"] / self.predicted_ms[self.choice]
+        return None
+
+    def to_dict(self):
+        return {
+            "site": self.site,
+            "spec": self.spec.to_dict(),
+            "choice": self.choice,
+            "reason": self.reason,
+            "candidates": dict(self.candidates),
+            "options": dict(self.options),
+            "predicted_ms": dict(self.predicted_ms),
+        }
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        d["spec"] = ConvSpec.from_dict(d["spec"])
+        return cls(**d)
+
+
+class Plan:
+    """An ordered list of PlanRows, one per conv site, editable with `force`."""
+
+    def __init__(self, rows: List[PlanRow], cost_model_name: Optional[str] = None):
+        self.rows = list(rows)
+        self.cost_model_name = cost_model_name
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def row(self, name: str) -> PlanRow:
+        """The row for a site path ("backbone/conv3") or a bare layer name, if unique."""
+        exact = [r for r in self.rows if r.site == name]
+        if exact:
+            return exact[0]
+        by_name = [r for r in self.rows if r.site.rsplit("/", 1)[-1] == name]
+        if len(by_name) == 1:
+            return by_name[0]
+        if by_name:
+            raise PlanError(f"Layer name {name!r} matches several sites {[r.site for r in by_name]}; expected a full path.")
+        raise PlanError(f"No conv site named {name!r} in this plan; expected one of {[r.site for r in self.rows]}.")
+
+    def force(self, name, implementation: str, reason: str = "forced by user", **options) -> "Plan":
+        """Set the implementation for a site (a name/path, or a compiled regex matching several).
+
+        Raises PlanError if the implementation is unknown or does not apply to the site's spec."""
+        rows = [r for r in self.rows if name.fullmatch(r.site)] if isinstance(name, re.Pattern) else [self.row(name)]
+        if not rows:
+            raise PlanError(f"Pattern {name.pattern!r} matches no conv site; expected one of {[r.site for r in self.rows]}.")
+        impl = implementations.get(implementation)
+        for row in rows:
+            ok, why = impl.applicable(row.spec)
+            if not ok:
+                raise PlanError(f"Implementation {implementation!r} does not apply to site '{row.site}' ({row.spec.short()}): {why}.")
+            row.choice, row.reason, row.options = implementation, reason, dict(options)
+        return self
+
+    def choices(self) -> Dict[str, str]:
+        return {r.site: r.choice for r in self.rows}
+
+    def summary(self) -> str:
+        """A fixed-width table: site, spec, candidates' predicted ms (where known), choice, speedup, reason."""
+        header = ["site", "spec", "choice", "predicted ms (candidates)", "speedup", "reason"]
+        lines = []
+        for r in self.rows:
+            preds = " ".join(f"{k}={v:.3g}" for k, v in sorted(r.predicted_ms.items(), key=lambda kv: kv[1]))
+            sp = f"{r.speedup:.2f}x" if r.speedup else "-"
+            lines.append([r.site, r.spec.short(), r.choice, preds or "-", sp, r.reason])
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
+        fmt = "  ".join("{:<%d}" % w for w in widths)
+        out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+        out += [fmt.format(*map(str, line)) for line in lines]
+        counts = {}
+        for r in self.rows:
+            counts[r.choice] = counts.get(r.choice, 0) + 1
+        tail = f"{len(self.rows)} conv sites: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        total = self.predicted_total()
+        if total:
+            tail += f"; predicted conv time {total[0]:.3g} ms -> {total[1]:.3g} ms ({total[0] / total[1]:.2f}x)"
+        if self.cost_model_name:
+            tail += f"; cost model: {self.cost_model_name}"
+        return "\n".join(out + [tail])
+
+    def predicted_total(self):
+        """(all-direct ms, chosen ms) summed over sites, or None if any site lacks a prediction."""
+        if not self.rows or any("direct" not in r.predicted_ms or r.choice not in r.predicted_ms for r in self.rows):
+            return None
+        return sum(r.predicted_ms["direct"] for r in self.rows), sum(r.predicted_ms[r.choice] for r in self.rows)
+
+    def to_dict(self):
+        return {"cost_model": self.cost_model_name, "rows": [r.to_dict() for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls([PlanRow.from_dict(r) for r in d["rows"]], d.get("cost_model"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def __repr__(self):
+        return f"<Plan {len(self.rows)} sites: {self.choices()}>"
+
+
+def rule_based_choice(spec: ConvSpec, applicable: Dict[str, str]):
+    """(choice, reason) without measurements: depthwise where it applies, else direct."""
+    if "depthwise" in applicable and applicable["depthwise"] == "":
+        return "depthwise", "rule: one channel per group runs through the depthwise kernel"
+    return "direct", "rule: Keras's own kernel"
+
+
+def make_plan(model_graph, cost_model=None, allow=None, pac=None) -> Plan:
+    """Choose an implementation per site of a walked model.
+
+    allow: implementation names the planner may choose (default: all registered except `pac`, which is
+    only chosen where `pac` selects a site). pac: {"layers": names | regex, "guidance": ..., **options}.
+    cost_model: an object with `predict_ms(impl_name, spec) -> float | None`; None means rule-based.
+    """
+    if allow is not None:
+        unknown = [a for a in allow if a not in implementations.names()]
+        if unknown:
+            raise PlanError(f"Unknown implementations {unknown} in allow; expected names from {implementations.names()}.")
+    pac_sites = set()
+    pac_options = {}
+    if pac:
+        pac = dict(pac)
+        selector = pac.pop("layers", None)
+        if selector is None:
+            raise PlanError("pac= needs 'layers': a list of layer names or a regex; none was given.")
+        if isinstance(selector, str) and not any(s.path == selector or s.name == selector for s in model_graph.sites):
+            selector = re.compile(selector)
+        found = model_graph.find_sites(selector)
+        if not found:
+            raise PlanError(f"pac layers {selector!r} match no conv site; expected names from {[s.path for s in model_graph.sites]}.")
+        pac_sites = {s.path for s in found}
+        pac_options = pac
+
+    rows = []
+    seen_specs = {}
+    for site in _unique_sites(model_graph.sites):
+        cands = {}
+        for name, (ok, why) in implementations.candidates(site.spec).items():
+            if name == "pac" and site.path not in pac_sites:
+                continue
+            if allow is not None and name not in allow and name != "direct":
+                continue
+            cands[name] = "" if ok else why
+        applicable = {k: v for k, v in cands.items() if v == ""}
+        if site.path in pac_sites:
+            if "pac" not in applicable:
+                raise PlanError(f"Site '{site.path}' ({site.spec.short()}) cannot become PAC: {cands.get('pac', 'pac is not registered')}.")
+            rows.append(PlanRow(site.path, site.spec, "pac", "pac policy selected this layer", cands, dict(pac_options)))
+            continue
+        predicted = {}
+        if cost_model is not None:
+            key = site.spec
+            if key not in seen_specs:
+                seen_specs[key] = {n: cost_model.predict_ms(n, site.spec) for n in applicable if n != "pac"}
+            predicted = {k: v for k, v in seen_specs[key].items() if v is not None}
+        if predicted:
+            choice = min(predicted, key=predicted.get)
+            reason = "lowest predicted time"
+        else:
+            choice, reason = rule_based_choice(site.spec, cands)
+        rows.append(PlanRow(site.path, site.spec, choice, reason, cands, {}, predicted))
+    return Plan(rows, getattr(cost_model, "name", None))
+
+
+def _unique_sites(sites):
+    seen = set()
+    for s in sites:
+        if id(s.layer) not in seen:
+            seen.add(id(s.layer))
+            yield s

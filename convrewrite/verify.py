@@ -1,0 +1,187 @@
+"""Equivalence checks: per conv site and end to end, on random or user-given inputs.
+
+Errors are normwise relative: max |new - original| / max |original| over the whole tensor, so a value
+near zero does not blow the figure up and a single wrong pixel still shows. Where the site is cheap
+enough, the numpy float64 reference is computed too, and both layers' errors against it are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import List, Optional
+
+import numpy as np
+
+from . import implementations
+from .graph import walk
+
+REFERENCE_MAX_MACS = 2e8  # float64 numpy reference above this many MACs costs seconds: skip it
+
+
+def default_tolerance(dtype_name: str) -> float:
+    """Relative error bar for a compute dtype / policy name."""
+    name = str(dtype_name)
+    if "bfloat16" in name:
+        return 3e-2
+    if "float16" in name:
+        return 1e-2
+    if "float64" in name:
+        return 1e-10
+    return 1e-5
+
+
+def relative_error(actual, expected) -> float:
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        return float("inf")
+    if not expected.size:
+        return 0.0
+    scale = float(np.max(np.abs(expected)))
+    err = float(np.max(np.abs(actual - expected)))
+    return err / scale if scale > 0 else err
+
+
+@dataclasses.dataclass
+class Check:
+    """One comparison. kind: 'site' (one layer in isolation) or 'output' (one model output)."""
+
+    name: str
+    kind: str
+    rel_error: float
+    max_abs: float
+    tolerance: float
+    passed: bool
+    implementation: str = ""
+    rel_error_new_vs_reference: Optional[float] = None
+    rel_error_original_vs_reference: Optional[float] = None
+
+
+@dataclasses.dataclass
+class VerificationReport:
+    checks: List[Check]
+    fallbacks: List[dict] = dataclasses.field(default_factory=list)  # {"site", "from", "to", "why"}
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failing_sites(self) -> List[str]:
+        return [c.name for c in self.checks if c.kind == "site" and not c.passed]
+
+    @property
+    def outputs(self) -> List[Check]:
+        return [c for c in self.checks if c.kind == "output"]
+
+    @property
+    def sites(self) -> List[Check]:
+        return [c for c in self.checks if c.kind == "site"]
+
+    def to_dict(self):
+        return {"passed": self.passed, "checks": [dataclasses.asdict(c) for c in self.checks], "fallbacks": self.fallbacks}
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=1)
+
+    def summary(self) -> str:
+        lines = [f"{'check':<40} {'impl':<12} {'rel err':>10} {'vs f64 ref':>10} {'tol':>8}  result"]
+        for c in self.checks:
+            ref = "-" if c.rel_error_new_vs_reference is None else f"{c.rel_error_new_vs_reference:.2e}"
+            label = f"{c.kind}:{c.name}"
+            lines.append(f"{label:<40} {c.implementation:<12} {c.rel_error:>10.2e} {ref:>10} {c.tolerance:>8.0e}  "
+                         f"{'ok' if c.passed else 'FAIL'}")
+        for f in self.fallbacks:
+            lines.append(f"fell back: {f['site']} {f['from']} -> {f['to']} ({f['why']})")
+        lines.append("PASSED" if self.passed else f"FAILED: {[c.name for c in self.checks if not c.passed]}")
+        return "\n".join(lines)
+
+
+def random_inputs(model, batch: int = 2, spatial: int = 32, seed: int = 0):
+    """Random inputs shaped like `model.inputs` (unknown sizes: `batch`, `spatial`), in its input structure."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+
+    def make(t):
+        shape = [batch if i == 0 and d is None else (spatial if d is None else d) for i, d in enumerate(t.shape)]
+        dtype = keras.backend.standardize_dtype(t.dtype)
+        if "int" in dtype:
+            return rng.integers(0, 2, size=shape).astype(dtype)
+        if dtype == "bool":
+            return rng.integers(0, 2, size=shape).astype(bool)
+        return rng.standard_normal(shape).astype(dtype)
+
+    return keras.tree.map_structure(make, model._inputs_struct if hasattr(model, "_inputs_struct") else model.inputs)
+
+
+def _numpy(x):
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32") if "16" in str(x.dtype) else x))
+
+
+def check_site(site, new_layer, seed: int = 0, spatial: int = 16, batch: int = 2, rtol=None, reference=True,
+               implementation=None) -> Check:
+    """Compare a replacement layer with the original on a fresh random input of the site's shape."""
+    spec = site.spec
+    rng = np.random.default_rng(seed)
+    h = spec.height or spatial
+    w = spec.width or spatial
+    b = spec.batch or batch
+    shape = (b, spec.in_channels, h, w) if spec.data_format == "channels_first" else (b, h, w, spec.in_channels)
+    x = rng.standard_normal(shape).astype("float32")
+    impl = implementations.for_layer(new_layer)
+    old = _numpy(site.layer(x))
+    new = _numpy(impl.probe_call(new_layer, x))
+    tol = default_tolerance(spec.dtype) if rtol is None else rtol
+    err = relative_error(new, old)
+    check = Check(site.path, "site", err, float(np.max(np.abs(new - old))) if new.shape == old.shape else float("inf"),
+                  tol, bool(err <= tol), implementation or impl.name)
+    if reference and (spec.with_input(b, h, w).macs() or 0) <= REFERENCE_MAX_MACS:
+        from .reference import spec_forward
+
+        ref = spec_forward(spec, x, site.layer.get_weights())
+        check.rel_error_new_vs_reference = relative_error(new, ref)
+        check.rel_error_original_vs_reference = relative_error(old, ref)
+    return check
+
+
+def verify(original, new, inputs=None, rtol=None, sites=True, seed: int = 0, batch: int = 2, reference=True,
+           plan=None) -> VerificationReport:
+    """Compare two models: every output end to end, and (if `sites`) every conv site in isolation.
+
+    inputs: arrays in the model's input structure; default random normal (batch 2, unknown sizes 32).
+    rtol: tolerance; default by compute dtype (1e-5 float32, 1e-2 float16, 3e-2 bfloat16).
+    plan: the Plan `new` was built from, to name each site's implementation in the report.
+    """
+    import keras
+
+    checks = []
+    if sites:
+        new_layers = walk(new).layers
+        for site in walk(original).all_sites():
+            new_layer = new_layers.get(site.path)
+            if new_layer is None:
+                checks.append(Check(site.path, "site", float("inf"), float("inf"), 0.0, False, "missing"))
+                continue
+            chosen = plan.choices().get(site.path) if plan is not None else None
+            checks.append(check_site(site, new_layer, seed=seed, rtol=rtol, reference=reference, implementation=chosen))
+    if inputs is None:
+        inputs = random_inputs(original, batch=batch, seed=seed)
+    expected = keras.tree.flatten(original(inputs, training=False))
+    actual = keras.tree.flatten(new(inputs, training=False))
+    names = list(getattr(original, "output_names", None) or [])
+    policy = getattr(original, "dtype_policy", None)
+    compute = [getattr(layer, "compute_dtype", "float32") for layer in original.layers] + [getattr(policy, "name", "")]
+    tol = rtol if rtol is not None else max(default_tolerance(c) for c in compute)
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        e, a = _numpy(e), _numpy(a)
+        err = relative_error(a, e)
+        name = names[i] if i < len(names) else f"output_{i}"
+        checks.append(Check(name, "output", err, float(np.max(np.abs(a - e))) if a.shape == e.shape else float("inf"),
+                            tol, bool(err <= tol)))
+    if len(expected) != len(actual):
+        checks.append(Check("output count", "output", float("inf"), float("inf"), tol, False))
+    return VerificationReport(checks)
