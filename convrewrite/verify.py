@@ -113,7 +113,9 @@ def random_inputs(model, batch: int = 2, spatial: int = 32, seed: int = 0):
             return rng.integers(0, 2, size=shape).astype(bool)
         return rng.standard_normal(shape).astype(dtype)
 
-    return keras.tree.map_structure(make, model._inputs_struct if hasattr(model, "_inputs_struct") else model.inputs)
+    from .graph import _as_functional
+
+    return keras.tree.map_structure(make, _as_functional(model)._inputs_struct)
 
 
 def _numpy(x):

@@ -1,0 +1,217 @@
+"""Walking and rebuilding models: structure, weights, equivalence, and the original left untouched."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+
+import convrewrite
+from convrewrite.graph import walk
+from convrewrite.verify import random_inputs
+from conftest import rel_error
+
+
+def _snapshot(model, inputs):
+    outs = [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(model(inputs))]
+    return outs, [np.array(w) for w in model.get_weights()]
+
+
+def optimize_and_check(model, tol=1e-5, **kwargs):
+    """Optimize `model`; assert equivalence, the original unchanged, and no shared variables."""
+    inputs = random_inputs(model, batch=2, seed=1)
+    before_out, before_w = _snapshot(model, inputs)
+    fast = convrewrite.optimize(model, cost_model=None, **kwargs)
+    assert fast is not model
+    fast_out = [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(fast(inputs))]
+    assert len(fast_out) == len(before_out)
+    for a, b in zip(fast_out, before_out):
+        assert rel_error(a, b) <= tol
+    after_out, after_w = _snapshot(model, inputs)
+    for a, b in zip(after_out + after_w, before_out + before_w):
+        np.testing.assert_array_equal(a, b)
+    original_vars = {id(v) for v in model.weights}
+    assert not original_vars & {id(v) for v in fast.weights}, "optimized model shares variables with the original"
+    input_names = lambda m: [t._keras_history.operation.name for t in keras.tree.flatten(m.inputs)]  # noqa: E731
+    assert input_names(fast) == input_names(model)
+    assert [tuple(t.shape) for t in keras.tree.flatten(fast.outputs)] == [tuple(t.shape) for t in keras.tree.flatten(model.outputs)]
+    assert fast.convrewrite_report.passed
+    return fast
+
+
+def test_sequential():
+    model = keras.Sequential([
+        keras.Input((12, 12, 3)),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1"),
+        keras.layers.Conv2D(8, 3, padding="same", groups=8, name="grouped"),
+        keras.layers.BatchNormalization(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(4),
+    ])
+    fast = optimize_and_check(model)
+    assert isinstance(fast.get_layer("grouped"), keras.layers.DepthwiseConv2D)
+    assert fast.convrewrite_plan.row("grouped").choice == "depthwise"
+    assert fast.convrewrite_plan.row("c1").choice == "direct"
+
+
+def test_functional_two_inputs_two_outputs():
+    a = keras.Input((10, 10, 4), name="image")
+    b = keras.Input((10, 10, 2), name="aux")
+    x = keras.layers.Concatenate()([a, b])
+    x = keras.layers.Conv2D(6, 3, padding="same", groups=6, name="mix")(x)
+    y1 = keras.layers.Conv2D(3, 1, name="head1")(x)
+    y2 = keras.layers.GlobalMaxPooling2D(name="head2")(keras.layers.Add()([x, keras.layers.Conv2D(6, 1)(b)]))
+    model = keras.Model({"image": a, "aux": b}, {"seg": y1, "cls": y2})
+    fast = optimize_and_check(model)
+    assert set(fast.output_names) == set(model.output_names)
+
+
+@pytest.mark.parametrize("layer", [
+    keras.layers.Conv2D(5, 3, strides=2, padding="same", name="s2"),
+    keras.layers.Conv2D(5, 3, dilation_rate=2, padding="same", name="d2"),
+    keras.layers.Conv2D(5, (4, 2), padding="valid", name="valid"),
+    keras.layers.Conv2D(6, 3, groups=2, padding="same", name="g2"),
+    keras.layers.Conv2D(12, 3, groups=6, strides=2, padding="same", use_bias=False, name="dw_grouped_nobias"),
+    keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="mult2"),
+    keras.layers.DepthwiseConv2D(5, strides=2, use_bias=False, name="dw_nobias"),
+], ids=lambda l: l.name)
+def test_conv_configurations(layer):
+    x = keras.Input((11, 13, 6))
+    model = keras.Model(x, layer(x))
+    optimize_and_check(model)
+
+
+def test_nested_model_and_shared_conv():
+    inner_in = keras.Input((8, 8, 4))
+    inner_out = keras.layers.Conv2D(4, 3, padding="same", groups=4, name="inner_dw")(inner_in)
+    inner = keras.Model(inner_in, keras.layers.ReLU()(inner_out), name="block")
+    shared = keras.layers.Conv2D(4, 3, padding="same", name="shared")
+    x = keras.Input((8, 8, 4))
+    y = shared(x)
+    y = inner(y)
+    y = inner(y)  # nested model called twice
+    y = shared(y)  # shared conv called twice
+    model = keras.Model(x, y)
+    graph = walk(model)
+    assert sorted(s.path for s in graph.sites) == ["block/inner_dw", "shared"]
+    assert next(s for s in graph.sites if s.path == "shared").calls == 2
+    fast = optimize_and_check(model)
+    # still shared: one layer object, called twice
+    assert sum(1 for l in fast.layers if l.name == "shared") == 1
+    assert len(fast.get_layer("shared")._inbound_nodes) == 2
+    assert isinstance(fast.get_layer("block").get_layer("inner_dw"), keras.layers.DepthwiseConv2D)
+
+
+def test_graph_is_networkx_with_tensor_edges():
+    a = keras.Input((6, 6, 2), name="a")
+    c = keras.layers.Conv2D(2, 3, padding="same", name="c")
+    y = keras.layers.Add(name="add")([c(a), a])
+    g = walk(keras.Model(a, y)).graph
+    assert set(g.nodes) == {"a:0", "c:0", "add:0"}
+    assert g.has_edge("a:0", "c:0") and g.has_edge("c:0", "add:0") and g.has_edge("a:0", "add:0")
+    assert g["c:0"]["add:0"]["tensors"] == [0] and g["a:0"]["add:0"]["tensors"] == [1]
+
+
+def test_training_the_copy_leaves_the_original_alone():
+    model = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(4, 3, groups=2, name="c"),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    before = [np.array(w) for w in model.get_weights()]
+    fast = convrewrite.optimize(model, cost_model=None)
+    fast.compile("sgd", "mse")
+    rng = np.random.default_rng(0)
+    fast.fit(rng.standard_normal((8, 8, 8, 2)), rng.standard_normal((8, 1)), epochs=1, verbose=0)
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(fast.get_weights(), before))
+
+
+def test_mixed_precision_model():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = keras.Sequential([keras.Input((10, 10, 4)), keras.layers.Conv2D(8, 3, groups=4, name="g"),
+                                  keras.layers.Conv2D(4, 3, name="c")])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    fast = optimize_and_check(model, tol=1e-2)
+    assert fast.get_layer("g").dtype_policy.name == "mixed_float16"
+
+
+def test_plan_force_and_summary():
+    x = keras.Input((8, 8, 4))
+    model = keras.Model(x, keras.layers.Conv2D(4, 3, groups=4, name="g")(x))
+    plan = convrewrite.plan(model, cost_model=None)
+    assert plan.row("g").choice == "depthwise"
+    plan.force("g", "direct")
+    assert "g" in plan.summary() and "direct" in plan.summary()
+    fast = convrewrite.optimize(model, plan=plan)
+    assert type(fast.get_layer("g")) is keras.layers.Conv2D
+    assert convrewrite.Plan.from_dict(plan.to_dict()).choices() == plan.choices()
+    with pytest.raises(convrewrite.PlanError, match="nope"):
+        plan.force("nope", "direct")
+    with pytest.raises(convrewrite.PlanError, match="no-such-impl"):
+        plan.force("g", "no-such-impl")
+    plan_all = convrewrite.plan(model, cost_model=None)
+    plan_all.force(re.compile(".*"), "direct")
+    assert set(plan_all.choices().values()) == {"direct"}
+
+
+def test_fallback_when_a_replacement_is_wrong(monkeypatch):
+    """A broken implementation is caught per site and replaced by direct, and the report says so."""
+    from convrewrite import implementations
+
+    depthwise = implementations.get("depthwise")
+
+    def corrupt(old, new, spec):
+        weights = [np.array(w) for w in old.get_weights()]
+        weights[0] = weights[0].reshape(new.get_weights()[0].shape) * 1.01
+        new.set_weights(weights)
+
+    monkeypatch.setattr(depthwise, "transfer_weights", corrupt)
+    x = keras.Input((8, 8, 4))
+    model = keras.Model(x, keras.layers.Conv2D(4, 3, groups=4, name="g")(x))
+    fast = convrewrite.optimize(model, cost_model=None)
+    assert fast.convrewrite_plan.row("g").choice == "direct"
+    assert fast.convrewrite_report.fallbacks[0]["site"] == "g"
+    assert fast.convrewrite_report.passed
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv2D(2, 3)
+
+    def call(self, x):
+        return self.conv(x)
+
+
+class _NoConfig(keras.layers.Layer):
+    def __init__(self, units):
+        super().__init__()
+        self.units = units
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1], self.units))
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.w)
+
+
+def test_unsupported_models_get_clear_errors():
+    sub = _Subclassed()
+    sub(np.zeros((1, 5, 5, 1), "float32"))
+    with pytest.raises(convrewrite.UnsupportedModelError, match="subclassed"):
+        convrewrite.optimize(sub)
+    unbuilt = keras.Sequential([keras.layers.Conv2D(2, 3)])
+    with pytest.raises(convrewrite.UnsupportedModelError, match="no known input shape"):
+        convrewrite.plan(unbuilt)
+    x = keras.Input((4, 4, 3))
+    model = keras.Model(x, _NoConfig(2)(keras.layers.Conv2D(3, 1)(x)))
+    with pytest.raises(convrewrite.UnsupportedModelError, match="_NoConfig"):
+        convrewrite.optimize(model, cost_model=None)
+
+
+def test_unknown_spatial_size():
+    x = keras.Input((None, None, 3))
+    model = keras.Model(x, keras.layers.Conv2D(6, 3, groups=3, padding="same", name="g")(x))
+    assert walk(model).sites[0].spec.height is None
+    optimize_and_check(model)
