@@ -1,0 +1,87 @@
+"""Original vs optimized models, side by side in one process (interleaved, warm-up excluded, medians).
+
+    python benchmarks/models.py                       # all models
+    python benchmarks/models.py convnext_tiny --batch 8 --repeats 5
+    python benchmarks/models.py --cost-model rules    # the rule-based chooser instead of the cost model
+
+Prints, per model: original and optimized median seconds per batch, the speedup, the end-to-end relative
+error, and what the plan chose.
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import convrewrite  # noqa: E402
+from convrewrite.timing import time_interleaved  # noqa: E402
+from convrewrite.verify import relative_error  # noqa: E402
+
+
+def large_kernel_model():
+    """RepLKNet/SLaK-style: 31x31 and 13x13 depthwise blocks with 1x1 mixing."""
+    x = inp = keras.Input((56, 56, 128))
+    for i, k in enumerate([31, 13, 31, 13]):
+        y = keras.layers.DepthwiseConv2D(k, padding="same", name=f"lk_dw{i}_{k}")(x)
+        y = keras.layers.BatchNormalization()(y)
+        y = keras.layers.Conv2D(128, 1, activation="gelu", name=f"lk_pw{i}")(y)
+        x = keras.layers.Add()([x, y])
+    return keras.Model(inp, x, name="large_kernel")
+
+
+def restoration_model():
+    """Image-restoration style: wide dense convs (21x21, 15x15) at full resolution."""
+    x = inp = keras.Input((64, 64, 3))
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="stem")(x)
+    x = keras.layers.Conv2D(32, 21, padding="same", activation="relu", name="wide21")(x)
+    x = keras.layers.Conv2D(32, 15, padding="same", activation="relu", name="wide15")(x)
+    x = keras.layers.Conv2D(32, 21, padding="same", activation="relu", name="wide21b")(x)
+    x = keras.layers.Conv2D(3, 3, padding="same", name="out")(x)
+    return keras.Model(inp, x, name="restoration")
+
+
+MODELS = {
+    "convnext_tiny": lambda: keras.applications.ConvNeXtTiny(weights=None),
+    "large_kernel": large_kernel_model,
+    "restoration": restoration_model,
+    "resnet50": lambda: keras.applications.ResNet50(weights=None),
+    "mobilenet_v2": lambda: keras.applications.MobileNetV2(weights=None),
+    "efficientnet_b0": lambda: keras.applications.EfficientNetB0(weights=None),
+}
+
+
+def bench(name, batch, repeats, cost_model):
+    model = MODELS[name]()
+    fast = convrewrite.optimize(model, cost_model=None if cost_model == "rules" else cost_model)
+    shape = (batch,) + tuple(model.inputs[0].shape[1:])
+    x = tf.constant(np.random.default_rng(0).standard_normal(shape).astype("float32"))
+    f_orig = tf.function(lambda: model(x, training=False))
+    f_fast = tf.function(lambda: fast(x, training=False))
+    err = relative_error(f_fast().numpy(), f_orig().numpy())
+    res = time_interleaved({"original": f_orig, "optimized": f_fast}, repeats=repeats, warmup=1)
+    counts = {}
+    for c in fast.convrewrite_plan.choices().values():
+        counts[c] = counts.get(c, 0) + 1
+    o, f = res["original"]["median"], res["optimized"]["median"]
+    print(f"{name:<16} {o:>10.3f} {f:>10.3f} {o / f:>8.2f}x {err:>9.1e}  {counts}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", default=list(MODELS), choices=list(MODELS) + [[]])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cost-model", default="auto")
+    args = parser.parse_args()
+    print(f"batch {args.batch}, {args.repeats} interleaved rounds, median seconds per batch")
+    print(f"{'model':<16} {'original':>10} {'optimized':>10} {'speedup':>9} {'rel err':>9}  plan")
+    for name in args.models:
+        bench(name, args.batch, args.repeats, args.cost_model)
+
+
+if __name__ == "__main__":
+    main()
