@@ -8,15 +8,18 @@
 from . import implementations  # noqa: I001
 from . import layers, reference
 from .api import build, optimize, plan, verify
+from .cost import CostModel, fingerprint
 from .errors import ConvRewriteError, PlanError, ProfileError, UnsupportedModelError, VerificationError
 from .planner import Plan, PlanRow
+from .profile import profile_device
 from .spec import ConvSpec
 from .verify import VerificationReport
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "plan", "verify", "build", "layers", "reference", "implementations",
+    "optimize", "plan", "verify", "build", "profile_device", "CostModel", "fingerprint",
+    "layers", "reference", "implementations",
     "Plan", "PlanRow", "ConvSpec", "VerificationReport",
     "ConvRewriteError", "PlanError", "ProfileError", "UnsupportedModelError", "VerificationError",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import implementations
+from . import cost, implementations
 from .errors import VerificationError
 from .graph import walk
 from .planner import Plan, make_plan
@@ -10,26 +10,21 @@ from .verify import VerificationReport, verify as _verify
 
 
 def _resolve_cost_model(cost_model):
-    """None/'rules' -> rule-based; a CostModel or a path -> that; 'auto' -> the shipped profile for this device."""
-    if cost_model in (None, "rules"):
+    """None/'rules' -> rule-based; a CostModel or a path -> that; 'auto' -> the profile for this device."""
+    if cost_model is None or (isinstance(cost_model, str) and cost_model == "rules"):
         return None
-    try:
-        from . import cost
-    except ImportError:  # cost models not available in this build
-        if cost_model == "auto":
-            return None
-        raise
     return cost.resolve(cost_model)
 
 
-def plan(model, cost_model="auto", allow=None, pac=None) -> Plan:
+def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8) -> Plan:
     """Decide an implementation for every conv site of `model` (nothing is built).
 
     cost_model: "auto" (the profile shipped or measured for this device), a path to a profile JSON, a
     CostModel, or None for the rule-based chooser. allow: names the planner may pick from.
-    pac: {"layers": [names] | regex, "guidance": "self" | input/layer name, **PacConv2D options}.
+    pac: {"layers": [names] | regex, "guidance": "self" | input/layer name, "budget": 1.3 (optional),
+    **PacConv2D options}. batch: the batch size predictions are for where the model leaves it unknown.
     """
-    return make_plan(walk(model), _resolve_cost_model(cost_model), allow=allow, pac=pac)
+    return make_plan(walk(model), _resolve_cost_model(cost_model), allow=allow, pac=pac, batch=batch)
 
 
 def build(model, plan: Plan):
@@ -47,23 +42,22 @@ def build(model, plan: Plan):
 
 
 def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, verify=True, inputs=None,
-             rtol=None, measure=False):
+             rtol=None, measure=False, batch: int = 8):
     """A new keras.Model computing what `model` computes, each convolution in its fastest implementation.
 
     Verifies by default: any site whose replacement differs from the original beyond tolerance falls back
     to `direct` (recorded in the report), and if the model still differs a VerificationError is raised.
     The returned model carries `convrewrite_plan` and `convrewrite_report` attributes.
-    measure: time the candidates on this model's real shapes (needs a cost model; see convrewrite.cost).
+    measure: time the candidates on this model's real shapes at `batch` (tactic timing), cached in the
+    cost model's profile file so the next call reuses them.
     """
     if plan is None:
+        graph = walk(model)
         cm = _resolve_cost_model(cost_model)
         if measure:
-            if cm is None:
-                from . import cost
-
-                cm = cost.resolve("auto")
-            cm.measure_specs([s.spec for s in walk(model).all_sites()], allow=allow)
-        plan = make_plan(walk(model), cm, allow=allow, pac=pac)
+            cm = cm or cost.resolve("auto")
+            cm.measure_specs([s.spec for s in graph.all_sites()], allow=allow, batch=batch)
+        plan = make_plan(graph, cm, allow=allow, pac=pac, batch=batch)
     new = build(model, plan)
     report = None
     if verify:

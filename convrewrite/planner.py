@@ -61,6 +61,7 @@ class Plan:
     def __init__(self, rows: List[PlanRow], cost_model_name: Optional[str] = None):
         self.rows = list(rows)
         self.cost_model_name = cost_model_name
+        self.pac_overhead: Optional[float] = None  # predicted conv latency with PAC / without, under a budget
 
     def __iter__(self):
         return iter(self.rows)
@@ -117,6 +118,8 @@ class Plan:
         total = self.predicted_total()
         if total:
             tail += f"; predicted conv time {total[0]:.3g} ms -> {total[1]:.3g} ms ({total[0] / total[1]:.2f}x)"
+        if self.pac_overhead is not None:
+            tail += f"; PAC overhead {self.pac_overhead:.2f}x predicted"
         if self.cost_model_name:
             tail += f"; cost model: {self.cost_model_name}"
         return "\n".join(out + [tail])
@@ -148,61 +151,96 @@ def rule_based_choice(spec: ConvSpec, applicable: Dict[str, str]):
     return "direct", "rule: Keras's own kernel"
 
 
-def make_plan(model_graph, cost_model=None, allow=None, pac=None) -> Plan:
+def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8) -> Plan:
     """Choose an implementation per site of a walked model.
 
     allow: implementation names the planner may choose (default: all registered except `pac`, which is
-    only chosen where `pac` selects a site). pac: {"layers": names | regex, "guidance": ..., **options}.
+    only chosen where `pac` selects a site). `direct` is always allowed: it is the fallback.
+    pac: {"layers": names | regex, "guidance": ..., "budget": 1.3 (optional), **PacConv2D options}; with a
+    budget, as many selected sites become PAC as fit in budget x the predicted conv latency (cheapest
+    overhead first), which needs a cost model.
     cost_model: an object with `predict_ms(impl_name, spec) -> float | None`; None means rule-based.
+    batch: the batch size predictions are made for where the model leaves it unknown.
     """
     if allow is not None:
         unknown = [a for a in allow if a not in implementations.names()]
         if unknown:
             raise PlanError(f"Unknown implementations {unknown} in allow; expected names from {implementations.names()}.")
-    pac_sites = set()
-    pac_options = {}
-    if pac:
-        pac = dict(pac)
-        selector = pac.pop("layers", None)
-        if selector is None:
-            raise PlanError("pac= needs 'layers': a list of layer names or a regex; none was given.")
-        if isinstance(selector, str) and not any(s.path == selector or s.name == selector for s in model_graph.sites):
-            selector = re.compile(selector)
-        found = model_graph.find_sites(selector)
-        if not found:
-            raise PlanError(f"pac layers {selector!r} match no conv site; expected names from {[s.path for s in model_graph.sites]}.")
-        pac_sites = {s.path for s in found}
-        pac_options = pac
+    pac_sites, pac_options, budget = _pac_policy(model_graph, pac)
+    if budget is not None and cost_model is None:
+        raise PlanError("pac budget needs a cost model to predict latency; pass cost_model='auto' or a profile path.")
 
     rows = []
-    seen_specs = {}
+    predictions = {}  # the same spec met twice is predicted (and measured) once
     for site in _unique_sites(model_graph.sites):
         cands = {}
         for name, (ok, why) in implementations.candidates(site.spec).items():
             if name == "pac" and site.path not in pac_sites:
                 continue
-            if allow is not None and name not in allow and name != "direct":
+            if allow is not None and name not in allow and name not in ("direct", "pac"):
                 continue
             cands[name] = "" if ok else why
-        applicable = {k: v for k, v in cands.items() if v == ""}
-        if site.path in pac_sites:
-            if "pac" not in applicable:
-                raise PlanError(f"Site '{site.path}' ({site.spec.short()}) cannot become PAC: {cands.get('pac', 'pac is not registered')}.")
-            rows.append(PlanRow(site.path, site.spec, "pac", "pac policy selected this layer", cands, dict(pac_options)))
-            continue
+        if site.path in pac_sites and cands.get("pac", "missing") != "":
+            raise PlanError(f"Site '{site.path}' ({site.spec.short()}) cannot become PAC: {cands.get('pac', 'pac is not registered')}.")
         predicted = {}
         if cost_model is not None:
-            key = site.spec
-            if key not in seen_specs:
-                seen_specs[key] = {n: cost_model.predict_ms(n, site.spec) for n in applicable if n != "pac"}
-            predicted = {k: v for k, v in seen_specs[key].items() if v is not None}
-        if predicted:
-            choice = min(predicted, key=predicted.get)
-            reason = "lowest predicted time"
+            spec = site.spec if site.spec.batch else site.spec.with_input(batch=batch)
+            if spec not in predictions:
+                predictions[spec] = {n: cost_model.predict_ms(n, spec) for n, why in cands.items() if why == ""}
+            predicted = {k: v for k, v in predictions[spec].items() if v is not None}
+        speed = {k: v for k, v in predicted.items() if k != "pac"}
+        if speed:
+            choice, reason = min(speed, key=speed.get), "lowest predicted time"
         else:
             choice, reason = rule_based_choice(site.spec, cands)
-        rows.append(PlanRow(site.path, site.spec, choice, reason, cands, {}, predicted))
-    return Plan(rows, getattr(cost_model, "name", None))
+        row = PlanRow(site.path, site.spec, choice, reason, cands, {}, predicted)
+        if site.path in pac_sites and budget is None:
+            row.choice, row.reason, row.options = "pac", "pac policy selected this layer", dict(pac_options)
+        rows.append(row)
+    plan = Plan(rows, getattr(cost_model, "name", None))
+    if budget is not None:
+        _apply_pac_budget(plan, pac_sites, pac_options, budget)
+    return plan
+
+
+def _pac_policy(model_graph, pac):
+    """(selected site paths, PacConv2D options, budget or None) from the user's `pac=` dict."""
+    if not pac:
+        return set(), {}, None
+    pac = dict(pac)
+    selector = pac.pop("layers", None)
+    budget = pac.pop("budget", None)
+    if selector is None:
+        raise PlanError("pac= needs 'layers': a list of layer names or a regex; none was given.")
+    if budget is not None and (not isinstance(budget, (int, float)) or budget < 1):
+        raise PlanError(f"Received pac budget={budget!r}; expected a latency factor >= 1 (e.g. 1.3).")
+    if isinstance(selector, str) and not any(s.path == selector or s.name == selector for s in model_graph.sites):
+        selector = re.compile(selector)
+    found = model_graph.find_sites(selector)
+    if not found:
+        raise PlanError(f"pac layers {selector!r} match no conv site; expected names from {[s.path for s in model_graph.sites]}.")
+    return {s.path for s in found}, pac, budget
+
+
+def _apply_pac_budget(plan: Plan, pac_sites, pac_options, budget: float):
+    """Convert selected sites to PAC, cheapest predicted overhead first, while the total stays in budget."""
+    base = sum(r.predicted_ms.get(r.choice, 0.0) for r in plan.rows)
+    limit = budget * base
+    total = base
+    options = []
+    for r in plan.rows:
+        if r.site in pac_sites:
+            if "pac" not in r.predicted_ms:
+                raise PlanError(f"No predicted PAC time for site '{r.site}'; the cost model has no 'pac' measurements (re-profile).")
+            options.append((r.predicted_ms["pac"] - r.predicted_ms.get(r.choice, 0.0), r))
+    for overhead, r in sorted(options, key=lambda t: t[0]):
+        if total + overhead <= limit:
+            total += overhead
+            r.choice, r.options = "pac", dict(pac_options)
+            r.reason = f"pac within budget (+{overhead:.3g} ms)"
+        else:
+            r.reason = f"pac left out: +{overhead:.3g} ms would exceed the {budget:g}x budget"
+    plan.pac_overhead = total / base if base else 1.0
 
 
 def _unique_sites(sites):

@@ -1,0 +1,135 @@
+"""Measure this device: time every applicable implementation on a grid of ConvSpecs, fit a CostModel.
+
+Each timing builds the implementation's layer from a Keras layer with random weights, compiles the call
+(tf.function), excludes the first calls (tracing, compilation, spectra caches), and takes the median of
+interleaved repetitions; when repetitions disagree by more than 2x it takes more (outlier guard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import implementations
+from .spec import ConvSpec
+
+KERNELS = (1, 3, 5, 7, 9, 11, 13, 15, 17, 21, 25, 31, 41, 51)
+MAX_DIRECT_MACS = {"quick": 1.5e9, "full": 4e9}
+"""Specs whose direct convolution would take longer than ~1 s here are shrunk (batch, then size)."""
+
+
+def layer_from_spec(spec: ConvSpec, seed: int = 0):
+    """A built Keras Conv2D / DepthwiseConv2D computing `spec`, with random (non-zero) weights."""
+    import keras
+
+    common = dict(kernel_size=spec.kernel, strides=spec.strides, padding=spec.padding, data_format=spec.data_format,
+                  dilation_rate=spec.dilation, use_bias=spec.use_bias, activation=spec.activation, dtype=spec.dtype)
+    if spec.kind == "depthwise_conv2d":
+        layer = keras.layers.DepthwiseConv2D(depth_multiplier=spec.depth_multiplier, **common)
+    else:
+        layer = keras.layers.Conv2D(spec.filters, groups=spec.groups, **common)
+    h, w = spec.height or 32, spec.width or 32
+    shape = (spec.batch or 1, spec.in_channels, h, w) if spec.data_format == "channels_first" else (spec.batch or 1, h, w, spec.in_channels)
+    layer.build(shape)
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.standard_normal(v.shape).astype("float32") * 0.1 for v in layer.get_weights()])
+    return layer, shape
+
+
+def _compiled(fn):
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn)
+    return fn  # other backends: eager calls (documented: profiles are measured with the TF backend)
+
+
+def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.0) -> Dict[str, float]:
+    """Median seconds per call of every applicable implementation on `spec`, timed interleaved."""
+    from .timing import time_interleaved
+
+    layer, shape = layer_from_spec(spec)
+    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    fns = {}
+    for name, (ok, _) in implementations.candidates(spec, allowed=allow).items():
+        if not ok:
+            continue
+        impl = implementations.get(name)
+        new = impl.make_layer(layer, spec)
+        impl.probe_call(new, x)  # builds it
+        impl.transfer_weights(layer, new, spec)
+        fns[name] = _compiled(lambda impl=impl, new=new: impl.probe_call(new, x))
+    res = time_interleaved(fns, repeats=repeats, warmup=1, max_time=max_time)
+    spread = {k: max(v["samples"]) / max(min(v["samples"]), 1e-9) for k, v in res.items()}
+    if any(s > 2.0 for s in spread.values()):  # noisy round: take more samples
+        more = time_interleaved(fns, repeats=repeats, warmup=0, max_time=max_time)
+        return {k: float(np.median(res[k]["samples"] + more[k]["samples"])) for k in fns}
+    return {k: v["median"] for k, v in res.items()}
+
+
+def _log_uniform_int(rng, lo, hi):
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def random_spec(rng, max_macs: float) -> ConvSpec:
+    """One spec drawn to cover what the cost model must predict: dense, grouped-depthwise and depthwise
+    convs, kernels 1..51, channels 1..1024, spatial 7..256, strides 1-2, batch 1-8."""
+    kind = rng.choice(["dense", "dense", "depthwise", "grouped"])
+    k = int(rng.choice(KERNELS))
+    stride = int(rng.choice([1, 1, 1, 2]))
+    padding = str(rng.choice(["same", "same", "valid"]))
+    hw = _log_uniform_int(rng, max(7, k if padding == "valid" else 7), 256)
+    batch = int(rng.choice([1, 2, 4, 8]))
+    if kind == "dense":
+        cin = _log_uniform_int(rng, 1, 512 if k <= 3 else 128)
+        cout = _log_uniform_int(rng, 1, 512 if k <= 3 else 128)
+        groups = 1
+    else:
+        cin = _log_uniform_int(rng, 8, 1024)
+        cout, groups = cin, cin
+    spec = ConvSpec(kind="depthwise_conv2d" if kind == "depthwise" else "conv2d", in_channels=cin, filters=cout,
+                    kernel=(k, k), height=hw, width=hw, batch=batch, strides=(stride, stride), padding=padding,
+                    groups=groups if kind != "depthwise" else cin)
+    # TF's grouped Conv2D runs ~30x slower per MAC than a dense one: budget it accordingly.
+    budget = max_macs / (30 if spec.kind == "conv2d" and spec.groups > 1 else 1)
+    min_hw = k if padding == "valid" else 7
+    while (spec.macs() or 0) > budget:  # shrink to keep one direct call near a second
+        if spec.batch > 1:
+            spec = spec.with_input(batch=spec.batch // 2)
+        elif spec.height > min_hw:
+            h = max(spec.height * 3 // 4, min_hw)
+            spec = spec.with_input(height=h, width=h)
+        elif spec.in_channels > 1 or spec.filters > 1:
+            cin = max(spec.in_channels // 2, 1)
+            cout = cin if spec.groups > 1 else max(spec.filters // 2, 1)
+            spec = dataclasses.replace(spec, in_channels=cin, filters=cout, groups=cin if spec.groups > 1 else 1)
+        else:
+            break
+    return spec
+
+
+def grid(mode: str = "quick", seed: int = 0) -> List[ConvSpec]:
+    """The specs a profile measures: `quick` (about a minute on a 2-core CPU) or `full` (<= 10 minutes)."""
+    if mode not in ("quick", "full"):
+        raise ValueError(f"Received mode={mode!r}; expected 'quick' or 'full'.")
+    n = 36 if mode == "quick" else 220
+    rng = np.random.default_rng(seed)
+    specs = [random_spec(rng, MAX_DIRECT_MACS[mode]) for _ in range(n)]
+    return list(dict.fromkeys(specs))
+
+
+def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed: int = 0, specs=None):
+    """Measure this device on `grid(mode)` (or the given specs) and return a fitted CostModel."""
+    from .cost import CostModel, _progress, fingerprint
+
+    specs = list(specs) if specs is not None else grid(mode, seed)
+    measurements = []
+    for spec in _progress(specs, f"profiling ({mode})", progress):
+        for impl, seconds in time_spec(spec, allow=allow, repeats=3 if mode == "quick" else 5).items():
+            measurements.append({"spec": spec.to_json(), "impl": impl, "seconds": seconds})
+    return CostModel(fingerprint(), measurements, mode=mode).fit()
