@@ -335,8 +335,8 @@ def resolve(cost_model, warn: bool = True) -> Optional[CostModel]:
     A profile from another device class is still used when named explicitly (converting for a target
     device), with a warning saying so.
     """
-    if cost_model is None or isinstance(cost_model, CostModel):
-        return cost_model
+    if cost_model is None or hasattr(cost_model, "predict_ms"):
+        return cost_model  # a CostModel, or any object predicting milliseconds per (implementation, spec)
     here = fingerprint()
     if cost_model == "auto":
         key = json.dumps({k: here.get(k) for k in CLASS_KEYS}, sort_keys=True)
