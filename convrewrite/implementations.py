@@ -187,3 +187,8 @@ register(Direct())
 register(Depthwise())
 
 # ---- implementations defined next to their layers (one line each) -----------------------------
+
+# ---- PAC (convrewrite/layers/pac.py) ----
+from .layers import pac as _pac  # noqa: E402
+
+register(_pac.PacImplementation())

@@ -118,3 +118,134 @@ def spec_forward(spec, x, weights, dtype=np.float64):
     if channels_first:
         out = out.transpose(0, 3, 1, 2)
     return out
+
+
+# ==== PAC: pixel-adaptive convolution (owned by convrewrite/layers/pac.py) ==========================
+# Independent numpy oracles for PacConv2D / PacConv2DTranspose / PacPool2D, built from the definition
+#     v'_i = sum_j K(f_i, f_j) W[p_i - p_j] v_j + b
+# with the conventions documented in convrewrite/layers/pac.py: x is zero-padded as Conv2D pads it, the
+# guidance is edge-padded, f_i is the guidance under the window's centre tap (kh // 2, kw // 2), and with
+# normalize_kernel only taps on real pixels count. Vectorized: sliding-window views and einsum (the
+# transpose scatters one kernel tap at a time over all pixels at once); no loop over pixels.
+
+__all__ += ["pac_kernel_values", "pac_conv2d", "pac_conv2d_transpose", "pac_pool2d"]
+
+
+def pac_kernel_values(d2, kernel_type="gaussian", inv_alpha=None, inv_lambda=None, kernel_blend=None):
+    """K from squared guidance distances d2 (any shape).
+
+    gaussian: exp(-d2 / 2); 'inv_<a>_<l>[_fixed]': (1 + d2 / a) ** (-l / 2), where inv_alpha/inv_lambda
+    (if given) override a/l (learned values). kernel_blend b: K' = 1 + b * (K - 1)."""
+    d2 = np.asarray(d2)
+    if kernel_type == "gaussian":
+        k = np.exp(-0.5 * d2)
+    elif isinstance(kernel_type, str) and kernel_type.startswith("inv_"):
+        parts = kernel_type.split("_")
+        a = float(parts[1]) if inv_alpha is None else abs(float(inv_alpha)) + 1e-6
+        lam = float(parts[2]) if inv_lambda is None else float(inv_lambda)
+        if inv_alpha is None:
+            a = a + 1e-6  # the layer's |alpha| + eps
+        k = (1.0 + d2 / a) ** (-0.5 * lam)
+    else:
+        raise ValueError(f"Received kernel_type={kernel_type!r}; expected 'gaussian' or 'inv_<alpha>_<lambda>'.")
+    if kernel_blend is not None:
+        k = 1.0 + kernel_blend * (k - 1.0)
+    return k
+
+
+def _pac_window_kernel(guidance, x_hw, kernel, strides, dilation, padding, normalize, dtype, **kernel_args):
+    """K for every output pixel and tap: (N, Ho, Wo, kh, kw), validity-masked and normalized as asked."""
+    kernel, strides, dilation = _pair(kernel), _pair(strides), _pair(dilation)
+    g = np.asarray(guidance, dtype=dtype)
+    if padding.lower() == "same":
+        pads = [same_padding(x_hw[i], kernel[i], strides[i], dilation[i]) for i in range(2)]
+        g = np.pad(g, [(0, 0), pads[0], pads[1], (0, 0)], mode="edge")
+    gpat = extract_patches(g, kernel, strides, dilation, "valid")  # (N, Ho, Wo, F, kh, kw)
+    fc = gpat[..., kernel[0] // 2, kernel[1] // 2]
+    d2 = np.sum((gpat - fc[..., None, None]) ** 2, axis=3)
+    k = pac_kernel_values(d2, **kernel_args)
+    if normalize:
+        ones = np.ones((1,) + tuple(x_hw) + (1,), dtype)
+        k = k * extract_patches(ones, kernel, strides, dilation, padding)[:, :, :, 0]
+        norm = k.sum(axis=(3, 4), keepdims=True)
+        k = k / np.where(norm == 0, 1.0, norm)
+    return k
+
+
+def pac_conv2d(x, guidance, kernel, bias=None, strides=1, padding="valid", dilation=1, kernel_type="gaussian",
+               normalize_kernel=False, kernel_blend=None, guidance_scale=None, inv_alpha=None, inv_lambda=None,
+               dtype=np.float64):
+    """PacConv2D's output. x: (N, H, W, Cin); guidance: (N, H, W, F) (same size, no resizing here);
+    kernel: (kh, kw, Cin, Cout); bias: (Cout,) or None; guidance_scale: (F,) or None. -> (N, Ho, Wo, Cout)."""
+    x = np.asarray(x, dtype=dtype)
+    kernel = np.asarray(kernel, dtype=dtype)
+    g = np.asarray(guidance, dtype=dtype)
+    if guidance_scale is not None:
+        g = g * np.asarray(guidance_scale, dtype=dtype)
+    kh, kw = kernel.shape[:2]
+    k = _pac_window_kernel(g, x.shape[1:3], (kh, kw), strides, dilation, padding, normalize_kernel, dtype,
+                           kernel_type=kernel_type, inv_alpha=inv_alpha, inv_lambda=inv_lambda,
+                           kernel_blend=kernel_blend)
+    patches = extract_patches(x, (kh, kw), strides, dilation, padding)  # (N, Ho, Wo, Cin, kh, kw)
+    out = np.einsum("nhwcij,nhwij,ijco->nhwo", patches, k, kernel, optimize=True)
+    if bias is not None:
+        out = out + np.asarray(bias, dtype=dtype)
+    return out
+
+
+def pac_pool2d(x, guidance, pool_size, strides=None, padding="valid", dilation=1, kernel_type="gaussian",
+               normalize_kernel=True, kernel_blend=None, guidance_scale=None, inv_alpha=None, inv_lambda=None,
+               dtype=np.float64):
+    """PacPool2D's output: out_c[i] = sum_j K(f_i, f_j) x_c[j]. x: (N, H, W, C) -> (N, Ho, Wo, C)."""
+    pool_size = _pair(pool_size)
+    strides = pool_size if strides is None else _pair(strides)
+    x = np.asarray(x, dtype=dtype)
+    g = np.asarray(guidance, dtype=dtype)
+    if guidance_scale is not None:
+        g = g * np.asarray(guidance_scale, dtype=dtype)
+    k = _pac_window_kernel(g, x.shape[1:3], pool_size, strides, dilation, padding, normalize_kernel, dtype,
+                           kernel_type=kernel_type, inv_alpha=inv_alpha, inv_lambda=inv_lambda,
+                           kernel_blend=kernel_blend)
+    patches = extract_patches(x, pool_size, strides, dilation, padding)
+    return np.einsum("nhwcij,nhwij->nhwc", patches, k, optimize=True)
+
+
+def pac_conv2d_transpose(x, guidance, kernel, bias=None, strides=1, padding="valid", kernel_type="gaussian",
+                         normalize_kernel=False, kernel_blend=None, guidance_scale=None, inv_alpha=None,
+                         inv_lambda=None, dtype=np.float64):
+    """PacConv2DTranspose's output, by scattering: out[o] += K(g[o], g[i*s]) * W[t] x[i] for o = i*s + t - pb.
+
+    x: (N, H, W, Cin); guidance: (N, Ho, Wo, F) at the output size; kernel: (kh, kw, Cout, Cin) as
+    Conv2DTranspose stores it. Ho = H*s for 'same' (pb = max(k - s, 0) // 2), H*s + max(k - s, 0) for
+    'valid' (pb = 0). Input pixel i sits at output pixel i*s (its guidance), f_o is the guidance at o.
+    """
+    x = np.asarray(x, dtype=dtype)
+    kernel = np.asarray(kernel, dtype=dtype)
+    g = np.asarray(guidance, dtype=dtype)
+    if guidance_scale is not None:
+        g = g * np.asarray(guidance_scale, dtype=dtype)
+    (sh, sw), padding = _pair(strides), padding.lower()
+    n, h, w, _ = x.shape
+    kh, kw, cout, _ = kernel.shape
+    size = [(m * s if padding == "same" else m * s + max(k - s, 0)) for m, k, s in ((h, kh, sh), (w, kw, sw))]
+    pb = [(max(k - s, 0) // 2 if padding == "same" else 0) for k, s in ((kh, sh), (kw, sw))]
+    if g.shape[1:3] != tuple(size):
+        raise ValueError(f"Received guidance of spatial size {g.shape[1:3]}; expected the output size {tuple(size)}.")
+    num = np.zeros((n, size[0], size[1], cout), dtype)
+    den = np.zeros((n, size[0], size[1]), dtype)
+    src = g[:, ::sh, ::sw][:, :h, :w]  # guidance of input pixel i: g[i*s]
+    for a in range(kh):  # kernel taps only; every pixel of a tap is one vectorized scatter
+        for b in range(kw):
+            rows, cols = np.arange(h) * sh + a - pb[0], np.arange(w) * sw + b - pb[1]
+            ri, ci = (rows >= 0) & (rows < size[0]), (cols >= 0) & (cols < size[1])
+            ro, co = rows[ri][:, None], cols[ci][None, :]
+            dst = g[:, ro, co]  # (N, h', w', F): f at the receiving output pixels
+            kv = pac_kernel_values(np.sum((dst - src[:, ri][:, :, ci]) ** 2, axis=-1), kernel_type=kernel_type,
+                                   inv_alpha=inv_alpha, inv_lambda=inv_lambda, kernel_blend=kernel_blend)
+            contrib = np.einsum("nhwc,oc->nhwo", x[:, ri][:, :, ci], kernel[a, b])
+            num[:, ro, co] += kv[..., None] * contrib
+            den[:, ro, co] += kv
+    out = num / np.where(den == 0, 1.0, den)[..., None] if normalize_kernel else num
+    if bias is not None:
+        out = out + np.asarray(bias, dtype=dtype)
+    return out

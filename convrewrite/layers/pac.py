@@ -1,0 +1,688 @@
+"""Pixel-adaptive convolution (PAC, Su et al., CVPR 2019) as Keras 3 layers, and the Conv2D -> PAC rewrite.
+
+    v'_i = sum_j K(f_i, f_j) W[p_i - p_j] v_j + b
+
+x (the values v) is convolved as by Conv2D, but every tap of every output pixel is re-weighted by a kernel
+K of the guidance features f: the feature at the output pixel (the window's centre tap) against the
+feature under the tap. Everything here is `keras.ops`; there is no loop over pixels, only over the kh*kw
+kernel taps, which are static.
+
+Conventions shared by every layer in this module (and by `convrewrite.reference.pac_conv2d`):
+
+* **Guidance padding.** Where the window leaves the image (SAME padding), x is zero-padded exactly as
+  Conv2D pads it, and the *guidance* is edge-padded (the nearest real pixel is repeated). Edge padding
+  means the centre feature f_i is always a real guidance value (with even kernels or strides the centre
+  tap can fall in the padded zone) and constant guidance gives K = 1 on every tap, padded or not.
+  (pacnet zero-pads the guidance, which makes K != 1 at the borders even for constant guidance.)
+* **Padded taps are not pixels.** With `normalize_kernel=True`, K is multiplied by a 0/1 validity mask
+  before it is summed, so the normaliser counts only taps that land on real pixels (as
+  AveragePooling2D's SAME padding does). Without normalisation the mask is unnecessary: x is 0 there.
+* **Exact reductions.** With constant guidance (any constant), K = 1 on every tap for every kernel type,
+  so PacConv2D equals Conv2D with the same kernel/bias for every padding/stride/dilation, and
+  PacConv2DTranspose equals Conv2DTranspose. With `normalize_kernel=True` and constant guidance the
+  output is Conv2D(x) / n_i + b, n_i = the number of window taps on real pixels (kh*kw for VALID);
+  PacPool2D with constant guidance equals AveragePooling2D exactly.
+* **Guidance size.** guidance: (batch, Hg, Wg, F). When (Hg, Wg) differs from the size K is evaluated at
+  (x's size for PacConv2D/PacPool2D, the *output* size for PacConv2DTranspose) and both are static, the
+  guidance is resized bilinearly (keras.ops.image.resize, no antialiasing) to that size first.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import keras
+import numpy as np
+from keras import ops
+
+from ..implementations import Implementation
+from ..spec import ConvSpec
+
+__all__ = [
+    "PacConv2D", "PacConv2DTranspose", "PacPool2D", "PacImplementation",
+    "parse_kernel_type", "choose_strategy", "STRATEGIES",
+]
+
+STRATEGIES = ("auto", "patch", "shift")
+_INV_RE = re.compile(r"^inv_([0-9.eE+-]+)_([0-9.eE+-]+)(_fixed)?$")
+
+
+# ---- kernel types ---------------------------------------------------------------------------------
+def parse_kernel_type(kernel_type, owner="PacConv2D"):
+    """'gaussian' -> ('gaussian', None, None, False); 'inv_<alpha>_<lambda>[_fixed]' -> ('inv', a, l, trainable).
+
+    gaussian: K = exp(-0.5 * d2).
+    inv:      K = (1 + d2 / alpha) ** (-lambda / 2), alpha > 0, lambda > 0 (learnable unless `_fixed`).
+    d2 = ||f_i - f_j||^2. Both give K = 1 at d2 = 0, which the exact reductions rely on. pacnet's
+    `inv_alpha_lambda` is `alpha + d2 ** (lambda / 2)`, which is not 1 at d2 = 0 (nor decreasing), so
+    this is the inverse-multiquadric member of that family normalised to K(0) = 1, not a copy of it.
+    """
+    if kernel_type == "gaussian":
+        return "gaussian", None, None, False
+    if isinstance(kernel_type, str):
+        m = _INV_RE.match(kernel_type)
+        if m:
+            alpha, lam = float(m.group(1)), float(m.group(2))
+            if alpha > 0 and lam > 0:
+                return "inv", alpha, lam, m.group(3) is None
+    raise ValueError(
+        f"Received invalid kernel_type={kernel_type!r} for {owner}; expected 'gaussian' or "
+        f"'inv_<alpha>_<lambda>' with positive numbers, optionally suffixed '_fixed' (e.g. 'inv_1_1')."
+    )
+
+
+def choose_strategy(kernel_taps: int, in_channels: int, filters: int, out_pixels=None) -> str:
+    """The contraction strategy `strategy="auto"` picks, from static shape facts only.
+
+    shift runs kh*kw (pixels x C) @ (C x O) matmuls and never holds more than one tap's copy of x;
+    patch builds the (pixels, kh*kw*C) patch matrix and runs one matmul. Measured on CPU (see
+    benchmarks/pac.py) shift wins whenever the per-tap matmul is not tiny; patch wins when C is so small
+    (e.g. RGB input, C <= 4) that kh*kw separate matmuls are dominated by their per-op overhead.
+    """
+    del kernel_taps, filters, out_pixels  # kept in the signature: the rule may grow to use them
+    return "patch" if in_channels <= 4 else "shift"
+
+
+# ---- shape helpers --------------------------------------------------------------------------------
+def _pair(value, name, owner, allow_zero=False):
+    if isinstance(value, int):
+        value = (value, value)
+    try:
+        value = tuple(int(v) for v in value)
+    except TypeError:
+        value = ()
+    if len(value) != 2 or any(v < (0 if allow_zero else 1) for v in value):
+        raise ValueError(f"Received invalid {name}={value!r} for {owner}; expected an int or a pair of positive ints.")
+    return value
+
+
+def _same_pads(size, eff, stride):
+    """TF's (before, after) SAME padding for one axis; size may be a Python int or a scalar tensor."""
+    out = -(-size // stride)
+    total = (out - 1) * stride + eff - size
+    total = max(total, 0) if isinstance(total, int) else ops.maximum(total, 0)
+    return total // 2, total - total // 2
+
+
+def _edge_pad(t, pads):
+    """Edge-replicate t: (N, H, W, C) by pads ((top, bottom), (left, right)), sizes possibly dynamic.
+
+    A gather with clipped indices, so it is one op per axis and works with unknown H/W."""
+    for axis, (before, after) in zip((1, 2), pads):
+        if isinstance(before, int) and isinstance(after, int) and before == 0 and after == 0:
+            continue
+        n = ops.shape(t)[axis]
+        idx = ops.clip(ops.arange(-before, n + after), 0, n - 1)
+        t = ops.take(t, idx, axis=axis)
+    return t
+
+
+def _zero_pad(t, pads):
+    if all(isinstance(p, int) and p == 0 for pair in pads for p in pair):
+        return t
+    return ops.pad(t, [(0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)])
+
+
+def _tap_slices(t, kernel, dilation, strides, out_hw):
+    """The kh*kw windows' taps of padded t: a list of (N, Ho, Wo, C) strided slices, row-major over taps.
+
+    Tap (a, b) of output pixel (i, j) is t[i*sh + a*dh, j*sw + b*dw]. This loop is over the static
+    kernel taps only; each slice covers every pixel at once."""
+    (kh, kw), (dh, dw), (sh, sw), (ho, wo) = kernel, dilation, strides, out_hw
+    out = []
+    for a in range(kh):
+        for b in range(kw):
+            r0, c0 = a * dh, b * dw
+            out.append(t[:, r0:r0 + (ho - 1) * sh + 1:sh, c0:c0 + (wo - 1) * sw + 1:sw, :])
+    return out
+
+
+def _dense(t, w):
+    """t: (N, H, W, C) @ w: (C, O) -> (N, H, W, O) as one 2-D matmul (a rank-4 matmul would batch)."""
+    shape = ops.shape(t)
+    y = ops.matmul(ops.reshape(t, (-1, shape[-1])), w)
+    return ops.reshape(y, (shape[0], shape[1], shape[2], ops.shape(w)[-1]))
+
+
+def _sum(parts):
+    """Elementwise sum of a list of same-shaped tensors (one fused add_n on TensorFlow)."""
+    if len(parts) > 1 and keras.backend.backend() == "tensorflow":
+        try:
+            from .backend import add_n
+        except ImportError:  # backend module absent or without the PAC section: plain adds are exact too
+            add_n = None
+        if add_n is not None:
+            return add_n(parts)
+    total = parts[0]
+    for p in parts[1:]:
+        total = ops.add(total, p)
+    return total
+
+
+def _resize_guidance(guidance, size, owner):
+    """Bilinearly resize guidance: (N, Hg, Wg, F) to `size` when both sizes are static and differ."""
+    gh, gw = guidance.shape[1], guidance.shape[2]
+    if None in (gh, gw) or None in size or (gh, gw) == tuple(size):
+        return guidance
+    resized = ops.image.resize(ops.cast(guidance, "float32"), size, interpolation="bilinear", antialias=False,
+                               data_format="channels_last")
+    return ops.cast(resized, guidance.dtype)
+
+
+# ---- the adaptive kernel and the two contractions ---------------------------------------------------
+def pac_kernel(gp, out_hw, kernel, dilation, strides, center, kernel_fn, mask=None, normalize=False):
+    """K for every output pixel and tap: (N, Ho, Wo, kh*kw).
+
+    gp: padded guidance (N, Hp, Wp, F); center: the tap (a, b) whose guidance is f_i;
+    kernel_fn: d2 -> K (already including any blend); mask: padded 0/1 validity (1, Hp, Wp, 1) or None.
+    Memory: the stacked guidance taps, N*Ho*Wo*kh*kw*F values, and K itself (N*Ho*Wo*kh*kw).
+    """
+    taps = _tap_slices(gp, kernel, dilation, strides, out_hw)
+    fc = taps[center[0] * kernel[1] + center[1]]
+    # One reduction per tap, then a stack: fewer live values than stacking (N, Ho, Wo, T, F) first.
+    d2 = ops.stack([ops.sum(ops.square(ft - fc), axis=-1) for ft in taps], axis=-1)
+    k = kernel_fn(d2)
+    if mask is not None:
+        k = k * ops.concatenate(_tap_slices(mask, kernel, dilation, strides, out_hw), axis=-1)
+    if normalize:
+        norm = ops.sum(k, axis=-1, keepdims=True)
+        # A window with no valid tap (possible only for pathological paddings) gives 0, not NaN.
+        k = k / (norm + ops.cast(ops.equal(norm, 0), k.dtype))
+    return k
+
+
+def pac_contract(xp, k, w, out_hw, kernel, dilation, strides, strategy):
+    """sum over taps t of K_t * (x_t @ W_t): (N, Ho, Wo, O).
+
+    xp: zero-padded x (N, Hp, Wp, C); k: (N, Ho, Wo, T); w: (kh, kw, C, O); strategy 'patch' | 'shift'.
+
+    patch: stack the taps of x into (N, Ho, Wo, T, C), scale by K, one (pixels, T*C) @ (T*C, O) matmul.
+           Peak forward memory ~ 2 * N*Ho*Wo*T*C values (the patch tensor and its K-scaled copy).
+    shift: for each tap, slice x, one (pixels, C) @ (C, O) matmul, scale by K's tap (before the matmul
+           when C < O, after it otherwise), and add the T partial sums in one add_n.
+           Peak forward memory ~ N*Ho*Wo*(C + O) per tap in flight; the k*k*C patch tensor never exists.
+           (Under autodiff the T per-tap products are kept for the backward pass: N*Ho*Wo*T*min(C, O).)
+    """
+    kh, kw, c, o = w.shape
+    taps = _tap_slices(xp, kernel, dilation, strides, out_hw)
+    if strategy == "patch":
+        p = ops.stack(taps, axis=3) * ops.expand_dims(k, -1)  # (N, Ho, Wo, T, C)
+        shape = ops.shape(p)
+        p = ops.reshape(p, (shape[0], shape[1], shape[2], kh * kw * c))
+        return _dense(p, ops.reshape(w, (kh * kw * c, o)))
+    wt = ops.reshape(w, (kh * kw, c, o))
+    parts = []
+    for t, xt in enumerate(taps):
+        kt = k[..., t:t + 1]
+        parts.append(_dense(xt * kt, wt[t]) if c < o else _dense(xt, wt[t]) * kt)
+    return _sum(parts)
+
+
+# ---- the shared layer machinery ---------------------------------------------------------------------
+class _PacMixin:
+    """Kernel-type weights, guidance handling and config shared by the PAC layers.
+
+    Extra weights (created in `_build_pac`, all scalars or per-guidance-channel vectors):
+      kernel_blend  (scalar, only if kernel_blend is not None): K' = 1 + blend * (K - 1). blend = 0 makes
+                    the layer exactly its plain counterpart for *any* guidance, and dK'/dblend = K - 1 is
+                    nonzero wherever the guidance varies, so it learns from there (the conversion's start).
+      guidance_scale (F,), only if learn_guidance_scale: f is multiplied by it before distances.
+      inv_alpha, inv_lambda (scalars), only for 'inv_*' kernel types (non-trainable with '_fixed').
+    """
+
+    def _init_pac(self, kernel_type, normalize_kernel, kernel_blend, learn_guidance_scale, strategy=None):
+        owner = type(self).__name__
+        self.kernel_type = kernel_type
+        self._family, self._inv_alpha0, self._inv_lambda0, self._inv_trainable = parse_kernel_type(kernel_type, owner)
+        self.normalize_kernel = bool(normalize_kernel)
+        if kernel_blend is not None:
+            try:
+                kernel_blend = float(kernel_blend)
+            except (TypeError, ValueError):
+                raise ValueError(f"Received invalid kernel_blend={kernel_blend!r} for {owner}; expected None or a float.") from None
+        self.kernel_blend = kernel_blend
+        self.learn_guidance_scale = bool(learn_guidance_scale)
+        if strategy is not None and strategy not in STRATEGIES:
+            raise ValueError(f"Received invalid strategy={strategy!r} for {owner}; expected one of {STRATEGIES}.")
+        self.strategy = strategy
+
+    def _pac_config(self):
+        cfg = {
+            "kernel_type": self.kernel_type,
+            "normalize_kernel": self.normalize_kernel,
+            "kernel_blend": self.kernel_blend,
+            "learn_guidance_scale": self.learn_guidance_scale,
+        }
+        if self.strategy is not None:
+            cfg["strategy"] = self.strategy
+        return cfg
+
+    @staticmethod
+    def _split_inputs(inputs, owner):
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
+            raise ValueError(
+                f"{owner} received {type(inputs).__name__} input; expected a list [x, guidance] of two rank-4 tensors."
+            )
+        return inputs[0], inputs[1]
+
+    def _check_shapes(self, x_shape, g_shape):
+        owner = f"{type(self).__name__} '{self.name}'"
+        for name, shape in (("x", x_shape), ("guidance", g_shape)):
+            if len(shape) != 4:
+                raise ValueError(f"{owner} received {name} of shape {tuple(shape)}; expected rank 4 (batch, H, W, C).")
+
+    def _guidance_channels(self, g_shape):
+        axis = 1 if getattr(self, "data_format", "channels_last") == "channels_first" else -1
+        f = g_shape[axis]
+        if f is None:
+            raise ValueError(f"{type(self).__name__} '{self.name}' received guidance of shape {tuple(g_shape)} with unknown "
+                             f"channels; expected a known number of guidance channels.")
+        return int(f)
+
+    def _build_pac(self, g_shape):
+        f = self._guidance_channels(g_shape)
+        self.guidance_channels = f
+        if self.kernel_blend is not None:
+            self.blend = self.add_weight(name="kernel_blend", shape=(),
+                                         initializer=keras.initializers.Constant(self.kernel_blend), trainable=True)
+        else:
+            self.blend = None
+        if self.learn_guidance_scale:
+            self.guidance_scale = self.add_weight(name="guidance_scale", shape=(f,), initializer="ones", trainable=True)
+        else:
+            self.guidance_scale = None
+        if self._family == "inv":
+            self.inv_alpha = self.add_weight(name="inv_alpha", shape=(), trainable=self._inv_trainable,
+                                             initializer=keras.initializers.Constant(self._inv_alpha0))
+            self.inv_lambda = self.add_weight(name="inv_lambda", shape=(), trainable=self._inv_trainable,
+                                              initializer=keras.initializers.Constant(self._inv_lambda0))
+
+    def _kernel_fn(self, dtype):
+        def fn(d2):
+            if self._family == "gaussian":
+                k = ops.exp(-0.5 * d2)
+            else:
+                # |alpha| + eps keeps a learned alpha valid; log1p keeps K(0) = 1 exactly.
+                alpha = ops.abs(ops.cast(self.inv_alpha, dtype)) + 1e-6
+                lam = ops.cast(self.inv_lambda, dtype)
+                k = ops.exp(-0.5 * lam * ops.log1p(d2 / alpha))
+            if self.blend is not None:
+                k = 1.0 + ops.cast(self.blend, dtype) * (k - 1.0)
+            return k
+
+        return fn
+
+    def _prepare_guidance(self, g, size):
+        g = _resize_guidance(g, size, type(self).__name__)
+        if self.guidance_scale is not None:
+            g = g * ops.cast(self.guidance_scale, g.dtype)
+        return g
+
+    # Conv2D/Conv2DTranspose save only kernel and bias; the PAC weights must travel too.
+    def save_own_variables(self, store):
+        keras.layers.Layer.save_own_variables(self, store)
+
+    def load_own_variables(self, store):
+        keras.layers.Layer.load_own_variables(self, store)
+
+
+def _to_last(t, data_format):
+    return ops.transpose(t, (0, 2, 3, 1)) if data_format == "channels_first" else t
+
+
+def _from_last(t, data_format):
+    return ops.transpose(t, (0, 3, 1, 2)) if data_format == "channels_first" else t
+
+
+def _hw(shape, data_format):
+    return (shape[2], shape[3]) if data_format == "channels_first" else (shape[1], shape[2])
+
+
+# ---- PacConv2D --------------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="convrewrite")
+class PacConv2D(_PacMixin, keras.layers.Conv2D):
+    """Pixel-adaptive Conv2D, called as `layer([x, guidance])`.
+
+    x: (batch, H, W, Cin); guidance: (batch, H, W, F) (channels_first: (batch, C, H, W) for both).
+    Returns (batch, Ho, Wo, filters), Ho/Wo as Conv2D computes them.
+
+    Every Conv2D argument keeps its meaning (weights `kernel` (kh, kw, Cin, filters) and `bias` are named
+    and shaped as Conv2D's), except groups, which must be 1. PAC arguments:
+      kernel_type: 'gaussian' (default) or 'inv_<alpha>_<lambda>[_fixed]' (see parse_kernel_type).
+      normalize_kernel: divide K by its sum over the window's valid taps (pacnet's normalize_kernel).
+      kernel_blend: None (K is used as is) or the initial value of a learnable blend b,
+        K' = 1 + b * (K - 1); b = 0 is exactly Conv2D whatever the guidance.
+      learn_guidance_scale: learn a per-channel scale of the guidance inside the distance.
+      strategy: 'auto' | 'patch' | 'shift' (see pac_contract for each one's peak memory; auto uses
+        choose_strategy). Both compute the same sum; they differ in speed and memory only.
+
+    Peak forward memory besides x, guidance and the output (P = batch*Ho*Wo, T = kh*kw):
+      K: P*T*(F + 2) values (stacked distances and kernel); plus patch: 2*P*T*Cin, shift: P*(Cin + filters).
+    """
+
+    def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None, dilation_rate=(1, 1),
+                 activation=None, use_bias=True, kernel_type="gaussian", normalize_kernel=False, kernel_blend=None,
+                 learn_guidance_scale=False, strategy="auto", **kwargs):
+        groups = kwargs.get("groups", 1)
+        if groups != 1:
+            raise ValueError(f"Received groups={groups} for PacConv2D; expected 1 (grouped PAC is not implemented).")
+        super().__init__(filters=filters, kernel_size=kernel_size, strides=strides, padding=padding,
+                         data_format=data_format, dilation_rate=dilation_rate, activation=activation,
+                         use_bias=use_bias, **kwargs)
+        self._init_pac(kernel_type, normalize_kernel, kernel_blend, learn_guidance_scale, strategy)
+        self.input_spec = None  # Conv2D's spec describes one input; this layer takes [x, guidance].
+
+    def build(self, input_shape):
+        x_shape, g_shape = self._split_inputs(input_shape, "PacConv2D")
+        self._check_shapes(x_shape, g_shape)
+        super().build(tuple(x_shape))
+        self.input_spec = None
+        self._build_pac(g_shape)
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and len(input_shape) == 2 and isinstance(input_shape[0], (list, tuple)):
+            input_shape = input_shape[0]
+        return super().compute_output_shape(tuple(input_shape))
+
+    def resolved_strategy(self, out_pixels=None):
+        if self.strategy != "auto":
+            return self.strategy
+        cin = self.kernel.shape[2]
+        return choose_strategy(self.kernel_size[0] * self.kernel_size[1], cin, self.filters, out_pixels)
+
+    def call(self, inputs):
+        x, g = self._split_inputs(inputs, "PacConv2D")
+        x, g = _to_last(x, self.data_format), _to_last(g, self.data_format)
+        g = ops.cast(g, x.dtype)
+        h, w = ops.shape(x)[1], ops.shape(x)[2]
+        g = self._prepare_guidance(g, (x.shape[1], x.shape[2]))
+        kernel, strides, dilation = self.kernel_size, self.strides, self.dilation_rate
+        eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+        if self.padding == "same":
+            pads = (_same_pads(h, eff[0], strides[0]), _same_pads(w, eff[1], strides[1]))
+            out_hw = (-(-h // strides[0]), -(-w // strides[1]))
+        else:
+            pads = ((0, 0), (0, 0))
+            out_hw = ((h - eff[0]) // strides[0] + 1, (w - eff[1]) // strides[1] + 1)
+        mask = None
+        if self.normalize_kernel:
+            mask = _zero_pad(ops.ones((1, h, w, 1), x.dtype), pads)
+        center = (kernel[0] // 2, kernel[1] // 2)
+        k = pac_kernel(_edge_pad(g, pads), out_hw, kernel, dilation, strides, center,
+                       self._kernel_fn(x.dtype), mask=mask, normalize=self.normalize_kernel)
+        y = pac_contract(_zero_pad(x, pads), k, ops.cast(self.kernel, x.dtype), out_hw, kernel, dilation, strides,
+                         self.resolved_strategy())
+        if self.use_bias:
+            y = y + ops.cast(self.bias, y.dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return _from_last(y, self.data_format)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("groups", None)
+        config.update(self._pac_config())
+        return config
+
+
+# ---- PacConv2DTranspose -----------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="convrewrite")
+class PacConv2DTranspose(_PacMixin, keras.layers.Conv2DTranspose):
+    """Pixel-adaptive Conv2DTranspose (joint upsampling), called as `layer([x, guidance])`.
+
+    x: (batch, H, W, Cin) low resolution; guidance: (batch, Ho, Wo, F) at the *output* resolution
+    (resized bilinearly to it when it is not). Returns (batch, Ho, Wo, filters) with Conv2DTranspose's
+    output size (padding 'same': H*s; 'valid': H*s + max(k - s, 0)). Weights as Conv2DTranspose's:
+    `kernel` (kh, kw, filters, Cin), `bias` (filters,).
+
+    Computed as a stride-1 PAC of the zero-upsampled input (x[i] placed at output pixel i*s) with the
+    spatially flipped, transposed kernel; the guidance of input pixel i is the guidance at output pixel
+    i*s, f_i of output pixel o is the guidance at o, and with normalize_kernel only taps that land on an
+    input pixel count. Constant guidance gives exactly Conv2DTranspose. dilation_rate and output_padding
+    are not supported (must be 1 / None). Memory as PacConv2D's at the output resolution.
+    """
+
+    def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None, activation=None,
+                 use_bias=True, kernel_type="gaussian", normalize_kernel=False, kernel_blend=None,
+                 learn_guidance_scale=False, strategy="auto", **kwargs):
+        for name, ok in (("dilation_rate", lambda v: v in (1, (1, 1), [1, 1])), ("output_padding", lambda v: v is None)):
+            if name in kwargs and not ok(kwargs[name]):
+                raise ValueError(f"Received {name}={kwargs[name]!r} for PacConv2DTranspose; expected the default "
+                                 f"({'1' if name == 'dilation_rate' else 'None'}).")
+        super().__init__(filters=filters, kernel_size=kernel_size, strides=strides, padding=padding,
+                         data_format=data_format, activation=activation, use_bias=use_bias, **kwargs)
+        self._init_pac(kernel_type, normalize_kernel, kernel_blend, learn_guidance_scale, strategy)
+        self.input_spec = None
+
+    def build(self, input_shape):
+        x_shape, g_shape = self._split_inputs(input_shape, "PacConv2DTranspose")
+        self._check_shapes(x_shape, g_shape)
+        super().build(tuple(x_shape))
+        self.input_spec = None
+        self._build_pac(g_shape)
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and len(input_shape) == 2 and isinstance(input_shape[0], (list, tuple)):
+            input_shape = input_shape[0]
+        return super().compute_output_shape(tuple(input_shape))
+
+    def _out_size(self, n, k, s):
+        if self.padding == "same":
+            return n * s
+        return n * s + max(k - s, 0)
+
+    def call(self, inputs):
+        x, g = self._split_inputs(inputs, "PacConv2DTranspose")
+        x, g = _to_last(x, self.data_format), _to_last(g, self.data_format)
+        g = ops.cast(g, x.dtype)
+        (kh, kw), (sh, sw) = self.kernel_size, self.strides
+        h, w = ops.shape(x)[1], ops.shape(x)[2]
+        oh, ow = self._out_size(h, kh, sh), self._out_size(w, kw, sw)
+        static_out = (None if x.shape[1] is None else self._out_size(x.shape[1], kh, sh),
+                      None if x.shape[2] is None else self._out_size(x.shape[2], kw, sw))
+        g = self._prepare_guidance(g, static_out)
+        # Output o receives x[i] * W[t] where o = i*s + t - pb (pb: the forward conv's SAME 'before' pad).
+        pb = [(max(k - s, 0) // 2) if self.padding == "same" else 0 for k, s in ((kh, sh), (kw, sw))]
+        z = _upsample_zeros(x, (sh, sw))  # (N, (H-1)*sh + 1, (W-1)*sw + 1, C)
+        pads = ((kh - 1 - pb[0], oh - 1 + pb[0] - (h - 1) * sh), (kw - 1 - pb[1], ow - 1 + pb[1] - (w - 1) * sw))
+        mask = None
+        if self.normalize_kernel:
+            mask = _zero_pad(_upsample_zeros(ops.ones((1, h, w, 1), x.dtype), (sh, sw)), pads)
+        # g has the output size; padding it like z aligns g_pad[m] with z_pad[m] (x[i] sits at g[i*s]).
+        center = (kh - 1 - pb[0], kw - 1 - pb[1])
+        k = pac_kernel(_edge_pad(g, pads), (oh, ow), (kh, kw), (1, 1), (1, 1), center,
+                       self._kernel_fn(x.dtype), mask=mask, normalize=self.normalize_kernel)
+        wk = ops.transpose(ops.flip(ops.cast(self.kernel, x.dtype), axis=(0, 1)), (0, 1, 3, 2))  # (kh, kw, Cin, O)
+        strategy = self.strategy if self.strategy != "auto" else choose_strategy(kh * kw, wk.shape[2], self.filters)
+        y = pac_contract(_zero_pad(z, pads), k, wk, (oh, ow), (kh, kw), (1, 1), (1, 1), strategy)
+        if self.use_bias:
+            y = y + ops.cast(self.bias, y.dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return _from_last(y, self.data_format)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dilation_rate", None)
+        config.pop("output_padding", None)
+        config.update(self._pac_config())
+        return config
+
+
+def _upsample_zeros(x, strides):
+    """x: (N, H, W, C) -> (N, (H-1)*sh + 1, (W-1)*sw + 1, C) with x[i, j] at (i*sh, j*sw), zeros between."""
+    sh, sw = strides
+    if (sh, sw) == (1, 1):
+        return x
+    n, h, w, c = ops.shape(x)
+    z = ops.expand_dims(ops.expand_dims(x, 2), 4)  # (N, H, 1, W, 1, C)
+    z = ops.pad(z, [(0, 0), (0, 0), (0, sh - 1), (0, 0), (0, sw - 1), (0, 0)])
+    z = ops.reshape(z, (n, h * sh, w * sw, c))
+    return z[:, :(h - 1) * sh + 1, :(w - 1) * sw + 1, :]
+
+
+# ---- PacPool2D --------------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="convrewrite")
+class PacPool2D(_PacMixin, keras.layers.Layer):
+    """Pixel-adaptive pooling (pacnet's PacPool2d): out_c[i] = sum_j K(f_i, f_j) x_c[j], per channel.
+
+    Called as `layer([x, guidance])`; x: (batch, H, W, C), guidance: (batch, H, W, F) -> (batch, Ho, Wo, C).
+    normalize_kernel defaults to True, making it a guidance-weighted average pool; with constant guidance
+    it then equals AveragePooling2D(pool_size, strides, padding) exactly (both exclude padded taps).
+    Memory: K (batch*Ho*Wo*T) plus one tap of x at a time.
+    """
+
+    def __init__(self, pool_size, strides=None, padding="valid", dilation_rate=(1, 1), data_format=None,
+                 kernel_type="gaussian", normalize_kernel=True, kernel_blend=None, learn_guidance_scale=False, **kwargs):
+        super().__init__(**kwargs)
+        owner = "PacPool2D"
+        self.pool_size = _pair(pool_size, "pool_size", owner)
+        self.strides = self.pool_size if strides is None else _pair(strides, "strides", owner)
+        self.dilation_rate = _pair(dilation_rate, "dilation_rate", owner)
+        if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
+            raise ValueError(f"Received invalid padding={padding!r} for {owner}; expected 'same' or 'valid'.")
+        self.padding = padding.lower()
+        data_format = keras.config.image_data_format() if data_format is None else str(data_format).lower()
+        if data_format not in ("channels_last", "channels_first"):
+            raise ValueError(f"Received invalid data_format={data_format!r} for {owner}; expected "
+                             f"'channels_last' or 'channels_first'.")
+        self.data_format = data_format
+        self._init_pac(kernel_type, normalize_kernel, kernel_blend, learn_guidance_scale)
+
+    def build(self, input_shape):
+        x_shape, g_shape = self._split_inputs(input_shape, "PacPool2D")
+        self._check_shapes(x_shape, g_shape)
+        self._build_pac(g_shape)
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        x_shape, _ = self._split_inputs(input_shape, "PacPool2D")
+        cf = self.data_format == "channels_first"
+        h, w = _hw(x_shape, self.data_format)
+        out = []
+        for n, k, d, s in zip((h, w), self.pool_size, self.dilation_rate, self.strides):
+            eff = (k - 1) * d + 1
+            out.append(None if n is None else (-(-n // s) if self.padding == "same" else (n - eff) // s + 1))
+        c = x_shape[1] if cf else x_shape[-1]
+        return (x_shape[0], c, *out) if cf else (x_shape[0], *out, c)
+
+    def call(self, inputs):
+        x, g = self._split_inputs(inputs, "PacPool2D")
+        x, g = _to_last(x, self.data_format), _to_last(g, self.data_format)
+        g = ops.cast(g, x.dtype)
+        h, w = ops.shape(x)[1], ops.shape(x)[2]
+        g = self._prepare_guidance(g, (x.shape[1], x.shape[2]))
+        kernel, strides, dilation = self.pool_size, self.strides, self.dilation_rate
+        eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+        if self.padding == "same":
+            pads = (_same_pads(h, eff[0], strides[0]), _same_pads(w, eff[1], strides[1]))
+            out_hw = (-(-h // strides[0]), -(-w // strides[1]))
+        else:
+            pads = ((0, 0), (0, 0))
+            out_hw = ((h - eff[0]) // strides[0] + 1, (w - eff[1]) // strides[1] + 1)
+        mask = _zero_pad(ops.ones((1, h, w, 1), x.dtype), pads) if self.normalize_kernel else None
+        center = (kernel[0] // 2, kernel[1] // 2)
+        k = pac_kernel(_edge_pad(g, pads), out_hw, kernel, dilation, strides, center,
+                       self._kernel_fn(x.dtype), mask=mask, normalize=self.normalize_kernel)
+        taps = _tap_slices(_zero_pad(x, pads), kernel, dilation, strides, out_hw)
+        y = _sum([xt * k[..., t:t + 1] for t, xt in enumerate(taps)])
+        return _from_last(y, self.data_format)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"pool_size": self.pool_size, "strides": self.strides, "padding": self.padding,
+                       "dilation_rate": self.dilation_rate, "data_format": self.data_format})
+        config.update(self._pac_config())
+        return config
+
+
+# ---- the Conv2D -> PAC rewrite ------------------------------------------------------------------------
+class PacImplementation(Implementation):
+    """Turn a Conv2D site into a PacConv2D that equals it exactly at conversion and can learn adaptivity.
+
+    Options (from `convrewrite.optimize(model, pac={"layers": ..., "guidance": ..., **options})`):
+      guidance: "self" (the site's own input is the guidance) or the name of a model input or layer
+        whose (first) output is the guidance; resized bilinearly to the site's input size if it differs.
+      any other PacConv2D argument (kernel_type, learn_guidance_scale, strategy, kernel_blend).
+
+    Exactness and learnability: the layer is built with kernel_blend = 0 (K' = 1 + b * (K - 1), b
+    learnable, starting at 0), so at conversion its output is the Conv2D's for *any* guidance, while
+    dLoss/db = sum dLoss/dK' * (K - 1) is nonzero wherever the guidance varies. (A guidance scale
+    initialised at 0 inside the Gaussian would be exact too, but its gradient there is 0: it never moves.)
+    normalize_kernel=True is refused: the normalised layer divides by the window's tap count, which no
+    starting point of the blend undoes, so it could not equal the Conv2D at conversion.
+    """
+
+    name = "pac"
+    description = "pixel-adaptive convolution (PacConv2D), equal to the Conv2D at conversion"
+    layer_classes = (PacConv2D,)
+
+    def applicable(self, spec: ConvSpec):
+        if spec.kind != "conv2d":
+            return False, f"PAC replaces Conv2D only, not {spec.kind}"
+        if spec.groups != 1:
+            return False, f"groups={spec.groups}; PacConv2D implements groups=1 only"
+        return True, ""
+
+    def _pac_options(self, options):
+        opts = dict(options)
+        opts.pop("guidance", None)
+        if opts.get("normalize_kernel"):
+            raise ValueError(
+                "Received normalize_kernel=True in the pac options; expected False: a normalised PacConv2D "
+                "divides by the window's tap count and cannot equal the Conv2D it replaces at conversion."
+            )
+        opts.setdefault("kernel_blend", 0.0)
+        allowed = {"kernel_type", "kernel_blend", "learn_guidance_scale", "strategy", "normalize_kernel"}
+        unknown = set(opts) - allowed
+        if unknown:
+            raise ValueError(f"Received unknown pac options {sorted(unknown)}; expected 'layers', 'guidance' and "
+                             f"a subset of {sorted(allowed)}.")
+        return opts
+
+    def make_layer(self, layer, spec, **options):
+        config = layer.get_config()
+        config.pop("groups", None)
+        config.update(self._pac_options(options))
+        return PacConv2D.from_config(config)
+
+    def transfer_weights(self, old_layer, new_layer, spec):
+        # Conv2D's kernel and bias by value; the PAC weights keep their initial (conversion) values.
+        new_layer._kernel.assign(np.array(old_layer.kernel))
+        if spec.use_bias:
+            new_layer.bias.assign(np.array(old_layer.bias))
+
+    @staticmethod
+    def _guidance_name(options):
+        name = options.get("guidance", "self")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Received guidance={name!r} in the pac options; expected 'self' or the name of a "
+                             f"model input or layer.")
+        return name
+
+    def dependencies(self, spec, options):
+        name = self._guidance_name(options)
+        return [] if name == "self" else [name]
+
+    def call(self, new_layer, args, kwargs, context):
+        x = args[0]
+        name = self._guidance_name(context.options)
+        guidance = x if name == "self" else context.resolve(name)
+        return new_layer([x, guidance], **kwargs)
+
+    def probe_call(self, new_layer, x):
+        # At conversion the output must not depend on the guidance, so any guidance probes it.
+        shape = tuple(x.shape)
+        f = getattr(new_layer, "guidance_channels", None) or (shape[1] if new_layer.data_format == "channels_first" else shape[-1])
+        gshape = (shape[0], f, shape[2], shape[3]) if new_layer.data_format == "channels_first" else shape[:3] + (f,)
+        guidance = np.random.default_rng(1234).standard_normal(gshape).astype("float32")
+        return new_layer([x, guidance])
+
+    def features(self, spec):
+        feats = super().features(spec)
+        ho, wo = spec.output_hw()
+        taps = spec.kernel[0] * spec.kernel[1]
+        # The adaptive kernel: per output pixel and tap, a distance over the guidance and an exp.
+        feats["pac_kernel_evals"] = float((spec.batch or 1) * (ho or 0) * (wo or 0) * taps)
+        return feats
