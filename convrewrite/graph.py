@@ -238,7 +238,8 @@ class _Rebuilder:
                 _copy_weights(old, new)
             else:
                 impl.transfer_weights(old, new, spec)
-        model.trainable = self.mg.source.trainable
+        if not self.mg.source.trainable:  # setting True would also unfreeze layers frozen one by one
+            model.trainable = False
         return model
 
     def _new_site_layer(self, op, impl, options):

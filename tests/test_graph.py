@@ -125,6 +125,17 @@ def test_training_the_copy_leaves_the_original_alone():
     assert any(not np.array_equal(a, b) for a, b in zip(fast.get_weights(), before))
 
 
+def test_frozen_layers_stay_frozen():
+    x = keras.Input((8, 8, 2))
+    frozen = keras.layers.Conv2D(2, 3, name="frozen", trainable=False)
+    inner = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(2, 1, name="ic")], name="inner")
+    inner.trainable = False
+    model = keras.Model(x, inner(frozen(x)))
+    fast = convrewrite.optimize(model, cost_model=None)
+    assert fast.trainable and not fast.get_layer("frozen").trainable and not fast.get_layer("inner").trainable
+    assert len(fast.trainable_weights) == len(model.trainable_weights) == 0
+
+
 def test_mixed_precision_model():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
