@@ -1,0 +1,600 @@
+"""FFT convolution layers: drop-in Conv2D / DepthwiseConv2D that convolve in the frequency domain.
+
+A k x k convolution costs k*k multiply-adds per output and channel pair directly; through the FFT it costs
+two transforms (O(log P) per pixel and channel) plus one complex multiply-add per frequency bin and channel
+pair, independent of k. So FFT wins for large kernels and loses for small ones.
+
+How a call runs (x: (batch, H, W, Cin), one transform size (P, Q) per layer):
+  1. x -> (batch, Cin, H, W) float32 -> rfft2d zero-padded to (P, Q)      X: (batch, Cin, P, Q//2+1)
+  2. per frequency bin, per group: (batch x Cg) @ (Cg x Og), one batched complex matmul (a broadcast
+     multiply when Cg == 1, i.e. depthwise), against the *cached* kernel spectrum
+  3. irfft2d, keep every stride-th output, bias, activation, back to the layer's layout.
+Cross-correlation (what TF calls convolution) is multiplication by the conjugate kernel spectrum, and TF's
+SAME padding is not materialized: the kernel is circularly shifted by the top/left pad instead, which
+leaves every output in place and lets the transform be smaller (see `full_axis_plan`).
+
+Two modes:
+  * full image: one transform covers the whole (padded) image; spectra are (P, Q) with P >= H.
+  * tiled (overlap-save): the padded image is cut into overlapping tiles of T + k - 1 pixels, each giving
+    T outputs; spectra depend on the tile size only, so memory stays bounded and the spatial size may be
+    unknown until run time (`Input((None, None, C))`).
+
+The kernel spectrum is cached (see `backend.cached_transform`): recomputed only when the kernel's bits
+change, never stale, and differentiable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import keras
+from keras import ops
+
+from ..implementations import Implementation
+from ..spec import ConvSpec
+from . import backend
+
+__all__ = [
+    "FFTConv2D", "FFTDepthwiseConv2D", "FFTImplementation", "FFTTiledImplementation",
+    "is_fast_length", "next_fast_length", "full_axis_plan", "tiled_axis_plan", "default_tile", "FFTPlan",
+    "plan_fft", "fft_cost_features",
+]
+
+FAST_PRIMES = (2, 3, 5, 7)
+
+
+# ---- transform sizes (pure helpers) --------------------------------------------------------------
+def is_fast_length(n: int, primes=FAST_PRIMES) -> bool:
+    """True when n > 0 factors into `primes` only (7-smooth by default): the lengths FFTs are fast at."""
+    if n < 1:
+        return False
+    for p in primes:
+        while n % p == 0:
+            n //= p
+    return n == 1
+
+
+def next_fast_length(n: int, primes=FAST_PRIMES, even: bool = False) -> int:
+    """Smallest fast length >= n (>= 1); even=True also requires it to be even (real FFTs prefer that).
+
+    Why not n itself: a 74-point transform (2 * 37) costs more than an 80-point one; 7-smooth lengths are
+    dense enough (at most a few percent above n for n > 50) that rounding up is always cheaper."""
+    m = max(int(n), 2 if even else 1)
+    while not (is_fast_length(m, primes) and (not even or m % 2 == 0)):
+        m += 1
+    return m
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisPlan:
+    """One spatial axis of an FFT convolution.
+
+    fft: transform length. pad_before: TF's top/left padding (SAME) or 0. out: output length (strided).
+    stride: keep every stride-th stride-1 output. tile: outputs per tile (tiled mode) or None (full).
+    """
+
+    fft: int
+    pad_before: int
+    out: Optional[int]
+    stride: int
+    kernel: int
+    tile: Optional[int] = None
+
+    @property
+    def span(self) -> Optional[int]:
+        """Stride-1 outputs needed so that every stride-th one is there: (out - 1) * stride + 1."""
+        return None if self.out is None else max((self.out - 1) * self.stride + 1, 0)
+
+
+def _out_and_pad(n: int, k_eff: int, stride: int, padding: str):
+    """(output length, pad before) along one axis under TF/Keras rules (SAME is asymmetric: the odd pixel
+    of padding goes after, so pad_before = total // 2)."""
+    if padding == "same":
+        out = -(-n // stride)
+        total = max((out - 1) * stride + k_eff - n, 0)
+        return out, total // 2
+    return max(-(-(n - k_eff + 1) // stride), 0), 0
+
+
+def full_axis_plan(n: int, k_eff: int, stride: int = 1, padding: str = "valid", even: bool = False) -> AxisPlan:
+    """Transform size for one axis of a full-image FFT correlation of an n-long input with a k_eff-long kernel.
+
+    The input is not padded: it sits at [0, n) of the length-P transform, and the kernel is circularly
+    shifted left by the SAME pad `pb`, so output i reads input indices i - pb .. i - pb + k_eff - 1. No
+    circular wrap may alias onto the image: negative indices wrap to P - pb.., which must be >= n, and the
+    largest index read, span - 1 - pb + k_eff - 1, must stay below P. Hence P >= max(n + pb,
+    span + k_eff - 1 - pb, k_eff, n), rounded up to a fast length: for SAME this is n + k // 2, not the
+    n + k - 1 of a full linear convolution, and for VALID it is just n.
+    """
+    out, pb = _out_and_pad(n, k_eff, stride, padding)
+    span = max((out - 1) * stride + 1, 0)
+    need = max(n + pb, span + k_eff - 1 - pb, k_eff, n, 1)
+    return AxisPlan(fft=next_fast_length(need, even=even), pad_before=pb, out=out, stride=stride, kernel=k_eff)
+
+
+def default_tile(k_eff: int) -> int:
+    """Output tile edge used when none is given: the transform is about 3 kernels (>= 32) long, a
+    balance between wasted overlap ((k - 1) / T of every tile) and spectrum size (grows with T^2)."""
+    return next_fast_length(max(32, 3 * k_eff), even=True) - k_eff + 1
+
+
+def tiled_axis_plan(k_eff: int, tile: int, stride: int = 1, padding: str = "valid", n: Optional[int] = None,
+                    even: bool = False) -> AxisPlan:
+    """Overlap-save along one axis: tiles of `tile` stride-1 outputs, read from tile + k_eff - 1 inputs.
+
+    The transform is the next fast length >= tile + k_eff - 1 and the tile grows to fill it (the extra
+    outputs are free). n may be None (decided at run time); out and pad_before are then None too.
+    """
+    if tile < 1:
+        raise ValueError(f"Received tile_size={tile}; expected a positive int.")
+    fft = next_fast_length(tile + k_eff - 1, even=even)
+    out, pb = (None, None) if n is None else _out_and_pad(n, k_eff, stride, padding)
+    return AxisPlan(fft=fft, pad_before=pb, out=out, stride=stride, kernel=k_eff, tile=fft - k_eff + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FFTPlan:
+    """Both axes of an FFT convolution, plus the mode. Equal plans share kernel spectra."""
+
+    rows: AxisPlan
+    cols: AxisPlan
+
+    @property
+    def tiled(self) -> bool:
+        return self.rows.tile is not None
+
+    @property
+    def fft_shape(self) -> Tuple[int, int]:
+        return self.rows.fft, self.cols.fft
+
+    @property
+    def bins(self) -> int:
+        """Frequency bins of one real 2-D transform: P * (Q // 2 + 1)."""
+        return self.rows.fft * (self.cols.fft // 2 + 1)
+
+    def spectrum_key(self):
+        """What the kernel spectrum depends on: transform size and, in full mode, the SAME shift."""
+        return (self.fft_shape, None if self.tiled else (self.rows.pad_before, self.cols.pad_before))
+
+
+def _tile_pair(tile_size):
+    if isinstance(tile_size, int):
+        return (tile_size, tile_size)
+    return tuple(tile_size)
+
+
+def plan_fft(height, width, kernel_eff, strides=(1, 1), padding="valid", tile_size=None) -> FFTPlan:
+    """Choose the FFT plan for an input of height x width (None: unknown until run time).
+
+    tile_size: "full" (one transform per image; needs a known size), an int or (th, tw) (overlap-save
+    tiles of that many outputs, rounded up to fill a fast transform), or None: tiled when the size is
+    unknown or when tiling is estimated cheaper (images much larger than the kernel), else full.
+    """
+    kh, kw = kernel_eff
+    sh, sw = strides
+    if tile_size == "full":
+        if height is None or width is None:
+            raise ValueError(
+                f"Received tile_size='full' with unknown spatial size {height}x{width}; expected a known "
+                f"input size, or tile_size=None / an int for overlap-save tiling."
+            )
+        return FFTPlan(full_axis_plan(height, kh, sh, padding), full_axis_plan(width, kw, sw, padding, even=True))
+    if tile_size is not None:
+        th, tw = _tile_pair(tile_size)
+        return FFTPlan(tiled_axis_plan(kh, th, sh, padding, height),
+                       tiled_axis_plan(kw, tw, sw, padding, width, even=True))
+    tiled = FFTPlan(tiled_axis_plan(kh, default_tile(kh), sh, padding, height),
+                    tiled_axis_plan(kw, default_tile(kw), sw, padding, width, even=True))
+    if height is None or width is None:
+        return tiled
+    full = plan_fft(height, width, kernel_eff, strides, padding, "full")
+    # Tiling pays (k - 1) overlap per tile and more transforms; it is only chosen when the estimated work
+    # is clearly lower (large images), since full-image spectra are computed once and cached anyway.
+    if _transform_work(tiled) < 0.75 * _transform_work(full):
+        return tiled
+    return full
+
+
+def _tiles(axis: AxisPlan) -> int:
+    if axis.tile is None:
+        return 1
+    return max(-(-(axis.span or 1) // axis.tile), 1)
+
+
+def _transform_work(plan: FFTPlan) -> float:
+    """Relative cost per (channel) image: transforms of all tiles plus the per-bin products."""
+    p, q = plan.fft_shape
+    n = _tiles(plan.rows) * _tiles(plan.cols)
+    return n * (p * q * math.log2(max(p * q, 2)) + 4.0 * plan.bins)
+
+
+# ---- cost features --------------------------------------------------------------------------------
+def fft_cost_features(spec: ConvSpec, tile_size=None) -> dict:
+    """Numbers a cost model regresses FFT time on, from the spec alone.
+
+    fft_h/fft_w: transform size; tiles: tiles per image; forward/inverse_transforms: 2-D real FFTs per
+    call (batch * tiles * Cin / Cout); bins: frequency bins per transform; matmul_m/k/n and matmul_batch:
+    the per-bin complex product (batch*tiles x Cg) @ (Cg x Og), batched over bins * groups;
+    fft_flops: ~2.5 P Q log2(P Q) per real transform; matmul_flops: 8 per complex multiply-add;
+    spectrum_bytes: cached kernel spectra; bytes: activations moved (input, spectra of activations, output);
+    strided_waste: stride-1 outputs computed per output kept (strides are applied after the inverse).
+    """
+    h, w = spec.height, spec.width
+    plan = plan_fft(h, w, spec.effective_kernel, spec.strides, spec.padding, tile_size)
+    b = spec.batch or 1
+    tiles = _tiles(plan.rows) * _tiles(plan.cols) if (h is not None and w is not None) else 1
+    p, q = plan.fft_shape
+    groups = spec.groups
+    cg = spec.in_channels // groups
+    og = spec.filters // groups
+    bins = plan.bins
+    fwd = b * tiles * spec.in_channels
+    inv = b * tiles * spec.filters
+    one = 2.5 * p * q * math.log2(max(p * q, 2))
+    matmul_flops = 8.0 * bins * groups * (b * tiles) * cg * og
+    ho, wo = spec.output_hw()
+    n_in = b * (h or 0) * (w or 0) * spec.in_channels
+    n_out = b * (ho or 0) * (wo or 0) * spec.filters
+    spans = (plan.rows.span or 1) * (plan.cols.span or 1)
+    return {
+        "macs": float(spec.macs() or 0),
+        "fft_h": float(p),
+        "fft_w": float(q),
+        "tiles": float(tiles),
+        "bins": float(bins),
+        "forward_transforms": float(fwd),
+        "inverse_transforms": float(inv),
+        "fft_flops": one * (fwd + inv),
+        "matmul_m": float(b * tiles),
+        "matmul_k": float(cg),
+        "matmul_n": float(og),
+        "matmul_batch": float(bins * groups),
+        "matmul_flops": matmul_flops,
+        "flops": one * (fwd + inv) + matmul_flops,
+        "spectrum_bytes": 8.0 * bins * cg * spec.filters,
+        "bytes": 4.0 * (n_in + n_out) + 8.0 * bins * b * tiles * (spec.in_channels + spec.filters),
+        "strided_waste": float(spans / max((ho or 1) * (wo or 1), 1)),
+        "calls": 1.0,
+    }
+
+
+# ---- the computation ------------------------------------------------------------------------------
+def _dilate(kernel, dilation):
+    """kernel: (kh, kw, ...) -> ((kh-1)*dh+1, (kw-1)*dw+1, ...) with zeros between the taps."""
+    for axis, d in enumerate(dilation):
+        if d == 1:
+            continue
+        shape = list(kernel.shape)
+        k = shape[axis]
+        zeros = ops.zeros(shape[:axis + 1] + [d - 1] + shape[axis + 1:], kernel.dtype)
+        spread = ops.concatenate([ops.expand_dims(kernel, axis + 1), zeros], axis=axis + 1)
+        spread = ops.reshape(spread, shape[:axis] + [k * d] + shape[axis + 1:])
+        kernel = ops.take(spread, ops.arange((k - 1) * d + 1), axis=axis)
+    return kernel
+
+
+def kernel_spectrum(kernel, plan: FFTPlan, groups: int, dilation=(1, 1)):
+    """Conjugate spectrum of a grouped kernel, laid out for the per-bin products.
+
+    kernel: (kh, kw, Cg, Cout) float32 (a depthwise (kh, kw, C, M) kernel is passed as (kh, kw, 1, C*M)
+    with groups=C). Returns (bins, G, Cg, Og) complex64 for the matmul path (Cg > 1), or (G, Og, bins)
+    for the broadcast path (Cg == 1). Conjugate because TF convolutions are cross-correlations.
+    """
+    kernel = _dilate(kernel, dilation)
+    kh, kw, cg, cout = kernel.shape
+    p, q = plan.fft_shape
+    k = ops.transpose(kernel, (2, 3, 0, 1))  # (Cg, Cout, kh, kw)
+    k = ops.pad(k, [(0, 0), (0, 0), (0, p - kh), (0, q - kw)])
+    if not plan.tiled and (plan.rows.pad_before or plan.cols.pad_before):
+        # SAME padding folded into the kernel: output i must read input i - pad_before + u.
+        k = ops.roll(k, shift=(-plan.rows.pad_before, -plan.cols.pad_before), axis=(2, 3))
+    spec = backend.conj(backend.rfft2d(k, (p, q)))  # (Cg, Cout, P, Q//2+1)
+    og = cout // groups
+    if cg == 1:
+        return ops.reshape(spec, (groups, og, plan.bins))
+    spec = ops.reshape(spec, (cg, groups, og, plan.bins))
+    return ops.transpose(spec, (3, 1, 0, 2))
+
+
+def spectral_correlate(x, spectrum, plan: FFTPlan, groups: int, cg: int):
+    """Stride-1 correlation of a batch of single-image blocks with a cached kernel spectrum.
+
+    x: (B, Cin, h, w) float32 with h <= P, w <= Q. spectrum: from `kernel_spectrum`.
+    Returns (B, Cout, P, Q) float32; outputs are at [0, span) on each axis.
+    """
+    p, q = plan.fft_shape
+    cin = x.shape[1]
+    xf = backend.rfft2d(x, (p, q))  # (B, Cin, P, Q//2+1)
+    if cg == 1:
+        # Depthwise-like: each output channel sees one input channel, so the per-bin "matmul" is an
+        # outer product; a broadcast multiply produces exactly the output, nothing larger.
+        xf = ops.reshape(xf, (-1, groups, 1, plan.bins))
+        yf = backend.complex_multiply(xf, spectrum)  # (B, G, Og, bins)
+    else:
+        # One batched matmul over (bins, groups): (B x Cg) @ (Cg x Og) per bin.
+        xf = ops.reshape(xf, (-1, groups, cg, plan.bins))
+        xf = ops.transpose(xf, (3, 1, 0, 2))  # (bins, G, B, Cg)
+        yf = backend.complex_matmul(xf, spectrum)  # (bins, G, B, Og)
+        yf = ops.transpose(yf, (2, 1, 3, 0))  # (B, G, Og, bins)
+    og = spectrum.shape[-1] if cg > 1 else spectrum.shape[1]
+    del cin
+    yf = ops.reshape(yf, (-1, groups * og, p, q // 2 + 1))
+    return backend.irfft2d(yf, (p, q))
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def _dynamic_axis(n, axis: AxisPlan, padding: str):
+    """(out, pad_before, span, tiles) along an axis whose length n may be a scalar tensor."""
+    k, s = axis.kernel, axis.stride
+    if isinstance(n, int):
+        out, pb = _out_and_pad(n, k, s, padding)
+    elif padding == "same":
+        out = _ceil_div(n, s)
+        pb = ops.maximum((out - 1) * s + k - n, 0) // 2
+    else:
+        out = ops.maximum(_ceil_div(n - k + 1, s), 0)
+        pb = 0
+    span = (out - 1) * s + 1
+    tiles = _ceil_div(span, axis.tile)
+    return out, pb, span, tiles
+
+
+# ---- the layers -----------------------------------------------------------------------------------
+class _FFTConvMixin:
+    """The FFT machinery shared by FFTConv2D and FFTDepthwiseConv2D (the Keras base gives the rest)."""
+
+    def _init_fft(self, tile_size):
+        if tile_size is not None and tile_size != "full":
+            pair = _tile_pair(tile_size) if isinstance(tile_size, (int, list, tuple)) else None
+            if pair is None or len(pair) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in pair):
+                raise ValueError(
+                    f"Received invalid tile_size={tile_size!r} for {type(self).__name__} '{self.name}'; "
+                    f"expected None (automatic), 'full', a positive int or a pair of positive ints."
+                )
+            tile_size = pair
+        self.tile_size = tile_size
+        self._fft_plan = None
+        self._built_hw = None
+        self._spectrum_cache = None
+
+    # -- shapes --
+    def _spatial(self, shape):
+        if self.data_format == "channels_first":
+            return shape[2], shape[3]
+        return shape[1], shape[2]
+
+    def _grouping(self):
+        """(groups, Cg, Cout) of the kernel as `kernel_spectrum` takes it."""
+        raise NotImplementedError
+
+    def _grouped_kernel(self, kernel):
+        return kernel
+
+    def _make_plan(self, height, width):
+        return plan_fft(height, width, _effective(self.kernel_size, self.dilation_rate), self.strides,
+                        self.padding, self.tile_size)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        h, w = self._spatial(input_shape)
+        self._built_hw = (h, w)
+        try:
+            self._fft_plan = self._make_plan(h, w)
+        except ValueError as exc:
+            raise ValueError(f"{type(self).__name__} '{self.name}': {exc}") from None
+        groups, cg, cout = self._grouping()
+        kh, kw = self.kernel_size
+        self._spectrum_cache = backend.SpectrumCache(
+            (kh, kw, cg, cout), self.fft_bins_shape(self._fft_plan), "complex64", name=f"{self.name}_spectrum_cache"
+        )
+
+    def fft_bins_shape(self, plan):
+        groups, cg, cout = self._grouping()
+        if cg == 1:
+            return (groups, cout // groups, plan.bins)
+        return (plan.bins, groups, cg, cout // groups)
+
+    @property
+    def fft_plan(self) -> Optional[FFTPlan]:
+        """The plan chosen at build (None before build)."""
+        return self._fft_plan
+
+    def _float32_weights(self):
+        # Read the float32 variables themselves, not the float16 copies a mixed-precision policy's autocast
+        # would hand out: the transform is computed in float32 whatever the compute dtype.
+        with keras.src.backend.AutocastScope(None):
+            kernel = ops.cast(self.kernel, "float32")
+            bias = ops.cast(self.bias, "float32") if self.use_bias else None
+        return kernel, bias
+
+    def _spectrum(self, kernel, plan, training):
+        groups, cg, cout = self._grouping()
+        kernel = ops.reshape(kernel, tuple(self.kernel_size) + (cg, cout))
+
+        def compute(k):
+            return kernel_spectrum(k, plan, groups, self.dilation_rate)
+
+        cacheable = self._spectrum_cache is not None and plan.spectrum_key() == self._fft_plan.spectrum_key()
+        if training or not cacheable:
+            # Training: the kernel changes every step, so caching would only add writes.
+            return compute(kernel)
+        return backend.cached_transform(kernel, self._spectrum_cache, compute)
+
+    def call(self, inputs, training=None):
+        x = ops.cast(inputs, "float32")
+        h, w = self._spatial(x.shape)
+        plan = self._fft_plan
+        if plan is None or (not plan.tiled and (h, w) != self._built_hw):
+            plan = self._make_plan(h, w)  # called on another size than built for: correct, uncached
+        kernel, bias = self._float32_weights()
+        spectrum = self._spectrum(kernel, plan, training)
+        groups, cg, _ = self._grouping()
+        if plan.tiled:
+            y = self._tiled(x, spectrum, plan, groups, cg)
+        else:
+            y = self._full(x, spectrum, plan, groups, cg)
+        if bias is not None:
+            shape = (1, -1, 1, 1) if self.data_format == "channels_first" else (1, 1, 1, -1)
+            y = y + ops.reshape(bias, shape)
+        y = ops.cast(y, self.compute_dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+    def _full(self, x, spectrum, plan, groups, cg):
+        """x: (N, H, W, Cin) or (N, Cin, H, W) float32, one transform per image."""
+        last = self.data_format == "channels_last"
+        if last:
+            x = ops.transpose(x, (0, 3, 1, 2))
+        y = spectral_correlate(x, spectrum, plan, groups, cg)
+        r, c = plan.rows, plan.cols
+        y = y[:, :, : r.span : r.stride, : c.span : c.stride]
+        return ops.transpose(y, (0, 2, 3, 1)) if last else y
+
+    def _tiled(self, x, spectrum, plan, groups, cg):
+        """Overlap-save: x is cut into overlapping (P, Q) blocks, each giving a (Th, Tw) block of outputs."""
+        last = self.data_format == "channels_last"
+        hax, wax = (1, 2) if last else (2, 3)
+        shape = ops.shape(x)
+        geo = [_dynamic_axis(shape[ax], a, self.padding) for ax, a in ((hax, plan.rows), (wax, plan.cols))]
+        pads = [(0, 0)] * 4
+        for ax, n, (out, pb, span, tiles), a in zip((hax, wax), (shape[hax], shape[wax]), geo, (plan.rows, plan.cols)):
+            need = tiles * a.tile + a.kernel - 1
+            pads[ax] = (pb, ops.maximum(need - pb - n, 0))
+        x = ops.pad(x, pads)
+        # Overlap-save frames; frame() stops at the last full window, i.e. exactly `tiles` of them.
+        x = backend.frame(x, plan.rows.fft, plan.rows.tile, axis=hax)  # rows axis -> (tiles_h, P)
+        x = backend.frame(x, plan.cols.fft, plan.cols.tile, axis=wax + 1)  # cols axis -> (tiles_w, Q)
+        if last:  # (N, th, P, tw, Q, C) -> (N, th, tw, C, P, Q)
+            x = ops.transpose(x, (0, 1, 3, 5, 2, 4))
+        else:  # (N, C, th, P, tw, Q) -> (N, th, tw, C, P, Q)
+            x = ops.transpose(x, (0, 2, 4, 1, 3, 5))
+        n_batch = shape[0]
+        th, tw = geo[0][3], geo[1][3]
+        cin = x.shape[3]
+        x = ops.reshape(x, (-1, cin, plan.rows.fft, plan.cols.fft))
+        y = spectral_correlate(x, spectrum, plan, groups, cg)
+        ti, tj = plan.rows.tile, plan.cols.tile
+        y = y[:, :, :ti, :tj]
+        cout = y.shape[1]
+        y = ops.reshape(y, (n_batch, th, tw, cout, ti, tj))
+        if last:
+            y = ops.reshape(ops.transpose(y, (0, 1, 4, 2, 5, 3)), (n_batch, th * ti, tw * tj, cout))
+            return y[:, : geo[0][2] : plan.rows.stride, : geo[1][2] : plan.cols.stride, :]
+        y = ops.reshape(ops.transpose(y, (0, 3, 1, 4, 2, 5)), (n_batch, cout, th * ti, tw * tj))
+        return y[:, :, : geo[0][2] : plan.rows.stride, : geo[1][2] : plan.cols.stride]
+
+    def get_config(self):
+        config = super().get_config()
+        config["tile_size"] = list(self.tile_size) if isinstance(self.tile_size, tuple) else self.tile_size
+        return config
+
+
+def _effective(kernel, dilation):
+    return tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+
+
+@keras.saving.register_keras_serializable(package="convrewrite")
+class FFTConv2D(_FFTConvMixin, keras.layers.Conv2D):
+    """keras.layers.Conv2D computed through FFTs, with cached kernel spectra.
+
+    Takes every Conv2D argument (so `FFTConv2D(**conv.get_config())` works) and holds the same weights
+    (kernel (kh, kw, Cin // groups, filters), bias (filters,)), plus:
+      tile_size: None (automatic), "full" (one transform per image), or an int / (th, tw) output tile for
+        overlap-save tiling (spectra then depend on the tile, not on the image).
+    x: (batch, H, W, Cin) (or channels_first) -> same as Conv2D. Computes in float32 under any policy.
+    """
+
+    def __init__(self, *args, tile_size=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_fft(tile_size)
+
+    def _grouping(self):
+        cin_g = self._kernel.shape[2]
+        return self.groups, cin_g, self.filters
+
+
+@keras.saving.register_keras_serializable(package="convrewrite")
+class FFTDepthwiseConv2D(_FFTConvMixin, keras.layers.DepthwiseConv2D):
+    """keras.layers.DepthwiseConv2D computed through FFTs, with cached kernel spectra.
+
+    Same arguments and weights as DepthwiseConv2D (kernel (kh, kw, C, depth_multiplier), bias
+    (C * depth_multiplier,)), plus `tile_size` as in FFTConv2D. Output channel c * M + m, as Keras.
+    """
+
+    def __init__(self, *args, tile_size=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_fft(tile_size)
+
+    def _grouping(self):
+        c, m = self.kernel.shape[2], self.kernel.shape[3]
+        return c, 1, c * m
+
+
+# ---- registry entries -----------------------------------------------------------------------------
+class FFTImplementation(Implementation):
+    """Full-image FFT convolution: one transform per image, kernel spectra cached per weight state.
+
+    Applies to Conv2D / DepthwiseConv2D of known spatial size in float32 or lower (it computes in
+    float32, so a float64 layer would lose precision). Strides > 1 apply but are costly: every stride-1
+    output is computed and all but one in stride^2 discarded (see the `strided_waste` feature).
+    """
+
+    name = "fft"
+    description = "FFT convolution over the whole image (cached kernel spectra, per-bin complex matmul)"
+    layer_classes = (FFTConv2D, FFTDepthwiseConv2D)
+    tile_size = "full"
+
+    def applicable(self, spec: ConvSpec):
+        if spec.kind not in ("conv2d", "depthwise_conv2d"):
+            return False, f"kind {spec.kind} is not a 2-D convolution"
+        if "float64" in spec.dtype:
+            return False, f"dtype {spec.dtype}: FFT layers compute in float32"
+        if self.tile_size == "full" and (spec.height is None or spec.width is None):
+            return False, "spatial size unknown at build; full-image FFT needs it (fft-tiled does not)"
+        return True, ""
+
+    def _tile(self, options):
+        return options.get("tile_size", self.tile_size)
+
+    def make_layer(self, layer, spec: ConvSpec, **options):
+        unknown = set(options) - {"tile_size"}
+        if unknown:
+            raise ValueError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only 'tile_size'.")
+        cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
+        return cls.from_config({**layer.get_config(), "tile_size": self._tile(options)})
+
+    def features(self, spec: ConvSpec, **options):
+        return fft_cost_features(spec, self._tile(options))
+
+
+class FFTTiledImplementation(FFTImplementation):
+    """Overlap-save FFT convolution: spectra sized by the tile, not the image; any input size.
+
+    Option tile_size: output tile edge (int or (th, tw)); default `default_tile(kernel)`, ~3 kernels."""
+
+    name = "fft-tiled"
+    description = "overlap-save tiled FFT convolution (spectra depend on the tile size, not the image)"
+    layer_classes = ()
+    tile_size = None
+
+    def make_layer(self, layer, spec, **options):
+        unknown = set(options) - {"tile_size"}
+        if unknown:
+            raise ValueError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only 'tile_size'.")
+        cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
+        return cls.from_config({**layer.get_config(), "tile_size": self._resolve(spec, options)})
+
+    def _resolve(self, spec, options):
+        tile = options.get("tile_size")
+        if tile is None:
+            tile = tuple(default_tile(k) for k in spec.effective_kernel)
+        return tile
+
+    def features(self, spec, **options):
+        return fft_cost_features(spec, self._resolve(spec, options))

@@ -1,0 +1,415 @@
+"""FFT convolution layers: transform sizes, equivalence with Keras and the numpy reference, the kernel
+spectrum cache (reuse, never stale), gradients, serialization, mixed precision, the registry entries."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import convrewrite
+from convrewrite import implementations, reference
+from convrewrite.layers import FFTConv2D, FFTDepthwiseConv2D
+from convrewrite.layers import fft
+from convrewrite.spec import ConvSpec, spec_from_layer
+
+from conftest import rel_error
+
+TOL = 1e-5
+
+
+# ---- transform sizes ------------------------------------------------------------------------------
+def test_fast_lengths():
+    fast = [n for n in range(1, 200) if fft.is_fast_length(n)]
+    assert fast[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14]
+    assert not fft.is_fast_length(74) and not fft.is_fast_length(0) and not fft.is_fast_length(11)
+    assert fft.next_fast_length(74) == 75
+    assert fft.next_fast_length(74, even=True) == 80
+    for n in range(1, 300):
+        m = fft.next_fast_length(n)
+        assert m >= n and fft.is_fast_length(m)
+        assert not any(fft.is_fast_length(j) for j in range(n, m))
+        e = fft.next_fast_length(n, even=True)
+        assert e % 2 == 0 and fft.is_fast_length(e) and e >= n
+
+
+def _circular_valid(n, k, s, padding, plan):
+    """Correlate a random 1-D signal through a length-plan.fft circular correlation, the way the layer does."""
+    rng = np.random.default_rng(n * 1000 + k)
+    x, w = rng.standard_normal(n), rng.standard_normal(k)
+    p = plan.fft
+    kp = np.roll(np.pad(w, (0, p - k)), -plan.pad_before)
+    c = np.fft.irfft(np.fft.rfft(x, p) * np.conj(np.fft.rfft(kp)), p)
+    got = c[: plan.span : s]
+    want = reference.conv2d(x[None, :, None, None], w[:, None, None, None], strides=(s, 1), padding=padding)[0, :, 0, 0]
+    return got, want
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_full_axis_plan_never_aliases(padding):
+    """The transform is as small as the algebra allows and wrap-around never reaches a kept output."""
+    for n in range(1, 30):
+        for k in range(1, 12):
+            for s in (1, 2, 3):
+                if padding == "valid" and k > n:
+                    continue
+                plan = fft.full_axis_plan(n, k, s, padding)
+                assert fft.is_fast_length(plan.fft) and plan.fft >= n
+                got, want = _circular_valid(n, k, s, padding, plan)
+                assert got.shape == want.shape
+                np.testing.assert_allclose(got, want, atol=1e-9)
+    # SAME needs n + pad, not the n + k - 1 of a linear convolution; VALID needs just n.
+    assert fft.full_axis_plan(64, 21, 1, "same").fft == fft.next_fast_length(74)
+    assert fft.full_axis_plan(64, 21, 1, "valid").fft == 64
+
+
+def test_tiled_axis_plan_and_auto_choice():
+    a = fft.tiled_axis_plan(21, 30)
+    assert a.fft == fft.next_fast_length(50) and a.tile == a.fft - 20 and a.tile >= 30
+    with pytest.raises(ValueError, match="tile_size=0"):
+        fft.tiled_axis_plan(3, 0)
+    # Spectra depend on the tile, not on the image.
+    small = fft.plan_fft(64, 64, (9, 9), tile_size=16)
+    large = fft.plan_fft(512, 512, (9, 9), tile_size=16)
+    assert small.fft_shape == large.fft_shape
+    # Automatic: full for a small image, tiled for a huge one or an unknown size.
+    assert not fft.plan_fft(32, 32, (7, 7), padding="same").tiled
+    assert fft.plan_fft(1024, 1024, (5, 5), padding="same").tiled
+    assert fft.plan_fft(None, None, (5, 5)).tiled
+    with pytest.raises(ValueError, match="tile_size='full'"):
+        fft.plan_fft(None, 8, (3, 3), tile_size="full")
+
+
+# ---- equivalence over random configurations -------------------------------------------------------
+def _random_config(rng):
+    depthwise = rng.random() < 0.4
+    kh, kw = (int(v) for v in rng.integers(1, 17, size=2))
+    if rng.random() < 0.5:
+        kw = kh
+    strides = (1, 1)
+    dilation = (1, 1)
+    r = rng.random()
+    if r < 0.35:
+        strides = tuple(int(v) for v in rng.integers(1, 4, size=2))
+    elif r < 0.55:
+        dilation = tuple(int(v) for v in rng.integers(1, 4, size=2))
+        kh, kw = min(kh, 6), min(kw, 6)  # keep the effective kernel small
+    padding = "same" if rng.random() < 0.6 else "valid"
+    eh, ew = (kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1
+    lo_h, lo_w = (1, 1) if padding == "same" else (eh, ew)  # SAME takes inputs smaller than the kernel
+    h = int(rng.integers(lo_h, max(lo_h, 20) + 1))
+    w = int(rng.integers(lo_w, max(lo_w, 20) + 1))
+    batch = int(rng.integers(1, 4))
+    data_format = "channels_first" if rng.random() < 0.25 else "channels_last"
+    common = dict(kernel_size=(kh, kw), strides=strides, dilation_rate=dilation, padding=padding,
+                  use_bias=bool(rng.random() < 0.7), data_format=data_format,
+                  activation=str(rng.choice(["linear", "relu", "tanh"])), bias_initializer="random_normal")
+    if depthwise:
+        cin = int(rng.integers(1, 5))
+        cls, fcls = keras.layers.DepthwiseConv2D, FFTDepthwiseConv2D
+        kwargs = dict(depth_multiplier=int(rng.integers(1, 4)), **common)
+    else:
+        groups = int(rng.choice([1, 1, 2, 3]))
+        cin = groups * int(rng.integers(1, 4))
+        cls, fcls = keras.layers.Conv2D, FFTConv2D
+        kwargs = dict(filters=groups * int(rng.integers(1, 4)), groups=groups, **common)
+    tile = [None, "full", int(rng.integers(1, 12))][int(rng.integers(0, 3))]
+    shape = (batch, cin, h, w) if data_format == "channels_first" else (batch, h, w, cin)
+    return cls, fcls, kwargs, shape, tile
+
+
+def test_random_configs_match_keras_and_reference():
+    """60 seeded random configurations: every FFT layer equals the numpy reference (and Keras's own
+    layer where Keras runs it: TF's CPU conv has no channels_first kernel and its depthwise kernel no
+    unequal strides) to 1e-5 in float32."""
+    rng = np.random.default_rng(1234)
+    for i in range(60):
+        cls, fcls, kwargs, shape, tile = _random_config(rng)
+        original = cls(**kwargs)
+        x = rng.standard_normal(shape).astype("float32")
+        original.build(shape)
+        original.set_weights([rng.standard_normal(w.shape).astype("float32") for w in original.get_weights()])
+        layer = fcls(**original.get_config(), tile_size=tile)
+        layer.build(shape)
+        layer.set_weights(original.get_weights())
+        got = np.asarray(layer(x))
+        where = f"config {i}: {fcls.__name__}({kwargs}, tile_size={tile}) on {shape}"
+        cl_shape = (shape[0], shape[2], shape[3], shape[1]) if kwargs["data_format"] == "channels_first" else shape
+        spec = spec_from_layer(original, shape)
+        assert spec.height == cl_shape[1]
+        want = reference.spec_forward(spec, x, original.get_weights())
+        assert rel_error(got, want) <= TOL, where
+        keras_runs = kwargs["data_format"] == "channels_last" and not (
+            fcls is FFTDepthwiseConv2D and kwargs["strides"][0] != kwargs["strides"][1])
+        if keras_runs:
+            assert rel_error(got, np.asarray(original(x))) <= TOL, where
+
+
+def test_weights_config_and_bookkeeping():
+    conv = keras.layers.Conv2D(4, 5, padding="same", groups=2, name="conv")
+    conv.build((None, 12, 12, 6))
+    layer = FFTConv2D(**conv.get_config(), tile_size=(7, 9))
+    layer.build((None, 12, 12, 6))
+    assert [w.shape for w in layer.weights] == [w.shape for w in conv.weights]
+    assert [w.name for w in layer.weights] == ["kernel", "bias"]  # the spectrum cache is not a weight
+    layer.set_weights(conv.get_weights())
+    config = layer.get_config()
+    assert config["tile_size"] == [7, 9]
+    again = FFTConv2D.from_config(config)
+    assert again.get_config() == config
+    dw = FFTDepthwiseConv2D(**keras.layers.DepthwiseConv2D(3, depth_multiplier=2).get_config())
+    assert dw.get_config()["tile_size"] is None
+
+
+def test_invalid_tile_size_is_named():
+    with pytest.raises(ValueError, match=r"tile_size=-3 for FFTConv2D 'c'; expected"):
+        FFTConv2D(2, 3, tile_size=-3, name="c")
+    with pytest.raises(ValueError, match=r"tile_size='big'"):
+        FFTDepthwiseConv2D(3, tile_size="big")
+
+
+def test_unknown_spatial_size(rng):
+    inp = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(4, 7, padding="same", strides=2)
+    ref_model = keras.Model(inp, conv(inp))
+    layer = FFTConv2D(**conv.get_config())
+    model = keras.Model(inp, layer(inp))
+    layer.set_weights(conv.get_weights())
+    assert layer.fft_plan.tiled
+    for h, w in ((9, 13), (40, 23), (1, 2)):
+        x = rng.standard_normal((2, h, w, 3)).astype("float32")
+        assert rel_error(model.predict(x, verbose=0), ref_model.predict(x, verbose=0)) <= TOL
+
+
+def test_other_size_than_built_for(rng):
+    """A full-image layer called on another size re-plans (correct, just not cached)."""
+    conv = keras.layers.DepthwiseConv2D(5, padding="same")
+    layer = FFTDepthwiseConv2D(**conv.get_config(), tile_size="full")
+    conv.build((1, 10, 10, 2))
+    layer.build((1, 10, 10, 2))
+    layer.set_weights(conv.get_weights())
+    x = rng.standard_normal((1, 17, 6, 2)).astype("float32")
+    assert rel_error(layer(x), conv(x)) <= TOL
+
+
+# ---- the spectrum cache ---------------------------------------------------------------------------
+def _pair(rng, depthwise=False, tile_size=None):
+    if depthwise:
+        conv = keras.layers.DepthwiseConv2D(9, padding="same", depth_multiplier=2)
+        cls = FFTDepthwiseConv2D
+    else:
+        conv = keras.layers.Conv2D(3, 9, padding="same")
+        cls = FFTConv2D
+    inp = keras.Input((16, 16, 2))
+    ref_model = keras.Model(inp, conv(inp))
+    layer = cls(**conv.get_config(), tile_size=tile_size)
+    model = keras.Model(inp, layer(inp))
+    layer.set_weights(conv.get_weights())
+    x = rng.standard_normal((2, 16, 16, 2)).astype("float32")
+    return conv, ref_model, layer, model, x
+
+
+def _check(model, ref_model, x):
+    assert rel_error(model(x), ref_model(x)) <= TOL  # eager
+    assert rel_error(model.predict(x, verbose=0), ref_model.predict(x, verbose=0)) <= TOL  # tf.function
+
+
+@pytest.mark.parametrize("tile_size", [None, 5])
+def test_cache_is_reused(rng, tile_size):
+    """Proof of reuse: corrupt the cached spectrum behind the cache's back (key unchanged) and the
+    output changes; change the kernel and the cache is rebuilt."""
+    conv, ref_model, layer, model, x = _pair(rng, tile_size=tile_size)
+    _check(model, ref_model, x)
+    cache = layer._spectrum_cache
+    assert bool(cache.valid.numpy())
+    np.testing.assert_array_equal(cache.key.numpy(), layer.kernel.numpy())
+    cache.value.assign(cache.value * 2)
+    assert rel_error(model(x), ref_model(x)) > 0.1
+    layer.kernel.assign(layer.kernel * 1.0 + 0.0)  # same bits: still the (corrupted) cache
+    assert rel_error(model(x), ref_model(x)) > 0.1
+    new = rng.standard_normal(layer.kernel.shape).astype("float32")
+    layer.kernel.assign(new)
+    conv.kernel.assign(new)
+    _check(model, ref_model, x)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_not_stale_after_assign_set_weights_and_load_weights(rng, depthwise, tmp_path):
+    conv, ref_model, layer, model, x = _pair(rng, depthwise)
+    _check(model, ref_model, x)
+    # variable assign, then inference inside an already-traced tf.function (predict) and eagerly
+    new = [rng.standard_normal(w.shape).astype("float32") for w in conv.get_weights()]
+    layer.kernel.assign(new[0])
+    conv.kernel.assign(new[0])
+    _check(model, ref_model, x)
+    # set_weights
+    new = [rng.standard_normal(w.shape).astype("float32") for w in conv.get_weights()]
+    layer.set_weights(new)
+    conv.set_weights(new)
+    _check(model, ref_model, x)
+    # load_weights
+    path = str(tmp_path / "w.weights.h5")
+    saved = [rng.standard_normal(w.shape).astype("float32") for w in conv.get_weights()]
+    layer.set_weights(saved)
+    model.save_weights(path)
+    layer.set_weights([w + 1 for w in saved])
+    _check_after = model(x)  # cache the +1 kernel
+    model.load_weights(path)
+    conv.set_weights(saved)
+    assert rel_error(model(x), _check_after) > 1e-3
+    _check(model, ref_model, x)
+
+
+def test_not_stale_after_fit(rng):
+    conv, ref_model, layer, model, x = _pair(rng)
+    _check(model, ref_model, x)  # warm the cache
+    y = rng.standard_normal((2, 16, 16, 3)).astype("float32")
+    before = layer.kernel.numpy().copy()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.fit(x, y, epochs=2, verbose=0)
+    assert np.abs(layer.kernel.numpy() - before).max() > 1e-4
+    conv.set_weights(layer.get_weights())
+    _check(model, ref_model, x)
+
+
+def test_fit_matches_conv2d_training(rng):
+    """Training differentiates through the kernel: two SGD steps give Conv2D's weights."""
+    conv, ref_model, layer, model, x = _pair(rng)
+    y = rng.standard_normal((2, 16, 16, 3)).astype("float32")
+    for m in (model, ref_model):
+        m.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        m.fit(x, y, epochs=2, batch_size=2, shuffle=False, verbose=0)
+    for a, b in zip(layer.get_weights(), conv.get_weights()):
+        assert rel_error(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("training", [True, None])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_gradients_match(rng, training, depthwise):
+    """Gradients w.r.t. kernel, bias and input equal Keras's, in training mode (uncached) and in
+    inference mode (through the cache's custom gradient), eagerly and under tf.function."""
+    conv, _, layer, _, x = _pair(rng, depthwise)
+    x = tf.constant(x)
+    target = tf.constant(rng.standard_normal(conv(x).shape).astype("float32"))
+
+    def grads(lyr):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(lyr(x, training=training) * target)
+        return tape.gradient(loss, [x] + lyr.trainable_weights)
+
+    layer(x)  # fill the cache first so the inference path takes the cached branch
+    for fn in (grads, tf.function(grads)):
+        got, want = fn(layer), fn(conv)
+        for g, w in zip(got, want):
+            assert g is not None
+            assert rel_error(g, w) <= TOL
+
+
+def test_keras_file_round_trip_in_fresh_process(rng, tmp_path):
+    conv, ref_model, layer, model, x = _pair(rng)
+    model(x)  # cache filled; it must not be what is saved
+    path = tmp_path / "m.keras"
+    model.save(path)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.asarray(ref_model(x)))
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        import h5py
+
+        z.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as h5:
+        shapes = []
+        h5.visititems(lambda name, obj: shapes.append(obj.shape) if isinstance(obj, h5py.Dataset) else None)
+    assert sorted(shapes) == sorted([tuple(w.shape) for w in conv.weights])  # spatial kernel + bias only
+    script = textwrap.dedent(f"""
+        import numpy as np, keras, convrewrite
+        m = keras.saving.load_model({str(path)!r})
+        layer = m.layers[-1]
+        assert type(layer).__name__ == "FFTConv2D", type(layer)
+        x, y = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'y.npy')!r})
+        out = m.predict(x, verbose=0)
+        err = np.abs(out - y).max() / np.abs(y).max()
+        assert err <= 1e-5, err
+        assert bool(layer._spectrum_cache.valid.numpy())
+        print("OK", err)
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_mixed_precision(rng):
+    """Under mixed_float16 the FFT computes in float32 from the float32 kernel; Keras computes in
+    float16, so the two agree to float16 accuracy (~1e-3), and the FFT is the closer to float64."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        for depthwise in (False, True):
+            conv, ref_model, layer, model, x = _pair(rng, depthwise)
+            got = np.asarray(model(x))
+            assert got.dtype == np.float16
+            assert np.asarray(layer.kernel).dtype == np.float32
+            exact = reference.spec_forward(spec_from_layer(conv, x.shape), x.astype(np.float16).astype(np.float32),
+                                           conv.get_weights())
+            assert rel_error(got, ref_model(x)) <= 1e-2
+            assert rel_error(got, exact) <= rel_error(ref_model(x), exact) * 1.5 + 1e-3
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+# ---- registry ---------------------------------------------------------------------------------------
+def test_registry_entries(rng):
+    spec = ConvSpec("conv2d", in_channels=8, filters=16, kernel=(11, 11), height=32, width=32, batch=4,
+                    padding="same", groups=2)
+    impl, tiled = implementations.get("fft"), implementations.get("fft-tiled")
+    assert impl.applicable(spec) == (True, "")
+    ok, why = impl.applicable(spec.with_input())  # still unknown
+    unknown = ConvSpec("conv2d", in_channels=8, filters=16, kernel=(11, 11))
+    assert impl.applicable(unknown)[0] is False and "unknown" in impl.applicable(unknown)[1]
+    assert tiled.applicable(unknown) == (True, "")
+    assert impl.applicable(ConvSpec("conv2d", 2, 2, (3, 3), 8, 8, dtype="float64"))[0] is False
+    f = impl.features(spec)
+    for key in ("fft_h", "fft_w", "bins", "forward_transforms", "inverse_transforms", "matmul_m", "matmul_k",
+                "matmul_n", "matmul_batch", "fft_flops", "matmul_flops", "flops", "spectrum_bytes"):
+        assert f[key] > 0, key
+    assert f["matmul_k"] == 4 and f["matmul_n"] == 8 and f["matmul_batch"] == f["bins"] * 2
+    big = spec.with_input(height=512, width=512)
+    assert tiled.features(big)["fft_h"] == tiled.features(spec.with_input(height=2048, width=2048))["fft_h"]
+    assert tiled.features(big, tile_size=8)["fft_h"] == fft.next_fast_length(8 + 10)
+    # make_layer + transfer_weights
+    conv = keras.layers.Conv2D(16, 11, padding="same", groups=2, name="big_conv")
+    conv.build((4, 32, 32, 8))
+    for which, options in ((impl, {}), (tiled, {"tile_size": 9})):
+        new = which.make_layer(conv, spec, **options)
+        assert isinstance(new, FFTConv2D) and new.name == "big_conv" and not new.built
+        new.build((4, 32, 32, 8))
+        which.transfer_weights(conv, new, spec)
+        x = rng.standard_normal((4, 32, 32, 8)).astype("float32")
+        assert rel_error(new(x), conv(x)) <= TOL
+        assert new.kernel is not conv.kernel
+    with pytest.raises(ValueError, match="tile"):
+        impl.make_layer(conv, spec, tiles=3)
+
+
+def test_optimize_with_forced_fft_plan(rng):
+    """End to end: a large-kernel model with every conv forced to FFT is equivalent (<= 1e-5)."""
+    inp = keras.Input((24, 24, 3))
+    h = keras.layers.Conv2D(8, 13, padding="same", activation="relu", name="big")(inp)
+    h = keras.layers.DepthwiseConv2D(15, padding="same", name="dw")(h)
+    h = keras.layers.Conv2D(4, 9, strides=2, name="strided")(h)
+    model = keras.Model(inp, h)
+    plan = convrewrite.plan(model, cost_model=None)
+    plan.force("big", "fft").force("dw", "fft-tiled", tile_size=6).force("strided", "fft")
+    fast = convrewrite.optimize(model, plan=plan)
+    kinds = {layer.name: type(layer).__name__ for layer in fast.layers}
+    assert kinds["big"] == "FFTConv2D" and kinds["dw"] == "FFTDepthwiseConv2D" and kinds["strided"] == "FFTConv2D"
+    x = rng.standard_normal((2, 24, 24, 3)).astype("float32")
+    assert rel_error(fast.predict(x, verbose=0), model.predict(x, verbose=0)) <= TOL
