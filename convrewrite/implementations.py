@@ -187,6 +187,10 @@ register(Direct())
 register(Depthwise())
 
 # ---- implementations defined next to their layers (one line each) -----------------------------
+from .layers import fft as _fft  # noqa: E402
+
+register(_fft.FFTImplementation())
+register(_fft.FFTTiledImplementation())
 
 # ---- PAC (convrewrite/layers/pac.py) ----
 from .layers import pac as _pac  # noqa: E402
