@@ -151,7 +151,12 @@ def rule_based_choice(spec: ConvSpec, applicable: Dict[str, str]):
     return "direct", "rule: Keras's own kernel"
 
 
-def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8) -> Plan:
+DIRECT_MARGIN = 1.1
+"""Another implementation replaces `direct` only if predicted at least this much faster: a prediction
+within 10% is within the cost model's error, and keeping Keras's kernel then costs at most that."""
+
+
+def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8, margin: float = DIRECT_MARGIN) -> Plan:
     """Choose an implementation per site of a walked model.
 
     allow: implementation names the planner may choose (default: all registered except `pac`, which is
@@ -191,6 +196,8 @@ def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8
         speed = {k: v for k, v in predicted.items() if k != "pac"}
         if speed:
             choice, reason = min(speed, key=speed.get), "lowest predicted time"
+            if choice != "direct" and "direct" in speed and speed["direct"] < margin * speed[choice]:
+                choice, reason = "direct", f"{choice} predicted < {margin:g}x faster: kept Keras's kernel"
         else:
             choice, reason = rule_based_choice(site.spec, cands)
         row = PlanRow(site.path, site.spec, choice, reason, cands, {}, predicted)

@@ -21,6 +21,11 @@ MAX_DIRECT_MACS = {"quick": 1.5e9, "full": 4e9}
 """Specs whose direct convolution would take longer than ~1 s here are shrunk (batch, then size)."""
 
 
+PROFILE_LIMITS = {"pac": lambda spec: max(spec.kernel) <= 7 and (spec.macs() or 0) <= 3e8}
+"""Where an implementation is timed at all. PAC is an adaptivity choice made on small kernels; a 51x51 PAC
+would take minutes (and gigabytes for its patches) to time and no plan would ever pick it."""
+
+
 def layer_from_spec(spec: ConvSpec, seed: int = 0):
     """A built Keras Conv2D / DepthwiseConv2D computing `spec`, with random (non-zero) weights."""
     import keras
@@ -57,7 +62,7 @@ def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.
     x = np.random.default_rng(1).standard_normal(shape).astype("float32")
     fns = {}
     for name, (ok, _) in implementations.candidates(spec, allowed=allow).items():
-        if not ok:
+        if not ok or not PROFILE_LIMITS.get(name, lambda s: True)(spec):
             continue
         impl = implementations.get(name)
         new = impl.make_layer(layer, spec)
