@@ -192,3 +192,9 @@ def test_grids_cover_the_space():
     assert max(s.in_channels for s in full) >= 512
     with pytest.raises(ValueError, match="mode"):
         grid("medium")
+
+
+def test_plot_predicted_vs_measured(tiny_profile, tmp_path):
+    pytest.importorskip("matplotlib")  # the `plot` extra; the `test` extra installs it
+    path = cost.plot(tiny_profile, tmp_path / "fit.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
