@@ -649,9 +649,9 @@ class PacImplementation(Implementation):
 
     def transfer_weights(self, old_layer, new_layer, spec):
         # Conv2D's kernel and bias by value; the PAC weights keep their initial (conversion) values.
-        new_layer._kernel.assign(np.array(old_layer.kernel))
+        new_layer._kernel.assign(ops.convert_to_numpy(old_layer.kernel))
         if spec.use_bias:
-            new_layer.bias.assign(np.array(old_layer.bias))
+            new_layer.bias.assign(ops.convert_to_numpy(old_layer.bias))
 
     @staticmethod
     def _guidance_name(options):

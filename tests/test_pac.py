@@ -1,0 +1,318 @@
+"""PAC layers: against the numpy oracle, exact reductions to Keras layers, gradients, conversion, saving."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import convrewrite
+from convrewrite import implementations
+from convrewrite import reference as R
+from convrewrite.layers.pac import PacConv2D, PacConv2DTranspose, PacImplementation, PacPool2D, parse_kernel_type
+
+from conftest import rel_error
+
+TOL = 1e-5
+
+
+def _f32(rng, *shape):
+    return rng.standard_normal(shape).astype("float32")
+
+
+def _random_pac_config(rng):
+    k = int(rng.integers(1, 5))
+    stride = int(rng.integers(1, 3))
+    dilation = 1 if stride > 1 else int(rng.integers(1, 3))  # Keras forbids strides > 1 with dilation > 1
+    return dict(
+        kernel_size=(k, int(rng.integers(1, 5))),
+        strides=stride,
+        dilation_rate=dilation,
+        padding=str(rng.choice(["same", "valid"])),
+        kernel_type=str(rng.choice(["gaussian", "inv_1_1", "inv_2.5_0.7"])),
+        normalize_kernel=bool(rng.integers(0, 2)),
+        kernel_blend=None if rng.integers(0, 2) else float(rng.uniform(-1, 2)),
+        learn_guidance_scale=bool(rng.integers(0, 2)),
+        use_bias=bool(rng.integers(0, 2)),
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pac_conv2d_matches_reference_random_configs(seed):
+    rng = np.random.default_rng(seed)
+    cfg = _random_pac_config(rng)
+    h, w, cin, f = int(rng.integers(5, 10)), int(rng.integers(5, 10)), int(rng.integers(1, 5)), int(rng.integers(1, 4))
+    x, g = _f32(rng, 2, h, w, cin), _f32(rng, 2, h, w, f)
+    for strategy in ("patch", "shift"):
+        layer = PacConv2D(3, strategy=strategy, **cfg)
+        layer([x, g])
+        if layer.guidance_scale is not None:
+            layer.guidance_scale.assign(rng.uniform(0.5, 1.5, f).astype("float32"))
+        bias = layer.bias.numpy() if cfg["use_bias"] else None
+        ref = R.pac_conv2d(x, g, layer.kernel.numpy(), bias, cfg["strides"], cfg["padding"], cfg["dilation_rate"],
+                           cfg["kernel_type"], cfg["normalize_kernel"], cfg["kernel_blend"],
+                           None if layer.guidance_scale is None else layer.guidance_scale.numpy())
+        assert rel_error(layer([x, g]), ref) <= TOL, (strategy, cfg)
+
+
+CONV_CASES = [  # (kernel, strides, dilation, padding); even kernels and strides exercise TF's asymmetric SAME
+    ((3, 3), 1, 1, "same"), ((3, 3), 1, 1, "valid"), ((2, 4), 2, 1, "same"), ((5, 3), 3, 1, "same"),
+    ((3, 3), 2, 1, "valid"), ((3, 2), 1, 2, "same"), ((4, 4), 1, 3, "valid"), ((1, 1), 2, 1, "same"),
+]
+
+
+@pytest.mark.parametrize("kernel,strides,dilation,padding", CONV_CASES)
+def test_constant_guidance_equals_conv2d(rng, kernel, strides, dilation, padding):
+    x = _f32(rng, 2, 11, 10, 3)
+    conv = keras.layers.Conv2D(4, kernel, strides=strides, dilation_rate=dilation, padding=padding,
+                               bias_initializer="random_normal")
+    expected = conv(x).numpy()
+    for kernel_type in ("gaussian", "inv_0.5_2"):
+        for strategy in ("patch", "shift"):
+            const = float(rng.uniform(-5, 5))
+            g = np.full((2, 11, 10, 2), const, "float32")
+            pac = PacConv2D(4, kernel, strides=strides, dilation_rate=dilation, padding=padding,
+                            kernel_type=kernel_type, strategy=strategy, learn_guidance_scale=True, kernel_blend=0.8)
+            pac([x, g])
+            pac.set_weights(conv.get_weights() + pac.get_weights()[2:])
+            assert rel_error(pac([x, g]), expected) <= TOL, (kernel_type, strategy, const)
+
+
+@pytest.mark.parametrize("kernel,strides,dilation,padding", CONV_CASES[:6])
+def test_normalized_constant_guidance_is_conv2d_over_valid_tap_count(rng, kernel, strides, dilation, padding):
+    """normalize_kernel with constant guidance: Conv2D(x) / n_i + b, n_i = the window's taps on real pixels."""
+    x = _f32(rng, 2, 9, 10, 3)
+    conv = keras.layers.Conv2D(4, kernel, strides=strides, dilation_rate=dilation, padding=padding, use_bias=False)
+    counts = keras.layers.Conv2D(1, kernel, strides=strides, dilation_rate=dilation, padding=padding, use_bias=False,
+                                 kernel_initializer="ones")(np.ones((1, 9, 10, 1), "float32")).numpy()
+    pac = PacConv2D(4, kernel, strides=strides, dilation_rate=dilation, padding=padding, normalize_kernel=True,
+                    bias_initializer="random_normal")
+    g = np.full((2, 9, 10, 3), 1.7, "float32")
+    pac([x, g])
+    conv(x)
+    conv.set_weights([pac.get_weights()[0]])
+    expected = conv(x).numpy() / counts + pac.bias.numpy()
+    assert rel_error(pac([x, g]), expected) <= TOL
+    if padding == "valid":  # every window is whole: Conv2D divided by the window size
+        assert np.all(counts == kernel[0] * kernel[1])
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [(3, 2, "same"), (4, 2, "same"), (2, 3, "valid"), (3, 1, "valid"),
+                                                    ((3, 5), (2, 3), "same")])
+def test_pac_conv2d_transpose_reference_and_reduction(rng, kernel, strides, padding):
+    x = _f32(rng, 2, 4, 5, 3)
+    tconv = keras.layers.Conv2DTranspose(4, kernel, strides=strides, padding=padding, bias_initializer="random_normal")
+    expected = tconv(x).numpy()
+    out_hw = expected.shape[1:3]
+    g = _f32(rng, 2, *out_hw, 2)
+    for normalize in (False, True):
+        pac = PacConv2DTranspose(4, kernel, strides=strides, padding=padding, normalize_kernel=normalize,
+                                 kernel_type="inv_1_1" if normalize else "gaussian")
+        pac([x, g])
+        pac.set_weights(tconv.get_weights() + pac.get_weights()[2:])
+        ref = R.pac_conv2d_transpose(x, g, pac.kernel.numpy(), pac.bias.numpy(), strides, padding,
+                                     kernel_type=pac.kernel_type, normalize_kernel=normalize)
+        assert rel_error(pac([x, g]), ref) <= TOL
+    pac = PacConv2DTranspose(4, kernel, strides=strides, padding=padding)
+    const = np.full_like(g, -3.25)
+    pac([x, const])
+    pac.set_weights(tconv.get_weights())
+    assert rel_error(pac([x, const]), expected) <= TOL
+
+
+@pytest.mark.parametrize("pool,strides,padding", [(3, 2, "same"), (2, 2, "valid"), (3, 1, "same"), ((2, 3), (1, 2), "same")])
+def test_pac_pool2d_reference_and_average_pooling(rng, pool, strides, padding):
+    x, g = _f32(rng, 2, 9, 8, 3), _f32(rng, 2, 9, 8, 2)
+    layer = PacPool2D(pool, strides, padding=padding)
+    assert rel_error(layer([x, g]), R.pac_pool2d(x, g, pool, strides, padding)) <= TOL
+    avg = keras.layers.AveragePooling2D(pool, strides, padding=padding)(x).numpy()
+    assert rel_error(layer([x, np.full_like(g, 0.3)]), avg) <= TOL
+    unnorm = PacPool2D(pool, strides, padding=padding, normalize_kernel=False, kernel_type="inv_2_1")
+    assert rel_error(unnorm([x, g]), R.pac_pool2d(x, g, pool, strides, padding, kernel_type="inv_2_1",
+                                                 normalize_kernel=False)) <= TOL
+
+
+def test_guidance_of_another_size_is_resized_bilinearly(rng):
+    x, g = _f32(rng, 1, 8, 6, 2), _f32(rng, 1, 16, 12, 3)
+    layer = PacConv2D(2, 3, padding="same")
+    out = layer([x, g])
+    g_small = keras.ops.image.resize(g, (8, 6), interpolation="bilinear", antialias=False).numpy()
+    assert rel_error(out, R.pac_conv2d(x, g_small, layer.kernel.numpy(), layer.bias.numpy(), padding="same")) <= TOL
+
+
+def test_channels_first_and_unknown_spatial_size(rng):
+    x, g = _f32(rng, 2, 3, 7, 9), _f32(rng, 2, 2, 7, 9)
+    layer = PacConv2D(4, 3, strides=2, padding="same", data_format="channels_first", kernel_blend=0.5)
+    out = layer([x, g]).numpy()
+    ref = R.pac_conv2d(x.transpose(0, 2, 3, 1), g.transpose(0, 2, 3, 1), layer.kernel.numpy(), layer.bias.numpy(),
+                       2, "same", kernel_blend=0.5)
+    assert rel_error(out.transpose(0, 2, 3, 1), ref) <= TOL
+    # A functional model with unknown H, W: sizes and SAME pads are computed at run time.
+    xi, gi = keras.Input((None, None, 3)), keras.Input((None, None, 2))
+    pac = PacConv2D(4, 3, strides=2, padding="same", normalize_kernel=True)
+    model = keras.Model([xi, gi], pac([xi, gi]))
+    xl, gl = x.transpose(0, 2, 3, 1), g.transpose(0, 2, 3, 1)
+    got = tf.function(lambda a, b: model([a, b]), reduce_retracing=True)(xl, gl)
+    ref = R.pac_conv2d(xl, gl, pac.kernel.numpy(), pac.bias.numpy(), 2, "same", normalize_kernel=True)
+    assert rel_error(got, ref) <= TOL
+
+
+def test_gradients_match_numerical_float64(rng):
+    x, g = rng.standard_normal((1, 5, 4, 2)), rng.standard_normal((1, 5, 4, 2))
+    for strategy, kernel_type in (("patch", "gaussian"), ("shift", "inv_1_1")):
+        layer = PacConv2D(2, 3, padding="same", dtype="float64", kernel_type=kernel_type, kernel_blend=0.6,
+                          learn_guidance_scale=True, normalize_kernel=True, strategy=strategy)
+        layer([x, g])
+        names = [v.path for v in layer.trainable_variables]
+        assert any("kernel_blend" in n for n in names) and any("guidance_scale" in n for n in names)
+
+        @tf.function  # one traced graph: compute_gradient evaluates f twice per input element
+        def f(xx, gg, *ws):  # stateless_call: the weights are function arguments, so they get gradients
+            return layer.stateless_call(list(ws), [v.value for v in layer.non_trainable_variables], [xx, gg])[0]
+
+        args = [tf.constant(x), tf.constant(g)] + [tf.constant(v.numpy()) for v in layer.trainable_variables]
+        theoretical, numerical = tf.test.compute_gradient(f, args, delta=1e-5)
+        for t, n in zip(theoretical, numerical):
+            assert rel_error(t, n) <= 1e-6
+
+
+def test_implementation_hooks_on_a_conv2d(rng):
+    impl = implementations.get("pac")
+    assert isinstance(impl, PacImplementation)
+    x = _f32(rng, 2, 10, 10, 3)
+    conv = keras.layers.Conv2D(5, 3, strides=2, padding="same", activation="relu", name="c")
+    conv(x)
+    spec = convrewrite.spec.spec_from_layer(conv, x.shape)
+    assert impl.applicable(spec) == (True, "")
+    dw = convrewrite.spec.ConvSpec(kind="depthwise_conv2d", in_channels=3, filters=3, kernel=3, groups=3)
+    assert not impl.applicable(dw)[0]
+    new = impl.make_layer(conv, spec, guidance="image", kernel_type="inv_1_1")
+    assert impl.dependencies(spec, {"guidance": "image"}) == ["image"] and impl.dependencies(spec, {"guidance": "self"}) == []
+    new([x, _f32(rng, 2, 10, 10, 4)])
+    impl.transfer_weights(conv, new, spec)
+    assert new.name == "c" and new.kernel_blend == 0.0
+    assert rel_error(impl.probe_call(new, x), conv(x)) <= TOL
+    with pytest.raises(ValueError, match="normalize_kernel=True"):
+        impl.make_layer(conv, spec, guidance="self", normalize_kernel=True)
+    with pytest.raises(ValueError, match="unknown pac options"):
+        impl.make_layer(conv, spec, guidance="self", sigma=2)
+
+
+def _guided_model():
+    image = keras.Input((12, 12, 3), name="image")
+    h = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="c1")(image)
+    h = keras.layers.Conv2D(6, 3, strides=2, padding="same", name="c2")(h)
+    h = keras.layers.Conv2D(6, 3, padding="same", name="c3")(h)
+    out = keras.layers.Conv2D(1, 1, name="head")(h)
+    return keras.Model(image, out)
+
+
+def test_conversion_is_exact_and_then_learns(rng):
+    if not hasattr(convrewrite, "optimize"):
+        pytest.skip("convrewrite.optimize is not available yet")
+    model = _guided_model()
+    new = convrewrite.optimize(model, pac={"layers": ["c2", "c3"], "guidance": "image"}, cost_model=None)
+    assert [type(new.get_layer(n)).__name__ for n in ("c2", "c3")] == ["PacConv2D", "PacConv2D"]
+    x = _f32(rng, 8, 12, 12, 3)
+    y = np.tanh(x[:, ::2, ::2, :1] * 2)
+    before = model(x).numpy()
+    assert rel_error(new(x), before) <= TOL  # exact at conversion, for this (non-constant) guidance too
+
+    # Learnability: the blend's gradient at conversion is nonzero.
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(new(x) - y))
+    blends = [new.get_layer(n).blend for n in ("c2", "c3")]
+    grads = tape.gradient(loss, blends)
+    assert all(abs(float(gr)) > 0 for gr in grads)
+    new.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    new.fit(x, y, epochs=3, batch_size=4, verbose=0)
+    assert all(abs(float(b.numpy())) > 0 for b in blends)
+    assert rel_error(new(x), before) > 1e-3
+
+
+def test_conversion_with_self_guidance_passes_verification(rng):
+    if not hasattr(convrewrite, "optimize"):
+        pytest.skip("convrewrite.optimize is not available yet")
+    model = _guided_model()
+    new = convrewrite.optimize(model, pac={"layers": "c[23]", "guidance": "self", "learn_guidance_scale": True},
+                               cost_model=None)
+    assert new.convrewrite_report.passed
+    x = _f32(rng, 2, 12, 12, 3)
+    assert rel_error(new(x), model(x)) <= TOL
+
+
+def test_fit_and_jit_compile(rng):
+    xi, gi = keras.Input((8, 8, 3)), keras.Input((8, 8, 2))
+    h = PacConv2D(4, 3, padding="same", kernel_blend=0.5, activation="relu")([xi, gi])
+    h = PacPool2D(3, 1, padding="same", kernel_type="inv_1_1")([h, gi])
+    g_hi = keras.Input((16, 16, 2))
+    out = PacConv2DTranspose(1, 4, strides=2, padding="same")([h, g_hi])
+    model = keras.Model([xi, gi, g_hi], out)
+    data = [_f32(rng, 8, 8, 8, 3), _f32(rng, 8, 8, 8, 2), _f32(rng, 8, 16, 16, 2)]
+    target = _f32(rng, 8, 8, 8, 1)
+    target = np.repeat(np.repeat(target, 2, 1), 2, 2)
+    model.compile(optimizer="adam", loss="mse", jit_compile=True)
+    hist = model.fit(data, target, epochs=2, batch_size=4, verbose=0)
+    assert np.all(np.isfinite(hist.history["loss"]))
+    eager = model(data).numpy()
+    jitted = tf.function(lambda *a: model(list(a)), jit_compile=True)(*data).numpy()
+    assert rel_error(jitted, eager) <= 1e-5
+
+
+def test_mixed_precision(rng):
+    x, g = _f32(rng, 2, 8, 8, 3), _f32(rng, 2, 8, 8, 2)
+    layer = PacConv2D(4, 3, padding="same", dtype="mixed_float16", kernel_type="inv_1_1", kernel_blend=0.5)
+    out = layer([x, g])
+    assert out.dtype == "float16" and layer.kernel.dtype == "float32"
+    ref = R.pac_conv2d(x, g, layer.kernel.numpy(), layer.bias.numpy(), padding="same", kernel_type="inv_1_1",
+                       kernel_blend=0.5)
+    assert rel_error(out, ref) <= 1e-2
+
+
+def test_keras_file_round_trip_in_fresh_process(tmp_path, rng):
+    xi, gi = keras.Input((8, 8, 3)), keras.Input((16, 16, 2))
+    h = PacConv2D(4, 3, padding="same", kernel_type="inv_2_1", kernel_blend=0.3, learn_guidance_scale=True,
+                  strategy="patch")([xi, gi])
+    h = PacPool2D(3, 1, padding="same")([h, gi])
+    out = PacConv2DTranspose(2, 3, strides=2, padding="same", normalize_kernel=True)([h, gi])
+    model = keras.Model([xi, gi], out)
+    for layer in model.layers:  # make the PAC weights differ from their initial values
+        for v in layer.weights:
+            v.assign(v.numpy() + 0.1 * rng.standard_normal(v.shape).astype("float32"))
+    data = [_f32(rng, 2, 8, 8, 3), _f32(rng, 2, 16, 16, 2)]
+    path, inputs, expected = tmp_path / "pac.keras", tmp_path / "in.npz", tmp_path / "out.npy"
+    model.save(path)
+    np.savez(inputs, x=data[0], g=data[1])
+    np.save(expected, model(data).numpy())
+    script = textwrap.dedent(f"""
+        import numpy as np, keras, convrewrite
+        m = keras.models.load_model({str(path)!r})
+        d = np.load({str(inputs)!r})
+        got, want = m([d["x"], d["g"]]).numpy(), np.load({str(expected)!r})
+        assert np.array_equal(got, want), float(np.abs(got - want).max())
+        cfg = m.layers[2].get_config()
+        assert cfg["kernel_type"] == "inv_2_1" and cfg["strategy"] == "patch", cfg
+        print("ok")
+    """)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_validation_errors_name_the_argument():
+    with pytest.raises(ValueError, match="kernel_type='laplace'"):
+        PacConv2D(2, 3, kernel_type="laplace")
+    with pytest.raises(ValueError, match="strategy='fast'"):
+        PacConv2D(2, 3, strategy="fast")
+    with pytest.raises(ValueError, match="groups=2"):
+        PacConv2D(2, 3, groups=2)
+    with pytest.raises(ValueError, match="output_padding"):
+        PacConv2DTranspose(2, 3, output_padding=1)
+    with pytest.raises(ValueError, match=r"list \[x, guidance\]"):
+        PacConv2D(2, 3)(np.zeros((1, 5, 5, 1), "float32"))
+    assert parse_kernel_type("inv_2_0.5_fixed") == ("inv", 2.0, 0.5, False)
