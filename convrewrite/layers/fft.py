@@ -305,7 +305,6 @@ def spectral_correlate(x, spectrum, plan: FFTPlan, groups: int, cg: int):
     Returns (B, Cout, P, Q) float32; outputs are at [0, span) on each axis.
     """
     p, q = plan.fft_shape
-    cin = x.shape[1]
     xf = backend.rfft2d(x, (p, q))  # (B, Cin, P, Q//2+1)
     if cg == 1:
         # Depthwise-like: each output channel sees one input channel, so the per-bin "matmul" is an
@@ -319,7 +318,6 @@ def spectral_correlate(x, spectrum, plan: FFTPlan, groups: int, cg: int):
         yf = backend.complex_matmul(xf, spectrum)  # (bins, G, B, Og)
         yf = ops.transpose(yf, (2, 1, 3, 0))  # (B, G, Og, bins)
     og = spectrum.shape[-1] if cg > 1 else spectrum.shape[1]
-    del cin
     yf = ops.reshape(yf, (-1, groups * og, p, q // 2 + 1))
     return backend.irfft2d(yf, (p, q))
 
