@@ -146,14 +146,11 @@ def _dense(t, w):
 
 
 def _sum(parts):
-    """Elementwise sum of a list of same-shaped tensors (one fused add_n on TensorFlow)."""
-    if len(parts) > 1 and keras.backend.backend() == "tensorflow":
-        try:
-            from .backend import add_n
-        except ImportError:  # backend module absent or without the PAC section: plain adds are exact too
-            add_n = None
-        if add_n is not None:
-            return add_n(parts)
+    """Elementwise sum of same-shaped tensors, one binary add at a time.
+
+    Sequential on purpose: only the running sum and one tap's partial output are live, which is what
+    keeps the shift strategy's forward memory at O(pixels * (C + O)). A single n-ary add (tf.add_n) needs
+    every partial output alive at once, and measured no faster within this machine's timing noise."""
     total = parts[0]
     for p in parts[1:]:
         total = ops.add(total, p)
@@ -200,9 +197,10 @@ def pac_contract(xp, k, w, out_hw, kernel, dilation, strides, strategy):
     patch: stack the taps of x into (N, Ho, Wo, T, C), scale by K, one (pixels, T*C) @ (T*C, O) matmul.
            Peak forward memory ~ 2 * N*Ho*Wo*T*C values (the patch tensor and its K-scaled copy).
     shift: for each tap, slice x, one (pixels, C) @ (C, O) matmul, scale by K's tap (before the matmul
-           when C < O, after it otherwise), and add the T partial sums in one add_n.
+           when C < O, after it otherwise), and accumulate the T partial sums one at a time.
            Peak forward memory ~ N*Ho*Wo*(C + O) per tap in flight; the k*k*C patch tensor never exists.
-           (Under autodiff the T per-tap products are kept for the backward pass: N*Ho*Wo*T*min(C, O).)
+           (Under autodiff the per-tap slices of x are kept for the kernel gradient, N*Ho*Wo*T*C values,
+           so training memory is patch-like for both strategies.)
     """
     kh, kw, c, o = w.shape
     taps = _tap_slices(xp, kernel, dilation, strides, out_hw)
