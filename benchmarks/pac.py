@@ -30,6 +30,8 @@ import tensorflow as tf  # noqa: E402
 from convrewrite.layers.pac import PacConv2D, choose_strategy  # noqa: E402
 from convrewrite.timing import time_interleaved  # noqa: E402
 
+tf.get_logger().setLevel("ERROR")  # one tf.function per variant is intended; silence the retracing notice
+
 
 def peak_bytes(strategy, n, h, w, c, o, f, k):
     """Analytic peak forward bytes of the intermediates (float32), 'same' padding, stride 1."""
