@@ -198,3 +198,33 @@ def test_plot_predicted_vs_measured(tiny_profile, tmp_path):
     pytest.importorskip("matplotlib")  # the `plot` extra; the `test` extra installs it
     path = cost.plot(tiny_profile, tmp_path / "fit.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _PerKernelCost:
+    """direct costs 1 ms everywhere; pac costs 1 + kernel/10 ms (so bigger kernels cost more)."""
+
+    name = "fake-per-kernel"
+
+    def predict_ms(self, impl, spec):
+        return {"direct": 1.0, "pac": 1.0 + spec.kernel[0] / 10}.get(impl)
+
+
+def test_pac_budget_converts_cheapest_sites_within_budget():
+    x = keras.Input((10, 10, 3))
+    y = keras.layers.Conv2D(4, 1, padding="same", name="k1")(x)
+    y = keras.layers.Conv2D(4, 3, padding="same", name="k3")(y)
+    y = keras.layers.Conv2D(4, 5, padding="same", name="k5")(y)
+    y = keras.layers.Conv2D(4, 9, padding="same", name="k9")(y)
+    model = keras.Model(x, y)
+    plan = convrewrite.plan(model, cost_model=_PerKernelCost(), pac={"layers": "k.*", "guidance": "self", "budget": 1.3})
+    # base 4 ms, limit 5.2 ms: k1 (+0.1), k3 (+0.3), k5 (+0.5) fit (4.9 ms); k9 (+0.9) does not
+    assert plan.choices() == {"k1": "pac", "k3": "pac", "k5": "pac", "k9": "direct"}
+    assert plan.pac_overhead == pytest.approx(4.9 / 4)
+    assert "exceed the 1.3x budget" in plan.row("k9").reason
+    assert "PAC overhead 1.22x" in plan.summary()  # 4.9 / 4 = 1.225
+    with pytest.raises(convrewrite.PlanError, match="cost model"):
+        convrewrite.plan(model, cost_model=None, pac={"layers": "k.*", "guidance": "self", "budget": 1.3})
+    with pytest.raises(convrewrite.PlanError, match="budget"):
+        convrewrite.plan(model, cost_model=_PerKernelCost(), pac={"layers": "k.*", "budget": 0.5})
+    with pytest.raises(convrewrite.PlanError, match="match no conv site"):
+        convrewrite.plan(model, cost_model=None, pac={"layers": ["nope"], "guidance": "self"})
