@@ -118,12 +118,3 @@ def cached_transform(kernel, cache: SpectrumCache, compute):
         return value, grad
 
     return lookup(kernel)
-
-
-# ---- PAC (convrewrite/layers/pac.py; owned by the PAC layers) --------------------------------------
-def add_n(tensors):
-    """Elementwise sum of a list of same-shaped tensors in one op (one pass over memory).
-
-    PAC's shift strategy sums kh*kw per-tap partial outputs; a chain of binary adds costs kh*kw - 1
-    passes and measured ~10% of a 3x3 PacConv2D forward on CPU."""
-    return tf.add_n(list(tensors))
