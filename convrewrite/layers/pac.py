@@ -311,6 +311,30 @@ class _PacMixin:
 
         return fn
 
+    def _windows_and_kernel(self, x, g, kernel):
+        """Channels-last x, the adaptive kernel K over each output's window, the pads and the output size.
+
+        x, g: the layer's inputs in its data_format. Pads follow Conv2D's (TF's asymmetric SAME); K is
+        computed on the edge-padded guidance, normalized over real (unpadded) taps if asked.
+        Returns x: (N, H, W, C), K: (N, Ho, Wo, kh*kw), pads ((top, bottom), (left, right)), (Ho, Wo)."""
+        x, g = _to_last(x, self.data_format), _to_last(g, self.data_format)
+        g = ops.cast(g, x.dtype)
+        h, w = ops.shape(x)[1], ops.shape(x)[2]
+        g = self._prepare_guidance(g, (x.shape[1], x.shape[2]))
+        strides, dilation = self.strides, self.dilation_rate
+        eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+        if self.padding == "same":
+            pads = (_same_pads(h, eff[0], strides[0]), _same_pads(w, eff[1], strides[1]))
+            out_hw = (-(-h // strides[0]), -(-w // strides[1]))
+        else:
+            pads = ((0, 0), (0, 0))
+            out_hw = ((h - eff[0]) // strides[0] + 1, (w - eff[1]) // strides[1] + 1)
+        mask = _zero_pad(ops.ones((1, h, w, 1), x.dtype), pads) if self.normalize_kernel else None
+        center = (kernel[0] // 2, kernel[1] // 2)
+        k = pac_kernel(_edge_pad(g, pads), out_hw, kernel, dilation, strides, center,
+                       self._kernel_fn(x.dtype), mask=mask, normalize=self.normalize_kernel)
+        return x, k, pads, out_hw
+
     def _prepare_guidance(self, g, size):
         g = _resize_guidance(g, size, type(self).__name__)
         if self.guidance_scale is not None:
@@ -391,24 +415,8 @@ class PacConv2D(_PacMixin, keras.layers.Conv2D):
 
     def call(self, inputs):
         x, g = self._split_inputs(inputs, "PacConv2D")
-        x, g = _to_last(x, self.data_format), _to_last(g, self.data_format)
-        g = ops.cast(g, x.dtype)
-        h, w = ops.shape(x)[1], ops.shape(x)[2]
-        g = self._prepare_guidance(g, (x.shape[1], x.shape[2]))
+        x, k, pads, out_hw = self._windows_and_kernel(x, g, self.kernel_size)
         kernel, strides, dilation = self.kernel_size, self.strides, self.dilation_rate
-        eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
-        if self.padding == "same":
-            pads = (_same_pads(h, eff[0], strides[0]), _same_pads(w, eff[1], strides[1]))
-            out_hw = (-(-h // strides[0]), -(-w // strides[1]))
-        else:
-            pads = ((0, 0), (0, 0))
-            out_hw = ((h - eff[0]) // strides[0] + 1, (w - eff[1]) // strides[1] + 1)
-        mask = None
-        if self.normalize_kernel:
-            mask = _zero_pad(ops.ones((1, h, w, 1), x.dtype), pads)
-        center = (kernel[0] // 2, kernel[1] // 2)
-        k = pac_kernel(_edge_pad(g, pads), out_hw, kernel, dilation, strides, center,
-                       self._kernel_fn(x.dtype), mask=mask, normalize=self.normalize_kernel)
         y = pac_contract(_zero_pad(x, pads), k, ops.cast(self.kernel, x.dtype), out_hw, kernel, dilation, strides,
                          self.resolved_strategy())
         if self.use_bias:
@@ -567,22 +575,8 @@ class PacPool2D(_PacMixin, keras.layers.Layer):
 
     def call(self, inputs):
         x, g = self._split_inputs(inputs, "PacPool2D")
-        x, g = _to_last(x, self.data_format), _to_last(g, self.data_format)
-        g = ops.cast(g, x.dtype)
-        h, w = ops.shape(x)[1], ops.shape(x)[2]
-        g = self._prepare_guidance(g, (x.shape[1], x.shape[2]))
+        x, k, pads, out_hw = self._windows_and_kernel(x, g, self.pool_size)
         kernel, strides, dilation = self.pool_size, self.strides, self.dilation_rate
-        eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
-        if self.padding == "same":
-            pads = (_same_pads(h, eff[0], strides[0]), _same_pads(w, eff[1], strides[1]))
-            out_hw = (-(-h // strides[0]), -(-w // strides[1]))
-        else:
-            pads = ((0, 0), (0, 0))
-            out_hw = ((h - eff[0]) // strides[0] + 1, (w - eff[1]) // strides[1] + 1)
-        mask = _zero_pad(ops.ones((1, h, w, 1), x.dtype), pads) if self.normalize_kernel else None
-        center = (kernel[0] // 2, kernel[1] // 2)
-        k = pac_kernel(_edge_pad(g, pads), out_hw, kernel, dilation, strides, center,
-                       self._kernel_fn(x.dtype), mask=mask, normalize=self.normalize_kernel)
         taps = _tap_slices(_zero_pad(x, pads), kernel, dilation, strides, out_hw)
         y = _sum([xt * k[..., t:t + 1] for t, xt in enumerate(taps)])
         return _from_last(y, self.data_format)
