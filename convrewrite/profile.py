@@ -50,6 +50,8 @@ def _compiled(fn):
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
+        # One tf.function per (spec, implementation) is the point here, not accidental retracing.
+        tf.get_logger().setLevel("ERROR")
         return tf.function(fn)
     return fn  # other backends: eager calls (documented: profiles are measured with the TF backend)
 
