@@ -175,14 +175,20 @@ class CostModel:
         by_spec: Dict[str, Dict[str, float]] = {}
         for m in rows:
             by_spec.setdefault(m["spec"], {})[m["impl"]] = m["seconds"]
+        from .planner import DIRECT_MARGIN
+
         hits, regret, best_total, n = 0, 0.0, 0.0, 0
         for key, times in by_spec.items():
             spec = ConvSpec.from_json(key)
-            preds = {k: self.fits[k].predict(implementations.get(k).features(spec)) for k in times if k in self.fits}
+            # pac is chosen by policy, never for speed, so it does not compete here
+            preds = {k: self.fits[k].predict(implementations.get(k).features(spec)) for k in times
+                     if k in self.fits and k != "pac"}
             if not preds:
                 continue
             chosen = min(preds, key=preds.get)
-            best = min(times.values())
+            if chosen != "direct" and "direct" in preds and preds["direct"] < DIRECT_MARGIN * preds[chosen]:
+                chosen = "direct"  # as the planner decides
+            best = min(v for k, v in times.items() if k != "pac")
             n += 1
             hits += times[chosen] <= 1.1 * best
             regret += times[chosen] - best
@@ -240,10 +246,25 @@ class CostModel:
             for fit in fits.values():
                 if len(fit.features) != len(fit.weights) or not all(np.isfinite(fit.weights)):
                     raise ValueError("features and weights differ in length or hold non-finite numbers")
-            return cls(data["fingerprint"], data.get("measurements", []), fits, data.get("measured", {}),
-                       data.get("validation", {}), data.get("name"), path, data.get("mode", ""))
-        except (KeyError, TypeError, ValueError) as exc:
+            cm = cls(data["fingerprint"], data.get("measurements", []), fits, data.get("measured", {}),
+                     data.get("validation", {}), data.get("name"), path, data.get("mode", ""))
+            cm._refit_if_features_changed()
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProfileError(f"Profile '{path}' is truncated or corrupt ({type(exc).__name__}: {exc}); re-create it with `convrewrite profile`.") from None
+        return cm
+
+    def _refit_if_features_changed(self):
+        """Refit from the stored measurements when this version's features differ from the stored fits'.
+
+        The timings stay valid when a feature definition changes; weights fitted on old features do not."""
+        stale = False
+        for m in self.measurements:
+            fit = self.fits.get(m["impl"])
+            if fit is not None and m["impl"] in implementations.names():
+                current = implementations.get(m["impl"]).features(ConvSpec.from_json(m["spec"]))
+                stale = stale or sorted(current) != sorted(fit.features)
+        if stale:
+            self.fits = _fit_all(self.measurements)
 
     # -- measured mode --
     def measure_specs(self, specs, allow=None, batch: int = 8, progress: bool = True, save: bool = True):

@@ -10,6 +10,7 @@ import pytest
 import convrewrite
 from convrewrite import cost, implementations
 from convrewrite.cost import CostModel
+from convrewrite.planner import DIRECT_MARGIN
 from convrewrite.profile import grid, profile_device
 from convrewrite.spec import ConvSpec
 
@@ -172,7 +173,10 @@ def test_measure_mode_caches_in_profile_file(tiny_profile, tmp_path, monkeypatch
     assert len(saved.measured) == 2  # two distinct specs, each measured once
     for row in fast.convrewrite_plan:
         times = saved.measured[row.spec.with_input(batch=2).to_json()]
-        assert row.choice == min(times, key=times.get)
+        expected = min(times, key=times.get)
+        if expected != "direct" and times["direct"] < DIRECT_MARGIN * times[expected]:
+            expected = "direct"  # within the planner's margin, Keras's kernel is kept
+        assert row.choice == expected, (row.site, times)
     import convrewrite.profile as prof
 
     def boom(*a, **k):
