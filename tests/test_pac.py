@@ -212,8 +212,6 @@ def _guided_model():
 
 
 def test_conversion_is_exact_and_then_learns(rng):
-    if not hasattr(convrewrite, "optimize"):
-        pytest.skip("convrewrite.optimize is not available yet")
     model = _guided_model()
     new = convrewrite.optimize(model, pac={"layers": ["c2", "c3"], "guidance": "image"}, cost_model=None)
     assert [type(new.get_layer(n)).__name__ for n in ("c2", "c3")] == ["PacConv2D", "PacConv2D"]
@@ -235,8 +233,6 @@ def test_conversion_is_exact_and_then_learns(rng):
 
 
 def test_conversion_with_self_guidance_passes_verification(rng):
-    if not hasattr(convrewrite, "optimize"):
-        pytest.skip("convrewrite.optimize is not available yet")
     model = _guided_model()
     new = convrewrite.optimize(model, pac={"layers": "c[23]", "guidance": "self", "learn_guidance_scale": True},
                                cost_model=None)
