@@ -138,11 +138,13 @@ class CostModel:
 
     # -- prediction --
     def predict_seconds(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
-        """Seconds per call: the tactic cache where this spec was timed, else the fitted model."""
+        """Seconds per call: a timing where this exact spec was measured (tactic cache, or the profile's
+        own grid), else the fitted model."""
         if spec.height is None or spec.width is None:
             return None
         spec = spec if spec.batch else spec.with_input(batch=1)
-        hit = self.measured.get(_spec_key(spec), {})
+        key = _spec_key(spec)
+        hit = self.measured.get(key) or self._profiled().get(key, {})
         if impl_name in hit:
             return hit[impl_name]
         fit = self.fits.get(impl_name)
@@ -153,6 +155,15 @@ class CostModel:
         if not ok:
             return None
         return max(fit.predict(impl.features(spec)), 1e-7)
+
+    def _profiled(self) -> Dict[str, Dict[str, float]]:
+        """The profile's own timings by spec: exact specs the grid measured need no prediction."""
+        if getattr(self, "_profiled_cache", None) is None or self._profiled_len != len(self.measurements):
+            table: Dict[str, Dict[str, float]] = {}
+            for m in self.measurements:
+                table.setdefault(m["spec"], {})[m["impl"]] = m["seconds"]
+            self._profiled_cache, self._profiled_len = table, len(self.measurements)
+        return self._profiled_cache
 
     def predict_ms(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
         s = self.predict_seconds(impl_name, spec)
