@@ -3,6 +3,7 @@
     python benchmarks/models.py                       # all models
     python benchmarks/models.py convnext_tiny --batch 8 --repeats 5
     python benchmarks/models.py --cost-model rules    # the rule-based chooser instead of the cost model
+    python benchmarks/models.py convnext_tiny --also-rules   # cost-model plan and rule-based plan, interleaved
 
 Prints, per model: original and optimized median seconds per batch, the speedup, the end-to-end relative
 error, and what the plan chose.
@@ -54,20 +55,26 @@ MODELS = {
 }
 
 
-def bench(name, batch, repeats, cost_model):
+def bench(name, batch, repeats, cost_model, also_rules=False):
     model = MODELS[name]()
-    fast = convrewrite.optimize(model, cost_model=None if cost_model == "rules" else cost_model)
+    variants = {"optimized": convrewrite.optimize(model, cost_model=None if cost_model == "rules" else cost_model)}
+    if also_rules:
+        variants["rules"] = convrewrite.optimize(model, cost_model=None)
     shape = (batch,) + tuple(model.inputs[0].shape[1:])
     x = tf.constant(np.random.default_rng(0).standard_normal(shape).astype("float32"))
-    f_orig = tf.function(lambda: model(x, training=False))
-    f_fast = tf.function(lambda: fast(x, training=False))
-    err = relative_error(f_fast().numpy(), f_orig().numpy())
-    res = time_interleaved({"original": f_orig, "optimized": f_fast}, repeats=repeats, warmup=1)
-    counts = {}
-    for c in fast.convrewrite_plan.choices().values():
-        counts[c] = counts.get(c, 0) + 1
-    o, f = res["original"]["median"], res["optimized"]["median"]
-    print(f"{name:<16} {o:>10.3f} {f:>10.3f} {o / f:>8.2f}x {err:>9.1e}  {counts}", flush=True)
+    fns = {"original": tf.function(lambda: model(x, training=False))}
+    for key, m in variants.items():
+        fns[key] = tf.function(lambda m=m: m(x, training=False))
+    res = time_interleaved(fns, repeats=repeats, warmup=1)
+    o = res["original"]["median"]
+    for key, m in variants.items():
+        err = relative_error(fns[key]().numpy(), fns["original"]().numpy())
+        counts = {}
+        for c in m.convrewrite_plan.choices().values():
+            counts[c] = counts.get(c, 0) + 1
+        f = res[key]["median"]
+        label = name if key == "optimized" else f"  ({key})"
+        print(f"{label:<16} {o:>10.3f} {f:>10.3f} {o / f:>8.2f}x {err:>9.1e}  {counts}", flush=True)
 
 
 def main():
@@ -76,11 +83,12 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cost-model", default="auto")
+    parser.add_argument("--also-rules", action="store_true", help="also time the rule-based plan, interleaved")
     args = parser.parse_args()
     print(f"batch {args.batch}, {args.repeats} interleaved rounds, median seconds per batch")
     print(f"{'model':<16} {'original':>10} {'optimized':>10} {'speedup':>9} {'rel err':>9}  plan")
     for name in args.models:
-        bench(name, args.batch, args.repeats, args.cost_model)
+        bench(name, args.batch, args.repeats, args.cost_model, args.also_rules)
 
 
 if __name__ == "__main__":
