@@ -60,8 +60,12 @@ def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.
     """Median seconds per call of every applicable implementation on `spec`, timed interleaved."""
     from .timing import time_interleaved
 
+    import keras
+
     layer, shape = layer_from_spec(spec)
-    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    # A tensor, not a numpy array: a compiled function captures a tensor by reference, while it would
+    # embed an array as a constant in every graph it builds (memory that grew by ~60 MB per spec).
+    x = keras.ops.convert_to_tensor(np.random.default_rng(1).standard_normal(shape).astype("float32"))
     fns = {}
     for name, (ok, _) in implementations.candidates(spec, allowed=allow).items():
         if not ok or not PROFILE_LIMITS.get(name, lambda s: True)(spec):
