@@ -4,6 +4,11 @@
     print(convrewrite.plan(model).summary())
 """
 
+import os as _os
+
+# TensorFlow's C++ INFO/WARNING start-up lines otherwise clutter every CLI call; set it yourself to override.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 # implementations first: the layer modules it imports register themselves against it.
 from . import implementations  # noqa: I001
 from . import layers, reference

@@ -186,7 +186,7 @@ class CostModel:
         by_spec: Dict[str, Dict[str, float]] = {}
         for m in rows:
             by_spec.setdefault(m["spec"], {})[m["impl"]] = m["seconds"]
-        from .planner import DIRECT_MARGIN
+        from .planner import _choose as choose
 
         hits, regret, best_total, n = 0, 0.0, 0.0, 0
         for key, times in by_spec.items():
@@ -196,9 +196,7 @@ class CostModel:
                      if k in self.fits and k != "pac"}
             if not preds:
                 continue
-            chosen = min(preds, key=preds.get)
-            if chosen != "direct" and "direct" in preds and preds["direct"] < DIRECT_MARGIN * preds[chosen]:
-                chosen = "direct"  # as the planner decides
+            chosen, _ = choose(preds)  # as the planner decides
             best = min(v for k, v in times.items() if k != "pac")
             n += 1
             hits += times[chosen] <= 1.1 * best

@@ -152,8 +152,20 @@ def rule_based_choice(spec: ConvSpec, applicable: Dict[str, str]):
 
 
 DIRECT_MARGIN = 1.1
-"""Another implementation replaces `direct` only if predicted at least this much faster: a prediction
-within 10% is within the cost model's error, and keeping Keras's kernel then costs at most that."""
+"""A more elaborate implementation is chosen over a simpler one only if predicted at least this much
+faster: a difference within 10% is within the cost model's error, and the simpler choice then costs at
+most that. Simplicity is registry order: direct, depthwise, fft, fft-tiled, ..."""
+
+
+def _choose(predicted_ms: Dict[str, float], margin: float = DIRECT_MARGIN):
+    """(choice, reason): the first implementation in registry order within `margin` of the fastest."""
+    fastest = min(predicted_ms, key=predicted_ms.get)
+    for name in implementations.names():
+        if name in predicted_ms and predicted_ms[name] <= margin * predicted_ms[fastest]:
+            if name == fastest:
+                return name, "lowest predicted time"
+            return name, f"within {margin:g}x of {fastest}'s predicted time, and simpler"
+    return fastest, "lowest predicted time"
 
 
 def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8, margin: float = DIRECT_MARGIN) -> Plan:
@@ -195,9 +207,7 @@ def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8
             predicted = {k: v for k, v in predictions[spec].items() if v is not None}
         speed = {k: v for k, v in predicted.items() if k != "pac"}
         if speed:
-            choice, reason = min(speed, key=speed.get), "lowest predicted time"
-            if choice != "direct" and "direct" in speed and speed["direct"] < margin * speed[choice]:
-                choice, reason = "direct", f"{choice} predicted < {margin:g}x faster: kept Keras's kernel"
+            choice, reason = _choose(speed, margin)
         else:
             choice, reason = rule_based_choice(site.spec, cands)
         row = PlanRow(site.path, site.spec, choice, reason, cands, {}, predicted)
