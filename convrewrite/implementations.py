@@ -23,6 +23,7 @@ class Implementation:
     name: str = ""
     description: str = ""
     layer_classes: tuple = ()  # classes of the layers make_layer returns that only this implementation makes
+    descriptive_features: frozenset = frozenset()  # features that describe sizes/ratios, not costs: not regressed on
 
     def applicable(self, spec: ConvSpec) -> Tuple[bool, str]:
         """(True, "") if this implementation computes `spec` exactly, else (False, why not)."""

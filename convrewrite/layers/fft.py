@@ -256,6 +256,10 @@ def fft_cost_features(spec: ConvSpec, tile_size=None) -> dict:
         "spectrum_bytes": 8.0 * bins * cg * spec.filters,
         "bytes": 4.0 * (n_in + n_out) + 8.0 * bins * b * tiles * (spec.in_channels + spec.filters),
         "strided_waste": float(spans / max((ho or 1) * (wo or 1), 1)),
+        # additive cost terms: transforms whose working set outgrows the caches cost more per flop, and
+        # strided outputs that are computed then dropped cost transform work for nothing
+        "fft_flops_log": one * (fwd + inv) * math.log2(max(4.0 * (n_in + n_out), 2.0)) / 30.0,
+        "strided_flops": one * (fwd + inv) * (spans / max((ho or 1) * (wo or 1), 1) - 1.0),
         "calls": 1.0,
     }
 
@@ -547,6 +551,8 @@ class FFTImplementation(Implementation):
     description = "FFT convolution over the whole image (cached kernel spectra, per-bin complex matmul)"
     layer_classes = (FFTConv2D, FFTDepthwiseConv2D)
     tile_size = "full"
+    descriptive_features = frozenset({"fft_h", "fft_w", "matmul_m", "matmul_k", "matmul_n", "matmul_batch",
+                                      "strided_waste", "flops", "macs"})
 
     def applicable(self, spec: ConvSpec):
         if spec.kind not in ("conv2d", "depthwise_conv2d"):
