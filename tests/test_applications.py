@@ -34,6 +34,13 @@ def test_mobilenet_v2():
 
 def test_convnext_tiny_grouped_convs_become_depthwise():
     model = keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3), include_top=False)
+    # Freshly built ConvNeXt scales every block's branch by 1e-6 (layer scale), which would hide any
+    # difference in the grouped convs from the end-to-end check: give the branches real weight.
+    rng = np.random.default_rng(0)
+    scaled = [l for l in model.layers if "layer_scale" in l.name]
+    assert scaled
+    for layer in scaled:
+        layer.set_weights([rng.uniform(0.5, 1.0, w.shape).astype("float32") for w in layer.get_weights()])
     fast = _check(model)
     choices = fast.convrewrite_plan.choices()
     grouped = [l.name for l in model.layers if type(l) is keras.layers.Conv2D and l.groups > 1]
