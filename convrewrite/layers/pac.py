@@ -311,6 +311,19 @@ class _PacMixin:
 
         return fn
 
+    # -- build / shapes of the conv layers ([x, guidance] in, the conv's output shape out); PacPool2D has its own
+    def build(self, input_shape):
+        x_shape, g_shape = self._split_inputs(input_shape, type(self).__name__)
+        self._check_shapes(x_shape, g_shape)
+        super().build(tuple(x_shape))
+        self.input_spec = None  # the base's spec describes one input; these layers take [x, guidance]
+        self._build_pac(g_shape)
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and len(input_shape) == 2 and isinstance(input_shape[0], (list, tuple)):
+            input_shape = input_shape[0]
+        return super().compute_output_shape(tuple(input_shape))
+
     def _windows_and_kernel(self, x, g, kernel):
         """Channels-last x, the adaptive kernel K over each output's window, the pads and the output size.
 
@@ -395,18 +408,6 @@ class PacConv2D(_PacMixin, keras.layers.Conv2D):
         self._init_pac(kernel_type, normalize_kernel, kernel_blend, learn_guidance_scale, strategy)
         self.input_spec = None  # Conv2D's spec describes one input; this layer takes [x, guidance].
 
-    def build(self, input_shape):
-        x_shape, g_shape = self._split_inputs(input_shape, "PacConv2D")
-        self._check_shapes(x_shape, g_shape)
-        super().build(tuple(x_shape))
-        self.input_spec = None
-        self._build_pac(g_shape)
-
-    def compute_output_shape(self, input_shape):
-        if isinstance(input_shape, (list, tuple)) and len(input_shape) == 2 and isinstance(input_shape[0], (list, tuple)):
-            input_shape = input_shape[0]
-        return super().compute_output_shape(tuple(input_shape))
-
     def resolved_strategy(self, out_pixels=None):
         if self.strategy != "auto":
             return self.strategy
@@ -460,18 +461,6 @@ class PacConv2DTranspose(_PacMixin, keras.layers.Conv2DTranspose):
                          data_format=data_format, activation=activation, use_bias=use_bias, **kwargs)
         self._init_pac(kernel_type, normalize_kernel, kernel_blend, learn_guidance_scale, strategy)
         self.input_spec = None
-
-    def build(self, input_shape):
-        x_shape, g_shape = self._split_inputs(input_shape, "PacConv2DTranspose")
-        self._check_shapes(x_shape, g_shape)
-        super().build(tuple(x_shape))
-        self.input_spec = None
-        self._build_pac(g_shape)
-
-    def compute_output_shape(self, input_shape):
-        if isinstance(input_shape, (list, tuple)) and len(input_shape) == 2 and isinstance(input_shape[0], (list, tuple)):
-            input_shape = input_shape[0]
-        return super().compute_output_shape(tuple(input_shape))
 
     def _out_size(self, n, k, s):
         if self.padding == "same":
