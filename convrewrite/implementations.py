@@ -57,6 +57,11 @@ class Implementation:
         output must not depend on them."""
         return new_layer(x)
 
+    def cost_regime(self, spec: ConvSpec) -> str:
+        """A label for specs this implementation runs through different code (e.g. 'dw' vs 'dense'): the cost
+        model fits each regime's terms separately. '' means one regime."""
+        return ""
+
     def features(self, spec: ConvSpec) -> Dict[str, float]:
         """Numbers the cost model regresses time on. Must not depend on anything but the spec."""
         macs = spec.macs() or 0

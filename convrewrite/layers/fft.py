@@ -563,6 +563,10 @@ class FFTImplementation(Implementation):
             return False, "spatial size unknown at build; full-image FFT needs it (fft-tiled does not)"
         return True, ""
 
+    def cost_regime(self, spec: ConvSpec):
+        # one channel per group: a broadcast multiply per bin; otherwise a batched complex matmul
+        return "dw" if spec.in_channels // spec.groups == 1 else "dense"
+
     def _tile(self, options):
         return options.get("tile_size", self.tile_size)
 
