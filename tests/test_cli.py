@@ -209,3 +209,25 @@ def test_parse_pac():
     for bad in ("guidance=self", "layers", "{not json"):
         with pytest.raises(CliError):
             parse_pac(bad)
+
+
+def test_profile_command_writes_profile_and_plot(tmp_path, monkeypatch, capsys):
+    """`convrewrite profile` in-process, on a three-spec grid instead of the quick one (a minute)."""
+    import convrewrite
+    from convrewrite.cli import main
+    from convrewrite.cost import CostModel
+    from convrewrite.spec import ConvSpec
+
+    real = convrewrite.profile_device
+    specs = [ConvSpec(kind="conv2d", in_channels=c, filters=4, kernel=(k, k), height=12, width=12, batch=1, padding="same")
+             for c, k in ((2, 3), (4, 5), (3, 7), (4, 1))]
+    monkeypatch.setattr(convrewrite, "profile_device",
+                        lambda mode, progress, allow: real(mode=mode, progress=progress, allow=["direct", "fft"], specs=specs))
+    out, png = tmp_path / "dev.json", tmp_path / "fit.png"
+    assert main(["profile", "-o", str(out), "--plot", str(png), "--no-progress"]) == 0
+    assert set(CostModel.load(out).fits) == {"direct", "fft"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    before = out.read_bytes()
+    assert main(["profile", "-o", str(out)]) == EXIT_CODES["output_exists"]
+    assert out.read_bytes() == before and "--force" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.json", "fit.png"]
