@@ -79,12 +79,16 @@ def bench(name, batch, repeats, cost_model, also_rules=False):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", default=list(MODELS), choices=list(MODELS) + [[]])
+    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"any of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cost-model", default="auto")
     parser.add_argument("--also-rules", action="store_true", help="also time the rule-based plan, interleaved")
     args = parser.parse_args()
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; expected any of {list(MODELS)}")
+    args.models = args.models or list(MODELS)
     print(f"batch {args.batch}, {args.repeats} interleaved rounds, median seconds per batch")
     print(f"{'model':<16} {'original':>10} {'optimized':>10} {'speedup':>9} {'rel err':>9}  plan")
     for name in args.models:
