@@ -394,7 +394,7 @@ def test_registry_entries(rng):
         x = rng.standard_normal((4, 32, 32, 8)).astype("float32")
         assert rel_error(new(x), conv(x)) <= TOL
         assert new.kernel is not conv.kernel
-    with pytest.raises(ValueError, match="tile"):
+    with pytest.raises(convrewrite.PlanError, match="tile"):
         impl.make_layer(conv, spec, tiles=3)
 
 

@@ -196,9 +196,9 @@ def test_implementation_hooks_on_a_conv2d(rng):
     impl.transfer_weights(conv, new, spec)
     assert new.name == "c" and new.kernel_blend == 0.0
     assert rel_error(impl.probe_call(new, x), conv(x)) <= TOL
-    with pytest.raises(ValueError, match="normalize_kernel=True"):
+    with pytest.raises(convrewrite.PlanError, match="normalize_kernel=True"):
         impl.make_layer(conv, spec, guidance="self", normalize_kernel=True)
-    with pytest.raises(ValueError, match="unknown pac options"):
+    with pytest.raises(convrewrite.PlanError, match="unknown pac options"):
         impl.make_layer(conv, spec, guidance="self", sigma=2)
 
 

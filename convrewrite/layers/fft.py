@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import keras
 from keras import ops
 
+from ..errors import PlanError
 from ..implementations import Implementation
 from ..spec import ConvSpec
 from . import backend
@@ -573,7 +574,7 @@ class FFTImplementation(Implementation):
     def make_layer(self, layer, spec: ConvSpec, **options):
         unknown = set(options) - {"tile_size"}
         if unknown:
-            raise ValueError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only 'tile_size'.")
+            raise PlanError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only 'tile_size'.")
         cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
         return cls.from_config({**layer.get_config(), "tile_size": self._tile(options)})
 
@@ -594,7 +595,7 @@ class FFTTiledImplementation(FFTImplementation):
     def make_layer(self, layer, spec, **options):
         unknown = set(options) - {"tile_size"}
         if unknown:
-            raise ValueError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only 'tile_size'.")
+            raise PlanError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only 'tile_size'.")
         cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
         return cls.from_config({**layer.get_config(), "tile_size": self._resolve(spec, options)})
 

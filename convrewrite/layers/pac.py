@@ -36,6 +36,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from ..errors import PlanError
 from ..implementations import Implementation
 from ..spec import ConvSpec
 
@@ -610,7 +611,7 @@ class PacImplementation(Implementation):
         opts = dict(options)
         opts.pop("guidance", None)
         if opts.get("normalize_kernel"):
-            raise ValueError(
+            raise PlanError(
                 "Received normalize_kernel=True in the pac options; expected False: a normalised PacConv2D "
                 "divides by the window's tap count and cannot equal the Conv2D it replaces at conversion."
             )
@@ -618,7 +619,7 @@ class PacImplementation(Implementation):
         allowed = {"kernel_type", "kernel_blend", "learn_guidance_scale", "strategy", "normalize_kernel"}
         unknown = set(opts) - allowed
         if unknown:
-            raise ValueError(f"Received unknown pac options {sorted(unknown)}; expected 'layers', 'guidance' and "
+            raise PlanError(f"Received unknown pac options {sorted(unknown)}; expected 'layers', 'guidance' and "
                              f"a subset of {sorted(allowed)}.")
         return opts
 
@@ -638,7 +639,7 @@ class PacImplementation(Implementation):
     def _guidance_name(options):
         name = options.get("guidance", "self")
         if not isinstance(name, str) or not name:
-            raise ValueError(f"Received guidance={name!r} in the pac options; expected 'self' or the name of a "
+            raise PlanError(f"Received guidance={name!r} in the pac options; expected 'self' or the name of a "
                              f"model input or layer.")
         return name
 
