@@ -235,7 +235,8 @@ def _pac_policy(model_graph, pac):
         selector = re.compile(selector)
     found = model_graph.find_sites(selector)
     if not found:
-        raise PlanError(f"pac layers {selector!r} match no conv site; expected names from {[s.path for s in model_graph.sites]}.")
+        shown = selector.pattern if isinstance(selector, re.Pattern) else selector
+        raise PlanError(f"pac layers {shown!r} match no conv site; expected names or a regex matching {[s.path for s in model_graph.sites]}.")
     return {s.path for s in found}, pac, budget
 
 
