@@ -325,6 +325,14 @@ class _PacMixin:
             input_shape = input_shape[0]
         return super().compute_output_shape(tuple(input_shape))
 
+    def _bias_activation_layout(self, y):
+        """Bias, activation, and back to the layer's data_format: y: (N, Ho, Wo, O) channels-last."""
+        if self.use_bias:
+            y = y + ops.cast(self.bias, y.dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return _from_last(y, self.data_format)
+
     def _windows_and_kernel(self, x, g, kernel):
         """Channels-last x, the adaptive kernel K over each output's window, the pads and the output size.
 
@@ -421,11 +429,7 @@ class PacConv2D(_PacMixin, keras.layers.Conv2D):
         kernel, strides, dilation = self.kernel_size, self.strides, self.dilation_rate
         y = pac_contract(_zero_pad(x, pads), k, ops.cast(self.kernel, x.dtype), out_hw, kernel, dilation, strides,
                          self.resolved_strategy())
-        if self.use_bias:
-            y = y + ops.cast(self.bias, y.dtype)
-        if self.activation is not None:
-            y = self.activation(y)
-        return _from_last(y, self.data_format)
+        return self._bias_activation_layout(y)
 
     def get_config(self):
         config = super().get_config()
@@ -492,11 +496,7 @@ class PacConv2DTranspose(_PacMixin, keras.layers.Conv2DTranspose):
         wk = ops.transpose(ops.flip(ops.cast(self.kernel, x.dtype), axis=(0, 1)), (0, 1, 3, 2))  # (kh, kw, Cin, O)
         strategy = self.strategy if self.strategy != "auto" else choose_strategy(kh * kw, wk.shape[2], self.filters)
         y = pac_contract(_zero_pad(z, pads), k, wk, (oh, ow), (kh, kw), (1, 1), (1, 1), strategy)
-        if self.use_bias:
-            y = y + ops.cast(self.bias, y.dtype)
-        if self.activation is not None:
-            y = self.activation(y)
-        return _from_last(y, self.data_format)
+        return self._bias_activation_layout(y)
 
     def get_config(self):
         config = super().get_config()
