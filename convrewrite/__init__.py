@@ -9,6 +9,10 @@ import os as _os
 # TensorFlow's C++ INFO/WARNING start-up lines otherwise clutter every CLI call; set it yourself to override.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from ._quiet_import import import_tensorflow_quietly as _import_tensorflow_quietly
+
+_import_tensorflow_quietly()
+
 # implementations first: the layer modules it imports register themselves against it.
 from . import implementations  # noqa: I001
 from . import layers, reference

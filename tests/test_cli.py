@@ -231,3 +231,14 @@ def test_profile_command_writes_profile_and_plot(tmp_path, monkeypatch, capsys):
     assert main(["profile", "-o", str(out)]) == EXIT_CODES["output_exists"]
     assert out.read_bytes() == before and "--force" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.json", "fit.png"]
+
+
+def test_tensorflow_startup_lines_are_filtered_but_warnings_kept():
+    from convrewrite._quiet_import import filter_startup_lines
+
+    text = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+            "I0000 00:00:1795457700.002023    2175 port.cc:153] oneDNN custom operations are on.\n"
+            "W0000 00:00:1795457700.1    2175 cpu.cc:1] a real warning\n"
+            "Traceback: something else\n")
+    assert filter_startup_lines(text) == ("W0000 00:00:1795457700.1    2175 cpu.cc:1] a real warning\n"
+                                          "Traceback: something else\n")

@@ -172,7 +172,8 @@ def test_measure_mode_caches_in_profile_file(tiny_profile, tmp_path, monkeypatch
     saved = CostModel.load(path)
     assert len(saved.measured) == 2  # two distinct specs, each measured once
     for row in fast.convrewrite_plan:
-        times = saved.measured[row.spec.with_input(batch=2).to_json()]
+        measured = saved.measured[row.spec.with_input(batch=2).to_json()]
+        times = {k: v for k, v in measured.items() if k != "pac"}  # pac is timed for budgets, chosen only by policy
         fastest = min(times, key=times.get)
         assert times[row.choice] <= DIRECT_MARGIN * times[fastest], (row.site, times)
         simpler = implementations.names()[:implementations.names().index(row.choice)]
