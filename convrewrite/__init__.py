@@ -9,20 +9,33 @@ import os as _os
 # TensorFlow's C++ INFO/WARNING start-up lines otherwise clutter every CLI call; set it yourself to override.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from ._quiet_import import import_tensorflow_quietly as _import_tensorflow_quietly
-
-_import_tensorflow_quietly()
-
-# implementations first: the layer modules it imports register themselves against it.
-from . import implementations  # noqa: I001
-from . import layers, reference
-from .api import build, optimize, plan, verify
-from .cost import CostModel, fingerprint
+from . import reference  # noqa: I001  pure numpy: usable without TensorFlow
 from .errors import ConvRewriteError, PlanError, ProfileError, UnsupportedModelError, VerificationError
-from .planner import Plan, PlanRow
-from .profile import profile_device
 from .spec import ConvSpec
-from .verify import VerificationReport
+
+try:
+    from ._quiet_import import import_tensorflow_quietly as _import_tensorflow_quietly
+
+    _import_tensorflow_quietly()
+    # implementations first: the layer modules it imports register themselves against it.
+    from . import implementations
+    from . import layers
+    from .api import build, optimize, plan, verify
+    from .cost import CostModel, fingerprint
+    from .planner import Plan, PlanRow
+    from .profile import profile_device
+    from .verify import VerificationReport
+except ModuleNotFoundError as _exc:  # no backend: only the numpy reference (and ConvSpec) work
+    if (_exc.name or "").split(".")[0] not in ("tensorflow", "jax", "torch"):
+        raise
+    _BACKEND_ERROR = (f"needs Keras with a working backend, but importing it failed ({_exc}); install "
+                      f"TensorFlow with pip install 'convrewrite[cpu]' (or '[gpu]'). Only convrewrite.reference "
+                      f"and convrewrite.ConvSpec work without it.")
+
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError(f"convrewrite.{name} {_BACKEND_ERROR}")
 
 __version__ = "0.1.0"
 

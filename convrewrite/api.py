@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from . import cost, implementations
 from .errors import VerificationError
 from .graph import walk
@@ -30,7 +32,7 @@ def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8) -> Plan
 def build(model, plan: Plan):
     """Rebuild `model` as `plan` says, without verification. The original is left untouched."""
     graph = walk(model)
-    rows = {r.site: r for r in plan}
+    rows = {path: r for r in plan for path in [r.site, *r.aliases]}
 
     def substitute(site):
         row = rows.get(site.path)
@@ -51,7 +53,9 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
     measure: time the candidates on this model's real shapes at `batch` (tactic timing), cached in the
     cost model's profile file so the next call reuses them.
     """
-    if plan is None:
+    if plan is not None:
+        plan = copy.deepcopy(plan)  # fallbacks edit the plan; the caller's stays as given
+    else:
         graph = walk(model)
         cm = _resolve_cost_model(cost_model)
         if measure:

@@ -27,13 +27,15 @@ class Site:
     """One convolution layer of the model (a shared layer is one site, whatever its call count).
 
     path: the layer's name prefixed by the names of the models that enclose it ("backbone/conv3").
-    spec: described from the layer's first call.
+    spec: described from the layer's first call. aliases: the layer's other paths, when it is called both
+    in a model and in a model nested in it (one site all the same: it is replaced once, still shared).
     """
 
     path: str
     layer: object
     spec: ConvSpec
     calls: int = 1
+    aliases: List[str] = dataclasses.field(default_factory=list)  # other paths of the same layer (nesting)
 
     @property
     def name(self) -> str:
@@ -99,18 +101,30 @@ class ModelGraph:
             if _is_model(op):
                 child = ModelGraph(op, prefix=path + "/")
                 self.children[id(op)] = child
-                self.sites.extend(child.sites)
+                for site in child.sites:
+                    self._add_site(site)
                 self.layers.update(child.layers)
                 seen[id(op)] = child
                 continue
             if is_conv_site(op):
                 spec = spec_from_layer(op, tuple(node.input_tensors[0].shape))
                 site = Site(path=path, layer=op, spec=spec)
-                self.sites.append(site)
                 self.own_sites.append(site)
-                seen[id(op)] = site
+                seen[id(op)] = self._add_site(site)
             else:
                 seen[id(op)] = op
+
+    def _add_site(self, site: Site) -> Site:
+        """Add `site` to `self.sites`, or merge it into the site already there for the same layer."""
+        for existing in self.sites:
+            if existing.layer is site.layer:
+                for path in [site.path, *site.aliases]:
+                    if path != existing.path and path not in existing.aliases:
+                        existing.aliases.append(path)
+                existing.calls += site.calls
+                return existing
+        self.sites.append(site)
+        return site
 
     def ordered_nodes(self, extra_edges=()):
         """Node keys in an execution order; `extra_edges` (u, v) force u before v (e.g. guidance)."""
@@ -140,7 +154,8 @@ class ModelGraph:
     def find_sites(self, selector) -> List[Site]:
         """Sites matching `selector`: a path, a bare layer name, a list of those, or a compiled regex."""
         if isinstance(selector, re.Pattern):
-            return [s for s in self.sites if selector.fullmatch(s.path) or selector.fullmatch(s.name)]
+            return [s for s in self.sites
+                    if any(selector.fullmatch(p) for p in [s.path, s.name, *s.aliases])]
         if isinstance(selector, str):
             selector = [selector]
         out = []
@@ -148,7 +163,8 @@ class ModelGraph:
             if isinstance(item, re.Pattern):
                 out.extend(self.find_sites(item))
                 continue
-            matches = [s for s in self.sites if s.path == item] or [s for s in self.sites if s.name == item]
+            matches = ([s for s in self.sites if item == s.path or item in s.aliases]
+                       or [s for s in self.sites if s.name == item])
             out.extend(m for m in matches if m not in out)
         return out
 
@@ -282,20 +298,37 @@ class _CallContext:
         return self._rebuilder.tensors[id(outputs[0])]
 
 
+def live_config(op) -> dict:
+    """`op.get_config()` with its activation as the live callable rather than its serialized form, so that
+    a layer whose activation is a Python function or lambda re-creates without a round trip through
+    bytecode (Keras layers accept a callable wherever they accept an activation name)."""
+    config = op.get_config()
+    if "activation" in config and callable(getattr(op, "activation", None)) and not isinstance(config["activation"], str):
+        config["activation"] = op.activation
+    return config
+
+
 def recreate(op, path: str = ""):
-    """A fresh copy of a layer/operation from its config (no weights yet)."""
+    """A fresh copy of a layer/operation from its config (no weights yet).
+
+    A layer that cannot be re-created but holds no weights (a custom stateless layer without
+    get_config) is kept as it is: the new model calls the same object, which shares no state with it.
+    One that holds weights cannot be shared without sharing variables, so it raises."""
     from keras.src.saving import serialization_lib
 
     try:
         # The layer already lives in this process, so re-creating it is not a deserialization risk
         # (Lambda layers refuse safe mode otherwise).
         with serialization_lib.SafeModeScope(False):
-            return type(op).from_config(op.get_config())
+            return type(op).from_config(live_config(op))
     except Exception as exc:  # noqa: BLE001 - any failure means the layer cannot be copied faithfully
+        if not getattr(op, "weights", None) and not _is_model(op):
+            return op
+        detail = str(exc).splitlines()[0] if str(exc).strip() else "no message"
         raise UnsupportedModelError(
-            f"Layer '{path or op.name}' ({type(op).__name__}) cannot be re-created from its config "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); expected a layer with "
-            f"get_config()/from_config(), registered with keras.saving.register_keras_serializable."
+            f"Layer '{path or op.name}' ({type(op).__name__}) holds weights but cannot be re-created from its "
+            f"config ({type(exc).__name__}: {detail}); expected a layer with get_config()/from_config(), "
+            f"registered with keras.saving.register_keras_serializable."
         ) from exc
 
 

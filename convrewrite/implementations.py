@@ -122,7 +122,9 @@ class Direct(Implementation):
         return True, ""
 
     def make_layer(self, layer, spec, **options):
-        return type(layer).from_config(layer.get_config())
+        from .graph import recreate
+
+        return recreate(layer)
 
     def features(self, spec):
         # Keras runs dense, grouped and depthwise convs through different kernels with very different
@@ -172,7 +174,7 @@ class Depthwise(Implementation):
             depth_multiplier=spec.filters // spec.in_channels,
             data_format=spec.data_format,
             dilation_rate=spec.dilation,
-            activation=config["activation"],
+            activation=layer.activation,  # the live callable: a lambda activation survives too
             use_bias=spec.use_bias,
             name=layer.name,
             dtype=config.get("dtype"),

@@ -29,6 +29,7 @@ class PlanRow:
     candidates: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> "" or why not applicable
     options: Dict[str, object] = dataclasses.field(default_factory=dict)
     predicted_ms: Dict[str, float] = dataclasses.field(default_factory=dict)
+    aliases: List[str] = dataclasses.field(default_factory=list)  # the layer's other paths (nested models)
 
     @property
     def speedup(self) -> Optional[float]:
@@ -46,6 +47,7 @@ class PlanRow:
             "candidates": dict(self.candidates),
             "options": dict(self.options),
             "predicted_ms": dict(self.predicted_ms),
+            "aliases": list(self.aliases),
         }
 
     @classmethod
@@ -71,7 +73,7 @@ class Plan:
 
     def row(self, name: str) -> PlanRow:
         """The row for a site path ("backbone/conv3") or a bare layer name, if unique."""
-        exact = [r for r in self.rows if r.site == name]
+        exact = [r for r in self.rows if r.site == name or name in r.aliases]
         if exact:
             return exact[0]
         by_name = [r for r in self.rows if r.site.rsplit("/", 1)[-1] == name]
@@ -210,7 +212,7 @@ def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8
             choice, reason = _choose(speed, margin)
         else:
             choice, reason = rule_based_choice(site.spec, cands)
-        row = PlanRow(site.path, site.spec, choice, reason, cands, {}, predicted)
+        row = PlanRow(site.path, site.spec, choice, reason, cands, {}, predicted, list(site.aliases))
         if site.path in pac_sites and budget is None:
             row.choice, row.reason, row.options = "pac", "pac policy selected this layer", dict(pac_options)
         rows.append(row)
@@ -231,12 +233,21 @@ def _pac_policy(model_graph, pac):
         raise PlanError("pac= needs 'layers': a list of layer names or a regex; none was given.")
     if budget is not None and (not isinstance(budget, (int, float)) or budget < 1):
         raise PlanError(f"Received pac budget={budget!r}; expected a latency factor >= 1 (e.g. 1.3).")
-    if isinstance(selector, str) and not any(s.path == selector or s.name == selector for s in model_graph.sites):
+    if isinstance(selector, str) and not model_graph.find_sites([selector]):
         selector = re.compile(selector)
-    found = model_graph.find_sites(selector)
-    if not found:
-        shown = selector.pattern if isinstance(selector, re.Pattern) else selector
-        raise PlanError(f"pac layers {shown!r} match no conv site; expected names or a regex matching {[s.path for s in model_graph.sites]}.")
+    paths = [s.path for s in model_graph.sites]
+    if isinstance(selector, re.Pattern):
+        # A pattern selects the sites PAC can replace among those it matches (".*" means "every Conv2D").
+        found = [s for s in model_graph.find_sites(selector) if implementations.get("pac").applicable(s.spec)[0]]
+        if not found:
+            raise PlanError(f"pac layers {selector.pattern!r} match no Conv2D site PAC can replace; expected names "
+                            f"or a regex matching some of {paths}.")
+    else:
+        selector = list(selector)
+        unknown = [item for item in selector if not isinstance(item, re.Pattern) and not model_graph.find_sites([item])]
+        if unknown:  # a misspelt name must not silently leave a layer unconverted
+            raise PlanError(f"pac layers {unknown} name no conv site; expected names from {paths}.")
+        found = model_graph.find_sites(selector)
     return {s.path for s in found}, pac, budget
 
 

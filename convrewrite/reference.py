@@ -48,9 +48,11 @@ def extract_patches(x, kernel, strides=1, dilation=1, padding="valid"):
     kernel, strides, dilation = _pair(kernel), _pair(strides), _pair(dilation)
     xp = pad_input(np.asarray(x), kernel, strides, dilation, padding)
     eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
-    if xp.shape[1] < eff[0] or xp.shape[2] < eff[1]:
-        n, _, _, c = xp.shape
-        return np.zeros((n, 0, 0, c) + kernel, xp.dtype)
+    if xp.shape[1] < eff[0] or xp.shape[2] < eff[1]:  # no window fits along some axis: empty along it only
+        n, h, w, c = xp.shape
+        ho = -(-(h - eff[0] + 1) // strides[0]) if h >= eff[0] else 0
+        wo = -(-(w - eff[1] + 1) // strides[1]) if w >= eff[1] else 0
+        return np.zeros((n, ho, wo, c) + kernel, xp.dtype)
     windows = np.lib.stride_tricks.sliding_window_view(xp, eff, axis=(1, 2))
     return windows[:, :: strides[0], :: strides[1], :, :: dilation[0], :: dilation[1]]
 
@@ -95,11 +97,13 @@ def depthwise_conv2d(x, kernel, bias=None, strides=1, padding="valid", dilation=
     return out
 
 
-def spec_forward(spec, x, weights, dtype=np.float64):
+def spec_forward(spec, x, weights, dtype=np.float64, activation=None):
     """Reference output of the conv site `spec` (a ConvSpec) on x with the Keras layer's weights.
 
     x is in the spec's data_format; the activation is applied with Keras (it is not a convolution and
-    every activation Keras has would otherwise need a twin here). Returns an array in spec.data_format.
+    every activation Keras has would otherwise need a twin here): `activation` if given (the layer's own
+    callable, e.g. a lambda, which a spec names only by its serialized form), else spec.activation.
+    Returns an array in spec.data_format.
     """
     channels_first = spec.data_format == "channels_first"
     x = np.asarray(x, dtype=dtype)
@@ -111,10 +115,11 @@ def spec_forward(spec, x, weights, dtype=np.float64):
         out = depthwise_conv2d(x, weights[0], bias, **common)
     else:
         out = conv2d(x, weights[0], bias, groups=spec.groups, **common)
-    if spec.activation not in ("linear", None):
+    if activation is not None or spec.activation not in ("linear", None):
         import keras
 
-        out = np.asarray(keras.ops.convert_to_numpy(keras.activations.get(spec.activation)(out)), dtype=dtype)
+        fn = activation if activation is not None else keras.activations.get(spec.activation)
+        out = np.asarray(keras.ops.convert_to_numpy(fn(out)), dtype=dtype)
     if channels_first:
         out = out.transpose(0, 3, 1, 2)
     return out

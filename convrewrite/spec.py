@@ -56,8 +56,20 @@ class ConvSpec:
             raise ValueError(f"Received kind={self.kind!r}; expected one of {CONV_KINDS}.")
         for name in ("kernel", "strides", "dilation"):
             object.__setattr__(self, name, _pair(getattr(self, name), name))
+            if min(getattr(self, name)) < 1:
+                raise ValueError(f"Received {name}={getattr(self, name)!r}; expected positive ints.")
         if self.padding not in ("same", "valid"):
             raise ValueError(f"Received padding={self.padding!r}; expected 'same' or 'valid'.")
+        if self.data_format not in ("channels_last", "channels_first"):
+            raise ValueError(f"Received data_format={self.data_format!r}; expected 'channels_last' or 'channels_first'.")
+        for name in ("in_channels", "filters", "groups", "depth_multiplier"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Received {name}={getattr(self, name)!r}; expected a positive int.")
+        if self.kind == "depthwise_conv2d" and self.filters != self.in_channels * self.depth_multiplier:
+            raise ValueError(
+                f"Received a depthwise spec with filters={self.filters}, in_channels={self.in_channels}, "
+                f"depth_multiplier={self.depth_multiplier}; expected filters = in_channels * depth_multiplier."
+            )
         if self.in_channels % self.groups or self.filters % self.groups:
             raise ValueError(
                 f"Received groups={self.groups} with in_channels={self.in_channels}, "

@@ -144,7 +144,7 @@ def check_site(site, new_layer, seed: int = 0, spatial: int = 16, batch: int = 2
     if reference and (spec.with_input(b, h, w).macs() or 0) <= REFERENCE_MAX_MACS:
         from .reference import spec_forward
 
-        ref = spec_forward(spec, x, site.layer.get_weights())
+        ref = spec_forward(spec, x, site.layer.get_weights(), activation=getattr(site.layer, "activation", None))
         check.rel_error_new_vs_reference = relative_error(new, ref)
         check.rel_error_original_vs_reference = relative_error(old, ref)
     return check

@@ -102,6 +102,60 @@ def test_nested_model_and_shared_conv():
     assert isinstance(fast.get_layer("block").get_layer("inner_dw"), keras.layers.DepthwiseConv2D)
 
 
+def test_layer_shared_between_a_model_and_its_nested_model_is_one_site():
+    shared = keras.layers.Conv2D(4, 3, padding="same", groups=4, name="sh")
+    inner_in = keras.Input((8, 8, 4))
+    inner = keras.Model(inner_in, shared(inner_in), name="inner")
+    x = keras.Input((8, 8, 4))
+    model = keras.Model(x, inner(shared(x)))
+    site, = walk(model).sites
+    assert (site.path, site.aliases, site.calls) == ("sh", ["inner/sh"], 2)
+    plan = convrewrite.plan(model, cost_model=None)
+    assert plan.row("inner/sh") is plan.row("sh") and plan.row("sh").choice == "depthwise"
+    fast = optimize_and_check(model)
+    assert fast.get_layer("sh") is fast.get_layer("inner").get_layer("sh")
+    assert isinstance(fast.get_layer("sh"), keras.layers.DepthwiseConv2D)
+    plan.force("inner/sh", "direct")  # either path names the site
+    kept = convrewrite.optimize(model, plan=plan)
+    assert type(kept.get_layer("inner").get_layer("sh")) is keras.layers.Conv2D
+
+
+def test_stateless_layer_without_config_is_kept_and_lambda_activation_survives():
+    class Doubler(keras.layers.Layer):  # no get_config override for its constructor argument
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = factor
+
+        def call(self, t):
+            return t * self.factor
+
+    x = keras.Input((9, 9, 4))
+    y = keras.layers.Conv2D(8, 3, groups=4, activation=lambda t: t * 3.0, name="g")(x)
+    model = keras.Model(x, Doubler(2.0)(y))
+    fast = optimize_and_check(model)
+    assert isinstance(fast.get_layer("g"), keras.layers.DepthwiseConv2D)
+
+
+def test_spec_validation_names_the_argument():
+    base = dict(kind="conv2d", in_channels=4, filters=4, kernel=3)
+    for bad, match in [(dict(strides=0), "strides=.0, 0."), (dict(data_format="NCHW"), "data_format"),
+                       (dict(groups=0), "groups=0"), (dict(kind="depthwise_conv2d", groups=4, filters=6), "filters = in_channels")]:
+        with pytest.raises(ValueError, match=match):
+            convrewrite.ConvSpec(**{**base, **bad})
+
+
+def test_pac_selection_errors_are_explicit():
+    x = keras.Input((8, 8, 3))
+    y = keras.layers.Conv2D(4, 3, padding="same", name="c1")(x)
+    model = keras.Model(x, keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(y))
+    with pytest.raises(convrewrite.PlanError, match="c_typo"):
+        convrewrite.plan(model, cost_model=None, pac={"layers": ["c1", "c_typo"], "guidance": "self"})
+    plan = convrewrite.plan(model, cost_model=None, pac={"layers": ".*", "guidance": "self"})
+    assert plan.choices() == {"c1": "pac", "dw": "direct"}  # a pattern picks the sites PAC can replace
+    with pytest.raises(convrewrite.PlanError, match="cannot become PAC"):
+        convrewrite.plan(model, cost_model=None, pac={"layers": ["dw"], "guidance": "self"})
+
+
 def test_graph_is_networkx_with_tensor_edges():
     a = keras.Input((6, 6, 2), name="a")
     c = keras.layers.Conv2D(2, 3, padding="same", name="c")

@@ -75,3 +75,15 @@ def test_input_smaller_than_kernel_same_padding(rng):
 def test_bad_groups_is_a_clear_error(rng):
     with pytest.raises(ValueError, match="groups"):
         reference.conv2d(rng.standard_normal((1, 4, 4, 3)), rng.standard_normal((3, 3, 2, 4)), groups=2)
+
+
+@pytest.mark.parametrize("h,w,kernel,strides", [(11, 4, 5, (3, 4)), (3, 9, 5, 2), (2, 2, 3, 1)])
+def test_empty_output_along_one_axis_keeps_the_other(h, w, kernel, strides):
+    """VALID with the input smaller than the kernel along one axis: empty there, full size along the other."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(h * 100 + w)
+    x = rng.standard_normal((2, h, w, 3))
+    k = rng.standard_normal((kernel, kernel, 3, 2))
+    expected = tf.nn.conv2d(x, k, strides=strides, padding="VALID").numpy()
+    assert reference.conv2d(x, k, strides=strides, padding="valid").shape == expected.shape
