@@ -7,7 +7,7 @@ import copy
 from . import cost, implementations
 from .errors import VerificationError
 from .graph import walk
-from .planner import Plan, make_plan
+from .planner import Plan, check_rtol, make_plan, parse_memory_limit
 from .verify import VerificationReport, verify as _verify
 
 
@@ -18,15 +18,20 @@ def _resolve_cost_model(cost_model):
     return cost.resolve(cost_model)
 
 
-def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8) -> Plan:
+def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8, memory_limit=None, rtol=None) -> Plan:
     """Decide an implementation for every conv site of `model` (nothing is built).
 
     cost_model: "auto" (the profile shipped or measured for this device), a path to a profile JSON, a
     CostModel, or None for the rule-based chooser. allow: names the planner may pick from.
     pac: {"layers": [names] | regex, "guidance": "self" | input/layer name, "budget": 1.3 (optional),
     **PacConv2D options}. batch: the batch size predictions are for where the model leaves it unknown.
+    memory_limit: the most working memory one conv call may take: bytes (int) or a string like "2GB" or
+    "1.5GiB"; implementations estimated above it (planner.estimate_workspace_bytes) are not chosen.
+    rtol: relative error bound; implementations whose expected error (planner.estimate_rel_error) exceeds
+    it are not chosen. `direct` is always allowed.
     """
-    return make_plan(walk(model), _resolve_cost_model(cost_model), allow=allow, pac=pac, batch=batch)
+    return make_plan(walk(model), _resolve_cost_model(cost_model), allow=allow, pac=pac, batch=batch,
+                     memory_limit=memory_limit, rtol=rtol)
 
 
 def build(model, plan: Plan):
@@ -44,15 +49,22 @@ def build(model, plan: Plan):
 
 
 def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, verify=True, inputs=None,
-             rtol=None, measure=False, batch: int = 8):
+             rtol=None, measure=False, batch: int = 8, memory_limit=None):
     """A new keras.Model computing what `model` computes, each convolution in its fastest implementation.
 
     Verifies by default: any site whose replacement differs from the original beyond tolerance falls back
     to `direct` (recorded in the report), and if the model still differs a VerificationError is raised.
     The returned model carries `convrewrite_plan` and `convrewrite_report` attributes.
-    measure: time the candidates on this model's real shapes at `batch` (tactic timing), cached in the
-    cost model's profile file so the next call reuses them.
+    rtol: the relative error allowed, per site and end to end (default: by compute dtype, 1e-5 for
+    float32); given, it also constrains the plan: implementations expected to exceed it are not chosen.
+    memory_limit: the most working memory one conv call may take (bytes, or "2GB" / "1.5GiB"); see plan().
+    Both constrain only a plan made here, not a `plan` given.
+    measure: time the candidates on this model's real shapes at `batch` on this device (tactic timing),
+    keyed by this device's fingerprint and cached: in the profile file if you named one, else (auto or a
+    shipped profile) in the user cache (~/.cache/convrewrite/tactics/); the next call reuses them.
+    Implementations excluded by memory_limit are not timed.
     """
+    parse_memory_limit(memory_limit), check_rtol(rtol)  # bad values fail before any measuring
     if plan is not None:
         plan = copy.deepcopy(plan)  # fallbacks edit the plan; the caller's stays as given
     else:
@@ -60,8 +72,8 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         cm = _resolve_cost_model(cost_model)
         if measure:
             cm = cm or cost.resolve("auto")
-            cm.measure_specs([s.spec for s in graph.all_sites()], allow=allow, batch=batch)
-        plan = make_plan(graph, cm, allow=allow, pac=pac, batch=batch)
+            cm.measure_specs([s.spec for s in graph.all_sites()], allow=allow, batch=batch, memory_limit=memory_limit)
+        plan = make_plan(graph, cm, allow=allow, pac=pac, batch=batch, memory_limit=memory_limit, rtol=rtol)
     new = build(model, plan)
     report = None
     if verify:
