@@ -4,6 +4,9 @@ For each kernel size it builds Keras's layer and the FFT layer with the same wei
 with tf.function (inference), runs them interleaved (warm-up excluded) and prints the median times,
 the ratio (Keras / FFT: > 1 means FFT is faster) and the normwise relative error. Every size is printed,
 including those where FFT loses; the crossover is the smallest kernel from which FFT stays faster.
+"cpu ratio" is the same ratio of this process's CPU time (all its threads): on a shared machine the
+wall-clock ratio swings with other processes' load (each layer gets one core or two), the CPU-time one
+much less; it is not a speed-up on an idle machine, where Keras's conv uses both cores better than FFTs.
 
     python benchmarks/fft_vs_direct.py            # dense 8x64x64 32->32 and depthwise 8x56x56x128
     python benchmarks/fft_vs_direct.py --quick    # fewer sizes and repetitions
@@ -66,17 +69,17 @@ def run_case(kind, shape, k, filters, reps, warmup, tile_size=None):
     for _ in range(warmup):
         f_ref(x).numpy()
         f_new(x).numpy()
-    t_ref, t_new = [], []
+    t_ref, t_new, c_ref, c_new = [], [], [], []
     for _ in range(reps):  # interleaved, so load from other processes hits both alike
-        t0 = time.perf_counter()
-        f_ref(x).numpy()
-        t_ref.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        f_new(x).numpy()
-        t_new.append(time.perf_counter() - t0)
+        for f, t, c in ((f_ref, t_ref, c_ref), (f_new, t_new, c_new)):
+            c0, t0 = time.process_time(), time.perf_counter()
+            f(x).numpy()
+            t.append(time.perf_counter() - t0)
+            c.append(time.process_time() - c0)
     plan = new.fft_plan
     mode = f"tiled {plan.rows.tile}x{plan.cols.tile}" if plan.tiled else "full"
-    return median_ms(t_ref), median_ms(t_new), err, f"{plan.fft_shape[0]}x{plan.fft_shape[1]} {mode}"
+    cpu_ratio = statistics.median(c_ref) / statistics.median(c_new)
+    return median_ms(t_ref), median_ms(t_new), err, f"{plan.fft_shape[0]}x{plan.fft_shape[1]} {mode}", cpu_ratio
 
 
 def main(argv=None):
@@ -96,18 +99,19 @@ def main(argv=None):
           f"interleaved runs after {warmup} warm-up; ratio = keras / fft (> 1: FFT faster)")
     for kind, shape, filters, title in cases:
         print(f"\n{title}")
-        header = f"{'k':>3}  {'keras ms':>10}  {'fft ms':>9}  {'ratio':>7}  {'rel err':>8}  transform"
+        header = f"{'k':>3}  {'keras ms':>10}  {'fft ms':>9}  {'ratio':>7}  {'cpu ratio':>9}  {'rel err':>8}  transform"
         print(header)
         print("-" * len(header))
         crossover = None
         for k in sizes:
-            t_ref, t_new, err, how = run_case(kind, shape, k, filters, reps, warmup)
+            t_ref, t_new, err, how, cpu_ratio = run_case(kind, shape, k, filters, reps, warmup)
             ratio = t_ref / t_new
             if ratio > 1 and crossover is None:
                 crossover = k
             elif ratio <= 1:
                 crossover = None
-            print(f"{k:>3}  {t_ref:>10.2f}  {t_new:>9.2f}  {ratio:>6.2f}x  {err:>8.1e}  {how}", flush=True)
+            print(f"{k:>3}  {t_ref:>10.2f}  {t_new:>9.2f}  {ratio:>6.2f}x  {cpu_ratio:>8.2f}x  {err:>8.1e}  {how}",
+                  flush=True)
         print(f"crossover ({kind}): FFT faster from k = {crossover} on" if crossover else
               f"crossover ({kind}): FFT never stays faster in this range")
 

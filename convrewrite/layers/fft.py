@@ -6,8 +6,10 @@ pair, independent of k. So FFT wins for large kernels and loses for small ones.
 
 How a call runs (x: (batch, H, W, Cin), one transform size (P, Q) per layer):
   1. x -> (batch, Cin, H, W) float32 -> rfft2d zero-padded to (P, Q)      X: (batch, Cin, P, Q//2+1)
-  2. per frequency bin, per group: (batch x Cg) @ (Cg x Og), one batched complex matmul (a broadcast
-     multiply when Cg == 1, i.e. depthwise), against the *cached* kernel spectrum
+  2. per frequency bin, per group: (batch x Cg) @ (Cg x Og), one batched matmul (a broadcast multiply
+     when Cg == 1, i.e. depthwise), against the *cached* kernel spectrum; the complex product runs as a
+     real one on interleaved (re, im) views against the spectrum's real block form (see
+     `backend.real_block_matmul`)
   3. irfft2d, keep every stride-th output, bias, activation, back to the layer's layout.
 Cross-correlation (what TF calls convolution) is multiplication by the conjugate kernel spectrum, and TF's
 SAME padding is not materialized: the kernel is circularly shifted by the top/left pad instead, which
@@ -58,7 +60,7 @@ def is_fast_length(n: int, primes=FAST_PRIMES) -> bool:
 
 
 def next_fast_length(n: int, primes=FAST_PRIMES, even: bool = False) -> int:
-    """Smallest fast length >= n (>= 1); even=True also requires it to be even (real FFTs prefer that).
+    """Smallest fast length >= n (>= 1); even=True also requires it to be even (tiled plans' columns).
 
     Why not n itself: a 74-point transform (2 * 37) costs more than an 80-point one; 7-smooth lengths are
     dense enough (at most a few percent above n for n > 50) that rounding up is always cheaper."""
@@ -181,7 +183,10 @@ def plan_fft(height, width, kernel_eff, strides=(1, 1), padding="valid", tile_si
                 f"Received tile_size='full' with unknown spatial size {height}x{width}; expected a known "
                 f"input size, or tile_size=None / an int for overlap-save tiling."
             )
-        return FFTPlan(full_axis_plan(height, kh, sh, padding), full_axis_plan(width, kw, sw, padding, even=True))
+        # Any fast length, odd ones included, on both axes: the per-bin products and the transposes scale
+        # with the bins P * (Q // 2 + 1), and TF's real FFTs measured as fast at 75 as at 80 (74 needed for
+        # a 21x21 SAME kernel on 64x64: 2850 bins instead of 3075).
+        return FFTPlan(full_axis_plan(height, kh, sh, padding), full_axis_plan(width, kw, sw, padding))
     if tile_size is not None:
         th, tw = _tile_pair(tile_size)
         return FFTPlan(tiled_axis_plan(kh, th, sh, padding, height),
@@ -219,7 +224,8 @@ def fft_cost_features(spec: ConvSpec, tile_size=None) -> dict:
     call (batch * tiles * Cin / Cout); bins: frequency bins per transform; matmul_m/k/n and matmul_batch:
     the per-bin complex product (batch*tiles x Cg) @ (Cg x Og), batched over bins * groups;
     fft_flops: ~2.5 P Q log2(P Q) per real transform; matmul_flops: 8 per complex multiply-add;
-    spectrum_bytes: cached kernel spectra; bytes: activations moved (input, spectra of activations, output);
+    spectrum_bytes: cached kernel spectra (complex64 for depthwise-like groups, real block form of twice
+    that for the matmul path); bytes: activations moved (input, spectra of activations, output);
     strided_waste: stride-1 outputs computed per output kept (strides are applied after the inverse).
     """
     h, w = spec.height, spec.width
@@ -254,7 +260,7 @@ def fft_cost_features(spec: ConvSpec, tile_size=None) -> dict:
         "matmul_batch": float(bins * groups),
         "matmul_flops": matmul_flops,
         "flops": one * (fwd + inv) + matmul_flops,
-        "spectrum_bytes": 8.0 * bins * cg * spec.filters,
+        "spectrum_bytes": (8.0 if cg == 1 else 16.0) * bins * cg * spec.filters,
         "bytes": 4.0 * (n_in + n_out) + 8.0 * bins * b * tiles * (spec.in_channels + spec.filters),
         "strided_waste": float(spans / max((ho or 1) * (wo or 1), 1)),
         # additive cost terms: transforms whose working set outgrows the caches cost more per flop, and
@@ -284,8 +290,9 @@ def kernel_spectrum(kernel, plan: FFTPlan, groups: int, dilation=(1, 1)):
     """Conjugate spectrum of a grouped kernel, laid out for the per-bin products.
 
     kernel: (kh, kw, Cg, Cout) float32 (a depthwise (kh, kw, C, M) kernel is passed as (kh, kw, 1, C*M)
-    with groups=C). Returns (bins, G, Cg, Og) complex64 for the matmul path (Cg > 1), or (G, Og, bins)
-    for the broadcast path (Cg == 1). Conjugate because TF convolutions are cross-correlations.
+    with groups=C). Returns, for the matmul path (Cg > 1), the real block form (`backend.real_block`) of
+    the (bins, G, Cg, Og) complex spectrum: (bins, G, 2 Cg, 2 Og) float32; for the broadcast path
+    (Cg == 1), (G, Og, bins) complex64. Conjugate because TF convolutions are cross-correlations.
     """
     kernel = _dilate(kernel, dilation)
     kh, kw, cg, cout = kernel.shape
@@ -300,13 +307,14 @@ def kernel_spectrum(kernel, plan: FFTPlan, groups: int, dilation=(1, 1)):
     if cg == 1:
         return ops.reshape(spec, (groups, og, plan.bins))
     spec = ops.reshape(spec, (cg, groups, og, plan.bins))
-    return ops.transpose(spec, (3, 1, 0, 2))
+    return backend.real_block(ops.transpose(spec, (3, 1, 0, 2)))  # (bins, G, 2 Cg, 2 Og)
 
 
 def spectral_correlate(x, spectrum, plan: FFTPlan, groups: int, cg: int):
     """Stride-1 correlation of a batch of single-image blocks with a cached kernel spectrum.
 
-    x: (B, Cin, h, w) float32 with h <= P, w <= Q. spectrum: from `kernel_spectrum`.
+    x: (B, Cin, h, w) float32 with h <= P, w <= Q. spectrum: from `kernel_spectrum` (real block form
+    (bins, G, 2 Cg, 2 Og) when cg > 1, complex (G, Og, bins) when cg == 1).
     Returns (B, Cout, P, Q) float32; outputs are at [0, span) on each axis.
     """
     p, q = plan.fft_shape
@@ -320,9 +328,9 @@ def spectral_correlate(x, spectrum, plan: FFTPlan, groups: int, cg: int):
         # One batched matmul over (bins, groups): (B x Cg) @ (Cg x Og) per bin.
         xf = ops.reshape(xf, (-1, groups, cg, plan.bins))
         xf = ops.transpose(xf, (3, 1, 0, 2))  # (bins, G, B, Cg)
-        yf = backend.complex_matmul(xf, spectrum)  # (bins, G, B, Og)
+        yf = backend.real_block_matmul(xf, spectrum)  # (bins, G, B, Og)
         yf = ops.transpose(yf, (2, 1, 3, 0))  # (B, G, Og, bins)
-    og = spectrum.shape[-1] if cg > 1 else spectrum.shape[1]
+    og = spectrum.shape[-1] // 2 if cg > 1 else spectrum.shape[1]
     yf = ops.reshape(yf, (-1, groups * og, p, q // 2 + 1))
     return backend.irfft2d(yf, (p, q))
 
@@ -393,14 +401,28 @@ class _FFTConvMixin:
         groups, cg, cout = self._grouping()
         kh, kw = self.kernel_size
         self._spectrum_cache = backend.SpectrumCache(
-            (kh, kw, cg, cout), self.fft_bins_shape(self._fft_plan), "complex64", name=f"{self.name}_spectrum_cache"
+            (kh, kw, cg, cout), self.fft_bins_shape(self._fft_plan), "complex64" if cg == 1 else "float32",
+            name=f"{self.name}_spectrum_cache",
         )
 
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        """TF's object graph, minus the spectrum cache in checkpoints.
+
+        The cache is derived state whose shape depends on the input size (full mode): a `tf.train.Checkpoint`
+        holding it could not be restored into the same architecture built for another size, and restoring
+        it would only be overwritten on the next call. SavedModel export (`model.export`) keeps it, since the
+        exported functions read its variables."""
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type != "savedmodel":
+            children.pop("_spectrum_cache", None)
+        return children
+
     def fft_bins_shape(self, plan):
+        """Shape of the cached kernel spectrum (see `kernel_spectrum`)."""
         groups, cg, cout = self._grouping()
         if cg == 1:
             return (groups, cout // groups, plan.bins)
-        return (plan.bins, groups, cg, cout // groups)
+        return (plan.bins, groups, 2 * cg, 2 * (cout // groups))
 
     @property
     def fft_plan(self) -> Optional[FFTPlan]:
@@ -466,11 +488,16 @@ class _FFTConvMixin:
         shape = ops.shape(x)
         geo = [_dynamic_axis(shape[ax], a, self.padding) for ax, a in ((hax, plan.rows), (wax, plan.cols))]
         pads = [(0, 0)] * 4
+        needs = []
         for ax, n, (out, pb, span, tiles), a in zip((hax, wax), (shape[hax], shape[wax]), geo, (plan.rows, plan.cols)):
-            need = tiles * a.tile + a.kernel - 1
+            need = tiles * a.tile + a.kernel - 1  # padded inputs the `tiles` frames read
+            needs.append(need)
             pads[ax] = (pb, ops.maximum(need - pb - n, 0))
         x = ops.pad(x, pads)
-        # Overlap-save frames; frame() stops at the last full window, i.e. exactly `tiles` of them.
+        # Under VALID with strides the padded input may run up to stride - 1 rows/cols past `need` (inputs
+        # no kept output reads), which would give frame() extra windows: cut them off first, so that
+        # frame() returns exactly `tiles` windows per axis.
+        x = x[:, : needs[0], : needs[1], :] if last else x[:, :, : needs[0], : needs[1]]
         x = backend.frame(x, plan.rows.fft, plan.rows.tile, axis=hax)  # rows axis -> (tiles_h, P)
         x = backend.frame(x, plan.cols.fft, plan.cols.tile, axis=wax + 1)  # cols axis -> (tiles_w, Q)
         if last:  # (N, th, P, tw, Q, C) -> (N, th, tw, C, P, Q)
