@@ -3,12 +3,22 @@
 Synthetic data: each image is a few flat-coloured rectangles on a background; the target map is a
 piecewise-constant function of the same regions (sharp edges where the image has edges). The network
 sees the map at 1/4 resolution and must upsample it. A plain Conv2DTranspose can only blur the edges;
-PacConv2DTranspose re-weights its taps by image similarity, so it can keep them. Both start from the
-same bilinear-like kernel and are trained for a few steps; the script prints both validation errors.
+PacConv2DTranspose re-weights its taps by image similarity, so it can keep them.
 
-    python examples/pac_guided_upsampling.py        # < 1 minute on a laptop CPU
+Both layers' `kernel` weights are initialised to the same bilinear-upsampling kernel, but the two models
+do not start as the same function. The plain layer starts as exact bilinear upsampling. The PAC layer
+(normalize_kernel=True, guidance scale 8: a sharp guidance kernel) divides each output pixel by the sum
+of K over the low-resolution samples its window covers (4 where the guidance is uniform), while the
+bilinear weights of those samples sum to 1, so its output starts too small and its starting error is
+higher (validation MSE about 0.18 against 0.04, seed 0). A few training steps learn the kernel's scale
+and the guidance scale, and it ends below the plain layer (about 0.021 against 0.034). The script prints
+both errors, at the start and after training.
+
+    python examples/pac_guided_upsampling.py                 # 3 epochs of 32 steps, ~15 s on 2 CPU cores
+    python examples/pac_guided_upsampling.py --steps 4 --epochs 1   # a smoke run
 """
 
+import argparse
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -65,10 +75,13 @@ def build(pac: bool):
     return model
 
 
-def main(steps_per_epoch=32, epochs=3, seed=0):
+def main(steps_per_epoch=32, epochs=3, seed=0, n_train=512, n_val=128, verbose=True):
+    """Train both models; returns {name: (validation MSE at start, after training)}.
+
+    steps_per_epoch * 16 should not exceed n_train (each epoch draws that many batches of 16)."""
     rng = np.random.default_rng(seed)
-    train = synthetic(512, rng)
-    val = synthetic(128, rng)
+    train = synthetic(n_train, rng)
+    val = synthetic(n_val, rng)
     results = {}
     for name, pac in (("Conv2DTranspose", False), ("PacConv2DTranspose", True)):
         keras.utils.set_random_seed(seed)
@@ -78,10 +91,16 @@ def main(steps_per_epoch=32, epochs=3, seed=0):
         model.fit([train[1], train[0]], train[2], batch_size=16, epochs=epochs, steps_per_epoch=steps_per_epoch,
                   verbose=0)
         results[name] = (before, model.evaluate([val[1], val[0]], val[2], verbose=0))
-    for name, (before, after) in results.items():
-        print(f"{name:20s} validation MSE: {before:.4f} at start -> {after:.4f} after training")
+    if verbose:
+        for name, (before, after) in results.items():
+            print(f"{name:20s} validation MSE: {before:.4f} at start -> {after:.4f} after training")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=32, help="training steps per epoch (batches of 16)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    main(steps_per_epoch=args.steps, epochs=args.epochs, seed=args.seed)

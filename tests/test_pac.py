@@ -13,6 +13,7 @@ import tensorflow as tf
 import convrewrite
 from convrewrite import implementations
 from convrewrite import reference as R
+from convrewrite.layers import backend
 from convrewrite.layers.pac import PacConv2D, PacConv2DTranspose, PacImplementation, PacPool2D, parse_kernel_type
 
 from conftest import rel_error
@@ -312,3 +313,149 @@ def test_validation_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"list \[x, guidance\]"):
         PacConv2D(2, 3)(np.zeros((1, 5, 5, 1), "float32"))
     assert parse_kernel_type("inv_2_0.5_fixed") == ("inv", 2.0, 0.5, False)
+
+
+# ---- audit regressions: run-time guidance resize, mixed precision, shift memory, the example ----------
+def test_unknown_spatial_size_resizes_guidance_at_run_time(rng):
+    """None H/W at trace time must resize the guidance like static shapes do, not read its top-left corner."""
+    x, g = _f32(rng, 2, 8, 6, 3), _f32(rng, 2, 16, 12, 2)
+    spec = [tf.TensorSpec((None, None, None, 3)), tf.TensorSpec((None, None, None, 2))]
+    for layer in (PacConv2D(4, 3, padding="same", kernel_type="inv_1_1", strategy="shift"),
+                  PacConv2D(4, 3, strides=2, padding="same", normalize_kernel=True, strategy="patch"),
+                  PacPool2D(3, 1, padding="same"),
+                  PacConv2DTranspose(2, 4, strides=2, padding="same")):
+        # The transpose's guidance lives at its output size (16x12): give it a different one (8x6).
+        gg = g[:, :8, :6] if isinstance(layer, PacConv2DTranspose) else g
+        static = layer([x, gg]).numpy()
+        for jit in (False, True) if isinstance(layer, (PacPool2D, PacConv2DTranspose)) else (False,):
+            dynamic = tf.function(lambda a, b, layer=layer: layer([a, b]), input_signature=spec, jit_compile=jit)
+            assert rel_error(dynamic(x, gg), static) <= TOL, (type(layer).__name__, jit)
+    # Against the oracle, and equal sizes: the run-time resize is the identity, bit for bit.
+    layer = PacConv2D(4, 3, padding="same", kernel_blend=1.5)
+    dynamic = tf.function(lambda a, b: layer([a, b]), input_signature=spec)
+    got = dynamic(x, g)
+    g_small = keras.ops.image.resize(g, (8, 6), interpolation="bilinear", antialias=False).numpy()
+    ref = R.pac_conv2d(x, g_small, layer.kernel.numpy(), layer.bias.numpy(), padding="same", kernel_blend=1.5)
+    assert rel_error(got, ref) <= TOL
+    assert rel_error(dynamic(x, g_small), layer([x, g_small])) <= TOL
+    same = tf.function(lambda t: backend.resize_bilinear(t, tf.shape(t)[1:3]),
+                       input_signature=[tf.TensorSpec((None, None, None, 2))])
+    assert np.array_equal(same(g).numpy(), g)
+
+
+def test_converted_fully_convolutional_model_with_unknown_size(rng):
+    image = keras.Input((None, None, 3), name="image")
+    h = keras.layers.Conv2D(6, 3, strides=2, padding="same", name="c2")(image)
+    model = keras.Model(image, keras.layers.Conv2D(5, 3, padding="same", name="c3")(h))
+    new = convrewrite.optimize(model, pac={"layers": ["c3"], "guidance": "image"}, cost_model=None)
+    new.get_layer("c3").blend.assign(0.7)  # adaptive: the guidance (16x16, resized to 8x8) matters
+    x = _f32(rng, 2, 16, 16, 3)
+    eager = new(x).numpy()
+    traced = tf.function(new, input_signature=[tf.TensorSpec((None, None, None, 3))])
+    assert rel_error(traced(x), eager) <= TOL
+
+
+@pytest.mark.parametrize("kernel_type", ["gaussian", "inv_1_1", "inv_2_0.5"])
+def test_mixed_precision_unnormalised_guidance_has_finite_gradients(rng, kernel_type):
+    """d2 and K in float32: a 0..255 guidance must not overflow float16 distances into inf/NaN gradients."""
+    x, g = _f32(rng, 2, 8, 8, 3), rng.uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        for layer, gg in ((PacConv2D(4, 3, padding="same", kernel_type=kernel_type, kernel_blend=0.5,
+                                     learn_guidance_scale=True, normalize_kernel=True), g),
+                          (PacPool2D(3, 1, padding="same", kernel_type=kernel_type, learn_guidance_scale=True), g),
+                          (PacConv2DTranspose(4, 3, strides=2, padding="same", kernel_type=kernel_type,
+                                              learn_guidance_scale=True),
+                           np.repeat(np.repeat(g, 2, 1), 2, 2))):
+            layer([x, gg])
+            with tf.GradientTape() as tape:
+                y = layer([x, gg])
+                loss = tf.reduce_mean(tf.square(tf.cast(y, tf.float32)))
+            assert y.dtype == "float16" and np.all(np.isfinite(y.numpy()))
+            grads = tape.gradient(loss, layer.trainable_variables)
+            for v, gr in zip(layer.trainable_variables, grads):
+                assert gr is not None and np.all(np.isfinite(gr.numpy())), (type(layer).__name__, v.path)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    # The float16 output still matches the float32 oracle.
+    layer = PacConv2D(4, 3, padding="same", dtype="mixed_float16", kernel_type=kernel_type, kernel_blend=0.5)
+    out = layer([x, g])
+    ref = R.pac_conv2d(x, g, layer.kernel.numpy(), layer.bias.numpy(), padding="same", kernel_type=kernel_type,
+                       kernel_blend=0.5)
+    assert rel_error(out, ref) <= 1e-2
+
+
+def test_shift_strategy_under_jit_and_its_gradients(rng):
+    x, g = _f32(rng, 2, 9, 7, 6), _f32(rng, 2, 9, 7, 2)
+    layers = {s: PacConv2D(5, 3, padding="same", kernel_type="inv_1_1", kernel_blend=0.5, strategy=s)
+              for s in ("patch", "shift")}
+    layers["patch"]([x, g])
+    layers["shift"]([x, g])
+    layers["shift"].set_weights(layers["patch"].get_weights())
+
+    def loss_and_grads(layer):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(layer([x, g])))
+        return [loss] + tape.gradient(loss, layer.trainable_variables)
+
+    expected = loss_and_grads(layers["patch"])
+    for jit in (False, True):
+        got = tf.function(lambda: loss_and_grads(layers["shift"]), jit_compile=jit)()
+        for a, b in zip(got, expected):
+            assert rel_error(a, b) <= 1e-5, jit
+
+
+_PEAK_SCRIPT = """
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf
+from convrewrite.layers.pac import PacConv2D
+
+def peak(reset=False):  # VmHWM, not ru_maxrss: a child inherits its parent's (pytest's) ru_maxrss
+    if reset:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+n, h, w, c, o, f, k = 1, 128, 128, 64, 64, 1, 7
+x, g = tf.random.normal((n, h, w, c)), tf.random.normal((n, h, w, f))
+layer = PacConv2D(o, k, padding="same", strategy=sys.argv[1])
+layer([x[:, :8, :8], g[:, :8, :8]])
+fn = tf.function(lambda: layer([x, g])).get_concrete_function()  # traced, not yet run
+before = peak(reset=True)
+float(tf.reduce_sum(fn()))
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux's /proc")
+def test_shift_strategy_forward_peak_memory_is_not_patch_like():
+    """Measured, not computed: the shift strategy's forward peak stays far below the k*k*C patch tensor."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, "shift"], capture_output=True, text=True, env=env,
+                         timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    growth = int(res.stdout.split()[-1])
+    patch_tensor = 128 * 128 * 7 * 7 * 64 * 4  # 196 MiB; shift measured ~42 MiB (was ~233 MiB)
+    assert growth < 0.4 * patch_tensor, f"shift forward peak grew RSS by {growth / 2**20:.0f} MiB"
+
+
+def test_guided_upsampling_example_runs_and_its_docstring_holds():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "pac_guided_upsampling.py")
+    spec = importlib.util.spec_from_file_location("pac_guided_upsampling", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    # Same initial `kernel` weights, as the docstring says...
+    plain, pac = example.build(False), example.build(True)
+    assert np.array_equal(plain.get_layer("up").kernel.numpy(), pac.get_layer("up").kernel.numpy())
+    results = example.main(steps_per_epoch=3, epochs=1, n_train=48, n_val=32, verbose=False)
+    assert set(results) == {"Conv2DTranspose", "PacConv2DTranspose"}
+    assert all(np.isfinite(v).all() for v in results.values())
+    # ...but not the same starting function: normalisation makes PAC start with a higher error.
+    assert results["PacConv2DTranspose"][0] > 2 * results["Conv2DTranspose"][0]
+    assert results["PacConv2DTranspose"][1] < results["PacConv2DTranspose"][0]

@@ -23,8 +23,15 @@ Conventions shared by every layer in this module (and by `convrewrite.reference.
   output is Conv2D(x) / n_i + b, n_i = the number of window taps on real pixels (kh*kw for VALID);
   PacPool2D with constant guidance equals AveragePooling2D exactly.
 * **Guidance size.** guidance: (batch, Hg, Wg, F). When (Hg, Wg) differs from the size K is evaluated at
-  (x's size for PacConv2D/PacPool2D, the *output* size for PacConv2DTranspose) and both are static, the
-  guidance is resized bilinearly (keras.ops.image.resize, no antialiasing) to that size first.
+  (x's size for PacConv2D/PacPool2D, the *output* size for PacConv2DTranspose), the guidance is resized
+  bilinearly (half-pixel centres, no antialiasing) to that size first. Sizes known at trace time use
+  keras.ops.image.resize; when either is unknown (None H/W in a tf.function or a Keras Input) the same
+  resize runs with the run-time size (`backend.resize_bilinear`), so results never depend on whether
+  shapes were static; to an equal size that resize is the identity, bit for bit.
+* **Precision.** The guidance distances d2 and the adaptive kernel K are computed in float32 (float64
+  for float64 layers) whatever the compute dtype, and K is cast to it afterwards: under mixed_float16 an
+  unnormalised guidance (e.g. 0..255 RGB) would overflow d2 to inf in float16 and turn the inv kernels'
+  gradients into NaN (log1p(inf) * 0). Only the contraction with x runs in the compute dtype.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from keras import ops
 from ..errors import PlanError
 from ..implementations import Implementation
 from ..spec import ConvSpec
+from . import backend
 
 __all__ = [
     "PacConv2D", "PacConv2DTranspose", "PacPool2D", "PacImplementation",
@@ -76,7 +84,8 @@ def parse_kernel_type(kernel_type, owner="PacConv2D"):
 def choose_strategy(kernel_taps: int, in_channels: int, filters: int, out_pixels=None) -> str:
     """The contraction strategy `strategy="auto"` picks, from static shape facts only.
 
-    shift runs kh*kw (pixels x C) @ (C x O) matmuls and never holds more than one tap's copy of x;
+    shift runs kh*kw (pixels x C) @ (C x O) matmuls and, in the forward pass, never holds more than
+    one tap's copy of x (taps are sliced one at a time, after the previous partial sum exists);
     patch builds the (pixels, kh*kw*C) patch matrix and runs one matmul. Measured on CPU (see
     benchmarks/pac.py) shift wins whenever the per-tap matmul is not tiny; patch wins when C is so small
     (e.g. RGB input, C <= 4) that kh*kw separate matmuls are dominated by their per-op overhead.
@@ -125,18 +134,38 @@ def _zero_pad(t, pads):
     return ops.pad(t, [(0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)])
 
 
-def _tap_slices(t, kernel, dilation, strides, out_hw):
-    """The kh*kw windows' taps of padded t: a list of (N, Ho, Wo, C) strided slices, row-major over taps.
+def _tap(t, index, kernel, dilation, strides, out_hw, after=None):
+    """Tap `index` (row-major over the kh*kw taps) of every window of padded t: (N, Ho, Wo, C).
 
-    Tap (a, b) of output pixel (i, j) is t[i*sh + a*dh, j*sw + b*dw]. This loop is over the static
-    kernel taps only; each slice covers every pixel at once."""
+    Tap (a, b) of output pixel (i, j) is t[i*sh + a*dh, j*sw + b*dw]: one strided slice covering every
+    pixel at once. after: None or a tensor; in a graph the slice is then not taken before `after` is
+    computed (see `backend.after`), which is what bounds the sequential loops' live tensors to one tap."""
     (kh, kw), (dh, dw), (sh, sw), (ho, wo) = kernel, dilation, strides, out_hw
-    out = []
-    for a in range(kh):
-        for b in range(kw):
-            r0, c0 = a * dh, b * dw
-            out.append(t[:, r0:r0 + (ho - 1) * sh + 1:sh, c0:c0 + (wo - 1) * sw + 1:sw, :])
-    return out
+    r0, c0 = (index // kw) * dh, (index % kw) * dw
+    return backend.after([after], lambda: t[:, r0:r0 + (ho - 1) * sh + 1:sh, c0:c0 + (wo - 1) * sw + 1:sw, :])
+
+
+def _tap_slices(t, kernel, dilation, strides, out_hw):
+    """All kh*kw taps of padded t at once: a list of (N, Ho, Wo, C) slices, row-major over taps.
+
+    Every slice is a copy, and all of them are live together (kh*kw times t's size): use it only where
+    they are all needed at once (the patch tensor, the small validity mask)."""
+    return [_tap(t, i, kernel, dilation, strides, out_hw) for i in range(kernel[0] * kernel[1])]
+
+
+def _accumulate_taps(t, kernel, dilation, strides, out_hw, part):
+    """sum over taps i of part(i, tap_i) with tap_i = _tap(t, i, ...): (N, Ho, Wo, O), taps taken one at a time.
+
+    Tap i is sliced only after the partial sum over taps < i exists, so at any time only the running
+    sum and one tap's slice and partial product are live: forward peak ~ N*Ho*Wo*(C + 2*O) values
+    besides t, never the kh*kw slices. (A single n-ary add, tf.add_n, would need every partial product
+    alive at once, and measured no faster.) Under autodiff each tap's slice is kept for the backward
+    pass, so training memory still grows with kh*kw."""
+    total = None
+    for i in range(kernel[0] * kernel[1]):
+        p = part(i, _tap(t, i, kernel, dilation, strides, out_hw, after=total))
+        total = p if total is None else ops.add(total, p)
+    return total
 
 
 def _dense(t, w):
@@ -146,24 +175,26 @@ def _dense(t, w):
     return ops.reshape(y, (shape[0], shape[1], shape[2], ops.shape(w)[-1]))
 
 
-def _sum(parts):
-    """Elementwise sum of same-shaped tensors, one binary add at a time.
-
-    Sequential on purpose: only the running sum and one tap's partial output are live, which is what
-    keeps the shift strategy's forward memory at O(pixels * (C + O)). A single n-ary add (tf.add_n) needs
-    every partial output alive at once, and measured no faster within this machine's timing noise."""
-    total = parts[0]
-    for p in parts[1:]:
-        total = ops.add(total, p)
-    return total
+def _kernel_dtype(dtype):
+    """The dtype d2 and K are computed in: float64 for float64 layers, else float32 (see Precision above)."""
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
 
 
-def _resize_guidance(guidance, size, owner):
-    """Bilinearly resize guidance: (N, Hg, Wg, F) to `size` when both sizes are static and differ."""
+def _resize_guidance(guidance, static_size, size):
+    """Bilinearly resize guidance: (N, Hg, Wg, F) to (N, Ho, Wo, F) when its size differs from (Ho, Wo).
+
+    static_size: (Ho, Wo) as Python ints or None where unknown at trace time; size: (Ho, Wo) as ints or
+    scalar tensors (the run-time values). All four sizes static: resized only if they differ (Keras op).
+    Any of them unknown: always resized to the run-time size (`backend.resize_bilinear`, the same
+    arithmetic), which is exactly the identity when the sizes turn out equal, so a shape-polymorphic
+    trace computes what a static one does instead of reading the guidance's top-left corner."""
     gh, gw = guidance.shape[1], guidance.shape[2]
-    if None in (gh, gw) or None in size or (gh, gw) == tuple(size):
+    g32 = ops.cast(guidance, "float32")
+    if None in (gh, gw) or None in tuple(static_size):
+        return ops.cast(backend.resize_bilinear(g32, size), guidance.dtype)
+    if (gh, gw) == tuple(static_size):
         return guidance
-    resized = ops.image.resize(ops.cast(guidance, "float32"), size, interpolation="bilinear", antialias=False,
+    resized = ops.image.resize(g32, tuple(static_size), interpolation="bilinear", antialias=False,
                                data_format="channels_last")
     return ops.cast(resized, guidance.dtype)
 
@@ -172,14 +203,20 @@ def _resize_guidance(guidance, size, owner):
 def pac_kernel(gp, out_hw, kernel, dilation, strides, center, kernel_fn, mask=None, normalize=False):
     """K for every output pixel and tap: (N, Ho, Wo, kh*kw).
 
-    gp: padded guidance (N, Hp, Wp, F); center: the tap (a, b) whose guidance is f_i;
-    kernel_fn: d2 -> K (already including any blend); mask: padded 0/1 validity (1, Hp, Wp, 1) or None.
-    Memory: the stacked guidance taps, N*Ho*Wo*kh*kw*F values, and K itself (N*Ho*Wo*kh*kw).
+    gp: padded guidance (N, Hp, Wp, F) in the kernel dtype (float32 or float64, see Precision above);
+    center: the tap (a, b) whose guidance is f_i; kernel_fn: d2 -> K (already including any blend);
+    mask: padded 0/1 validity (1, Hp, Wp, 1) or None. K comes back in gp's dtype.
+    Memory: d2 and K, a few N*Ho*Wo*kh*kw values; the guidance taps are sliced and reduced one at a
+    time (each after the previous tap's distance exists), so only ~2 taps' N*Ho*Wo*F are live.
     """
-    taps = _tap_slices(gp, kernel, dilation, strides, out_hw)
-    fc = taps[center[0] * kernel[1] + center[1]]
+    t = kernel[0] * kernel[1]
+    fc = _tap(gp, center[0] * kernel[1] + center[1], kernel, dilation, strides, out_hw)
     # One reduction per tap, then a stack: fewer live values than stacking (N, Ho, Wo, T, F) first.
-    d2 = ops.stack([ops.sum(ops.square(ft - fc), axis=-1) for ft in taps], axis=-1)
+    dists = []
+    for i in range(t):
+        ft = _tap(gp, i, kernel, dilation, strides, out_hw, after=dists[-1] if dists else None)
+        dists.append(ops.sum(ops.square(ft - fc), axis=-1))
+    d2 = ops.stack(dists, axis=-1)
     k = kernel_fn(d2)
     if mask is not None:
         k = k * ops.concatenate(_tap_slices(mask, kernel, dilation, strides, out_hw), axis=-1)
@@ -196,26 +233,27 @@ def pac_contract(xp, k, w, out_hw, kernel, dilation, strides, strategy):
     xp: zero-padded x (N, Hp, Wp, C); k: (N, Ho, Wo, T); w: (kh, kw, C, O); strategy 'patch' | 'shift'.
 
     patch: stack the taps of x into (N, Ho, Wo, T, C), scale by K, one (pixels, T*C) @ (T*C, O) matmul.
-           Peak forward memory ~ 2 * N*Ho*Wo*T*C values (the patch tensor and its K-scaled copy).
+           Peak forward memory ~ 2 * N*Ho*Wo*T*C values (the taps or the patch tensor, and its K-scaled copy).
     shift: for each tap, slice x, one (pixels, C) @ (C, O) matmul, scale by K's tap (before the matmul
-           when C < O, after it otherwise), and accumulate the T partial sums one at a time.
-           Peak forward memory ~ N*Ho*Wo*(C + O) per tap in flight; the k*k*C patch tensor never exists.
-           (Under autodiff the per-tap slices of x are kept for the kernel gradient, N*Ho*Wo*T*C values,
-           so training memory is patch-like for both strategies.)
+           when C < O, after it otherwise), and add it to a running sum (`_accumulate_taps`): each tap
+           is sliced only once the previous partial sum exists, so the k*k*C patch tensor never exists
+           and forward peak is ~ N*Ho*Wo*(C + 2*O) values besides xp and K.
+           (Under autodiff every tap's slice of x, and with C >= O its unscaled product, is kept for the
+           backward pass, N*Ho*Wo*T*C (+ T*O) values: training memory is patch-like for both strategies.)
     """
     kh, kw, c, o = w.shape
-    taps = _tap_slices(xp, kernel, dilation, strides, out_hw)
     if strategy == "patch":
-        p = ops.stack(taps, axis=3) * ops.expand_dims(k, -1)  # (N, Ho, Wo, T, C)
-        shape = ops.shape(p)
+        p = ops.stack(_tap_slices(xp, kernel, dilation, strides, out_hw), axis=3) * ops.expand_dims(k, -1)
+        shape = ops.shape(p)  # p: (N, Ho, Wo, T, C)
         p = ops.reshape(p, (shape[0], shape[1], shape[2], kh * kw * c))
         return _dense(p, ops.reshape(w, (kh * kw * c, o)))
     wt = ops.reshape(w, (kh * kw, c, o))
-    parts = []
-    for t, xt in enumerate(taps):
+
+    def part(t, xt):
         kt = k[..., t:t + 1]
-        parts.append(_dense(xt * kt, wt[t]) if c < o else _dense(xt, wt[t]) * kt)
-    return _sum(parts)
+        return _dense(xt * kt, wt[t]) if c < o else _dense(xt, wt[t]) * kt
+
+    return _accumulate_taps(xp, kernel, dilation, strides, out_hw, part)
 
 
 # ---- the shared layer machinery ---------------------------------------------------------------------
@@ -338,11 +376,13 @@ class _PacMixin:
 
         x, g: the layer's inputs in its data_format. Pads follow Conv2D's (TF's asymmetric SAME); K is
         computed on the edge-padded guidance, normalized over real (unpadded) taps if asked.
+        d2 and K are computed in float32 (float64 for float64 x) and K is returned in x's dtype.
         Returns x: (N, H, W, C), K: (N, Ho, Wo, kh*kw), pads ((top, bottom), (left, right)), (Ho, Wo)."""
         x, g = _to_last(x, self.data_format), _to_last(g, self.data_format)
-        g = ops.cast(g, x.dtype)
+        kdtype = _kernel_dtype(x.dtype)
+        g = ops.cast(g, kdtype)
         h, w = ops.shape(x)[1], ops.shape(x)[2]
-        g = self._prepare_guidance(g, (x.shape[1], x.shape[2]))
+        g = self._prepare_guidance(g, (x.shape[1], x.shape[2]), (h, w))
         strides, dilation = self.strides, self.dilation_rate
         eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
         if self.padding == "same":
@@ -351,14 +391,15 @@ class _PacMixin:
         else:
             pads = ((0, 0), (0, 0))
             out_hw = ((h - eff[0]) // strides[0] + 1, (w - eff[1]) // strides[1] + 1)
-        mask = _zero_pad(ops.ones((1, h, w, 1), x.dtype), pads) if self.normalize_kernel else None
+        mask = _zero_pad(ops.ones((1, h, w, 1), kdtype), pads) if self.normalize_kernel else None
         center = (kernel[0] // 2, kernel[1] // 2)
         k = pac_kernel(_edge_pad(g, pads), out_hw, kernel, dilation, strides, center,
-                       self._kernel_fn(x.dtype), mask=mask, normalize=self.normalize_kernel)
-        return x, k, pads, out_hw
+                       self._kernel_fn(kdtype), mask=mask, normalize=self.normalize_kernel)
+        return x, ops.cast(k, x.dtype), pads, out_hw
 
-    def _prepare_guidance(self, g, size):
-        g = _resize_guidance(g, size, type(self).__name__)
+    def _prepare_guidance(self, g, static_size, size):
+        """g: (N, Hg, Wg, F) in the kernel dtype -> (N, Ho, Wo, F), resized if needed and scaled."""
+        g = _resize_guidance(g, static_size, size)
         if self.guidance_scale is not None:
             g = g * ops.cast(self.guidance_scale, g.dtype)
         return g
@@ -401,8 +442,13 @@ class PacConv2D(_PacMixin, keras.layers.Conv2D):
       strategy: 'auto' | 'patch' | 'shift' (see pac_contract for each one's peak memory; auto uses
         choose_strategy). Both compute the same sum; they differ in speed and memory only.
 
-    Peak forward memory besides x, guidance and the output (P = batch*Ho*Wo, T = kh*kw):
-      K: P*T*(F + 2) values (stacked distances and kernel); plus patch: 2*P*T*Cin, shift: P*(Cin + filters).
+    Peak forward memory besides x, guidance and the output (P = batch*Ho*Wo, T = kh*kw), in values:
+      K: ~P*(3*T + 2*F) (per-tap distances, stacked d2, K; two guidance taps at a time);
+      plus patch: 2*P*T*Cin; shift: P*(Cin + 2*filters) (one tap in flight, then the running sum).
+    Measured (benchmarks/pac.py, float32, 4x64x64, 32 -> 32, F=8, k=7; peak-RSS growth of a fresh
+    process over its first call, so including the output and padded copies): forward patch ~220 MB,
+    shift ~35 MB, Conv2D ~5 MB; forward+backward patch ~355 MB, shift ~225 MB, Conv2D ~19 MB: the
+    backward pass keeps every tap's slice of x, so training memory grows with kh*kw for both strategies.
     """
 
     def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None, dilation_rate=(1, 1),
@@ -475,24 +521,26 @@ class PacConv2DTranspose(_PacMixin, keras.layers.Conv2DTranspose):
     def call(self, inputs):
         x, g = self._split_inputs(inputs, "PacConv2DTranspose")
         x, g = _to_last(x, self.data_format), _to_last(g, self.data_format)
-        g = ops.cast(g, x.dtype)
+        kdtype = _kernel_dtype(x.dtype)
+        g = ops.cast(g, kdtype)
         (kh, kw), (sh, sw) = self.kernel_size, self.strides
         h, w = ops.shape(x)[1], ops.shape(x)[2]
         oh, ow = self._out_size(h, kh, sh), self._out_size(w, kw, sw)
         static_out = (None if x.shape[1] is None else self._out_size(x.shape[1], kh, sh),
                       None if x.shape[2] is None else self._out_size(x.shape[2], kw, sw))
-        g = self._prepare_guidance(g, static_out)
+        g = self._prepare_guidance(g, static_out, (oh, ow))
         # Output o receives x[i] * W[t] where o = i*s + t - pb (pb: the forward conv's SAME 'before' pad).
         pb = [(max(k - s, 0) // 2) if self.padding == "same" else 0 for k, s in ((kh, sh), (kw, sw))]
         z = _upsample_zeros(x, (sh, sw))  # (N, (H-1)*sh + 1, (W-1)*sw + 1, C)
         pads = ((kh - 1 - pb[0], oh - 1 + pb[0] - (h - 1) * sh), (kw - 1 - pb[1], ow - 1 + pb[1] - (w - 1) * sw))
         mask = None
         if self.normalize_kernel:
-            mask = _zero_pad(_upsample_zeros(ops.ones((1, h, w, 1), x.dtype), (sh, sw)), pads)
+            mask = _zero_pad(_upsample_zeros(ops.ones((1, h, w, 1), kdtype), (sh, sw)), pads)
         # g has the output size; padding it like z aligns g_pad[m] with z_pad[m] (x[i] sits at g[i*s]).
         center = (kh - 1 - pb[0], kw - 1 - pb[1])
         k = pac_kernel(_edge_pad(g, pads), (oh, ow), (kh, kw), (1, 1), (1, 1), center,
-                       self._kernel_fn(x.dtype), mask=mask, normalize=self.normalize_kernel)
+                       self._kernel_fn(kdtype), mask=mask, normalize=self.normalize_kernel)
+        k = ops.cast(k, x.dtype)
         wk = ops.transpose(ops.flip(ops.cast(self.kernel, x.dtype), axis=(0, 1)), (0, 1, 3, 2))  # (kh, kw, Cin, O)
         strategy = self.strategy if self.strategy != "auto" else choose_strategy(kh * kw, wk.shape[2], self.filters)
         y = pac_contract(_zero_pad(z, pads), k, wk, (oh, ow), (kh, kw), (1, 1), (1, 1), strategy)
@@ -567,8 +615,8 @@ class PacPool2D(_PacMixin, keras.layers.Layer):
         x, g = self._split_inputs(inputs, "PacPool2D")
         x, k, pads, out_hw = self._windows_and_kernel(x, g, self.pool_size)
         kernel, strides, dilation = self.pool_size, self.strides, self.dilation_rate
-        taps = _tap_slices(_zero_pad(x, pads), kernel, dilation, strides, out_hw)
-        y = _sum([xt * k[..., t:t + 1] for t, xt in enumerate(taps)])
+        y = _accumulate_taps(_zero_pad(x, pads), kernel, dilation, strides, out_hw,
+                             lambda t, xt: xt * k[..., t:t + 1])
         return _from_last(y, self.data_format)
 
     def get_config(self):
