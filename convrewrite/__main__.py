@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while starting: one line, like every other error of the command
+    sys.stderr.write("convrewrite: error: interrupted; no output was written\n")
+    sys.exit(130)
 
 sys.exit(main())

@@ -13,11 +13,15 @@ import argparse
 import contextlib
 import importlib
 import json
+import logging
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 EXIT_CODES = {
@@ -57,7 +61,9 @@ def _existing_file(path: str, what: str = "model") -> Path:
 
 
 def _custom_objects(specs):
-    """{'Name': obj} from ['module:attr', ...]: imports the module and takes the attribute."""
+    """{'Name': obj} from ['module:attr', ...]: imports the module and takes the attribute.
+
+    A bad spec is a bad argument (exit 2), whatever importing the module raises."""
     out = {}
     for spec in specs or []:
         module, _, attr = spec.partition(":")
@@ -65,31 +71,62 @@ def _custom_objects(specs):
             raise CliError(f"--custom-objects {spec!r} is not module:attr (e.g. mypkg.layers:MyLayer).", "usage")
         try:
             obj = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise CliError(f"--custom-objects {spec!r}: {exc}.", "usage") from None
+        except Exception as exc:  # noqa: BLE001 - ImportError, AttributeError, or whatever the module raises
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CliError(f"--custom-objects {spec!r}: {text} (the module must be importable from here: "
+                           f"check the name and PYTHONPATH).", "usage") from None
         out[attr] = obj
     return out
 
 
-def load_model(path: str, unsafe: bool = False, custom_objects=None):
-    """Load a .keras (or legacy .h5) model with Keras's safe mode unless `unsafe`; never modifies it."""
-    import keras
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
-    p = _existing_file(path)
+
+def _check_model_file(p: Path, path: str) -> None:
+    """Refuse, in our own words, a file Keras would misreport (e.g. a broken zip as 'File not found')."""
     if p.suffix not in (".keras", ".h5", ".hdf5"):
         raise CliError(f"'{path}' is not a .keras or .h5 file; expected a model saved with model.save().", "not_a_model")
     with open(p, "rb") as f:
         magic = f.read(8)
-    if p.suffix == ".keras" and not magic.startswith(b"PK"):
-        raise CliError(f"'{path}' is not a .keras archive (not a zip file); expected a model saved with model.save().", "not_a_model")
-    if p.suffix != ".keras" and magic != b"\x89HDF\r\n\x1a\n":
-        raise CliError(f"'{path}' is not an HDF5 file; expected a legacy Keras .h5 model.", "not_a_model")
+    if p.suffix != ".keras":
+        if magic != _HDF5_MAGIC:
+            raise CliError(f"'{path}' is not an HDF5 file; expected a legacy Keras .h5 model.", "not_a_model")
+        return
+    why = None
+    if not magic.startswith(b"PK"):
+        why = "not a zip archive"
+    else:
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = set(z.namelist())
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            why = "a damaged or truncated zip archive"
+        else:
+            if "config.json" not in names:
+                why = "a zip archive without the config.json every Keras model file holds"
+    if why:
+        raise CliError(f"'{path}' is not a Keras model file ({why}); expected a .keras file saved with model.save().",
+                       "not_a_model")
+
+
+def load_model(path: str, unsafe: bool = False, custom_objects=None):
+    """Load a .keras (or legacy .h5) model with Keras's safe mode unless `unsafe`; never modifies it.
+
+    custom_objects: a dict, or ['module:attr', ...] (resolved first: a bad one is a bad argument)."""
+    import keras
+
+    if not isinstance(custom_objects, dict):
+        custom_objects = _custom_objects(custom_objects)
+    p = _existing_file(path)
+    _check_model_file(p, path)
     try:
-        model = keras.models.load_model(p, safe_mode=not unsafe, custom_objects=_custom_objects(custom_objects),
-                                        compile=False)
+        model = keras.models.load_model(p, safe_mode=not unsafe, custom_objects=custom_objects, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for unreadable files
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
+        if first.startswith("File not found"):  # Keras's words for a file it could not read as a model
+            raise CliError(f"'{path}' is not a Keras model file (Keras could not read it); expected a .keras file "
+                           f"saved with model.save().", "not_a_model") from None
         hint = ""
         if "safe_mode" in text or "unsafe" in text.lower():
             hint = " (rerun with --unsafe only if you trust the file)"
@@ -155,16 +192,37 @@ def atomic_path(dest: Path, suffix: str = "", directory: bool = False):
     done = []
 
     def commit():
-        if directory and dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        if not directory or not (dest.exists() or dest.is_symlink()):
+            os.replace(tmp, dest)  # a file: one atomic rename over the old one
+            done.append(True)
+            return
+        # A folder cannot be renamed over a non-empty one: move the old one aside, move the new one in, and
+        # only then delete the old one, so that at every moment one of them is on disk (a crash between
+        # the renames leaves the old one as .NAME.old*).
+        aside = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old"))
+        aside.rmdir()
+        os.replace(dest, aside)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            os.replace(aside, dest)
+            raise
         done.append(True)
+        _remove(aside)
 
     try:
         yield tmp, commit
     finally:
-        if not done and tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        if not done and (tmp.exists() or tmp.is_symlink()):
+            _remove(tmp)
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _refuse_existing(path: Path, force: bool, flag="--force"):
@@ -172,11 +230,29 @@ def _refuse_existing(path: Path, force: bool, flag="--force"):
         raise CliError(f"output '{path}' already exists; pass {flag} to replace it.", "output_exists")
 
 
-def _write_text_atomic(path: Path, text: str, force: bool):
-    _refuse_existing(path, force)
-    with atomic_path(path) as (tmp, commit):
-        tmp.write_text(text)
-        commit()
+def _fallbacks_text(fallbacks) -> str:
+    """'g' fell back from depthwise to direct, ... (from report.fallbacks dicts or (site, from, to) tuples)."""
+    items = [(f["site"], f["from"], f["to"]) if isinstance(f, dict) else tuple(f) for f in fallbacks]
+    return ", ".join(f"'{site}' fell back from {old} to {new}" for site, old, new in items)
+
+
+def _failed_conversion(src: Path, out: Path, failing, fallbacks, extra=None) -> CliError:
+    """The one line for a convert that did not verify: what failed, what fell back, and what was kept."""
+    what = [f"'{out}'"] + [f"'{e}'" for e in extra or []]
+    kept = f"kept: '{src}' untouched, nothing written to {' or '.join(what)}"
+    tried = f" even after {_fallbacks_text(fallbacks)}" if fallbacks else " (no site had a replacement to fall back from)"
+    return CliError(f"converting '{src}' failed verification: the result differs beyond tolerance at {failing}{tried}; "
+                    f"{kept} (compare with `convrewrite verify`, or pass a larger --rtol if that error is acceptable).",
+                    "verification_failed")
+
+
+def _parse_verification_error(text: str):
+    """(failing names, [(site, from, to), ...]) from the text of optimize()'s VerificationError."""
+    first = text.splitlines()[0] if text else ""
+    m = re.search(r" at (\[[^\]]*\])", first)
+    failing = m.group(1) if m else "the outputs"
+    fallbacks = re.findall(r"^fell back: (\S+) (\S+) -> (\S+)", text, flags=re.M)
+    return failing, fallbacks
 
 
 # ---- commands ---------------------------------------------------------------------------------------
@@ -209,13 +285,15 @@ def cmd_plan(args):
 
     model = load_model(args.model, args.unsafe, args.custom_objects)
     plan = convrewrite.plan(model, cost_model=_cost_model_arg(args.cost_model), allow=args.allow,
-                            pac=parse_pac(args.pac), batch=args.batch)
+                            pac=parse_pac(args.pac), batch=args.batch, memory_limit=args.memory_limit,
+                            rtol=args.rtol)
     print(plan.to_json() if args.json else plan.summary())
     return 0
 
 
 def cmd_convert(args):
     import convrewrite
+    from convrewrite.errors import VerificationError
     from convrewrite.verify import random_inputs
 
     src, out = Path(args.input), Path(args.output)
@@ -224,30 +302,50 @@ def cmd_convert(args):
         raise CliError(f"output '{out}' must end in .keras (the format Keras saves whole models in).", "usage")
     if src.resolve() == out.resolve():
         raise CliError(f"output '{out}' is the input file; write to another path (the input is never modified).", "usage")
+    if out.is_dir():
+        raise CliError(f"output '{out}' is a folder; name a .keras file to write.", "usage")
     _refuse_existing(out, args.force)
-    for extra in (args.report, args.export_savedmodel):
-        if extra:
-            _refuse_existing(Path(extra), args.force)
+    extras = [Path(e) for e in (args.export_savedmodel, args.report) if e]
+    for extra in extras:
+        _refuse_existing(extra, args.force)
 
     model = load_model(args.input, args.unsafe, args.custom_objects)
-    fast = convrewrite.optimize(model, cost_model=_cost_model_arg(args.cost_model), allow=args.allow,
-                                pac=parse_pac(args.pac), measure=args.measure, rtol=args.rtol, batch=args.batch)
+    try:
+        fast = convrewrite.optimize(model, cost_model=_cost_model_arg(args.cost_model), allow=args.allow,
+                                    pac=parse_pac(args.pac), measure=args.measure, rtol=args.rtol, batch=args.batch,
+                                    memory_limit=args.memory_limit)
+    except VerificationError as exc:
+        failing, fallbacks = _parse_verification_error(str(exc))
+        raise _failed_conversion(src, out, failing, fallbacks, extras) from None
     report = fast.convrewrite_report
     inputs = random_inputs(model, batch=2, seed=7)
 
-    with atomic_path(out, suffix=".keras") as (tmp, commit):
+    # Everything is written to temporaries and verified first; then committed .keras first (the file the
+    # user asked for), then the SavedModel folder, then the report. Ctrl-C before a commit removes them all.
+    with contextlib.ExitStack() as stack:
+        tmp, commit = stack.enter_context(atomic_path(out, suffix=".keras"))
         fast.save(tmp)
         # Verify what was written, not what is in memory: reload the file and compare with the original.
         reloaded = load_model(str(tmp), args.unsafe, args.custom_objects)
         written = convrewrite.verify(model, reloaded, inputs=inputs, rtol=args.rtol, sites=False)
         if not written.passed:
-            raise CliError(f"the written model differs from '{src}' after reloading "
-                           f"({[c.name for c in written.checks if not c.passed]}); nothing was written.", "verification_failed")
+            failing = [c.name for c in written.checks if not c.passed]
+            raise _failed_conversion(src, out, f"{failing} after saving and reloading", report.fallbacks, extras)
+        commits = [(out, commit)]
         if args.export_savedmodel:
-            with atomic_path(Path(args.export_savedmodel), directory=True) as (tmp_dir, commit_dir):
-                fast.export(str(tmp_dir), format="tf_saved_model", verbose=False)
-                commit_dir()
-        commit()
+            tmp_dir, commit_dir = stack.enter_context(atomic_path(Path(args.export_savedmodel), directory=True))
+            fast.export(str(tmp_dir), format="tf_saved_model", verbose=False)
+            commits.append((Path(args.export_savedmodel), commit_dir))
+        if args.report:
+            payload = {"input": str(src), "output": str(out), "plan": fast.convrewrite_plan.to_dict(),
+                       "verification": report.to_dict(), "written_file_verification": written.to_dict()}
+            tmp_report, commit_report = stack.enter_context(atomic_path(Path(args.report), suffix=".json"))
+            tmp_report.write_text(json.dumps(payload, indent=1))
+            commits.append((Path(args.report), commit_report))
+        args.pending = [str(path) for path, _ in commits]
+        for path, commit_one in commits:
+            commit_one()
+            args.written.append(str(path))
 
     print(fast.convrewrite_plan.summary())
     for f in report.fallbacks:
@@ -256,9 +354,6 @@ def cmd_convert(args):
           f"(tolerance {max((c.tolerance for c in report.outputs), default=0):.0e}); wrote {out}"
           + (f" and SavedModel {args.export_savedmodel}" if args.export_savedmodel else ""))
     if args.report:
-        payload = {"input": str(src), "output": str(out), "plan": fast.convrewrite_plan.to_dict(),
-                   "verification": report.to_dict(), "written_file_verification": written.to_dict()}
-        _write_text_atomic(Path(args.report), json.dumps(payload, indent=1), args.force)
         print(f"wrote report {args.report}")
     return 0
 
@@ -282,6 +377,43 @@ def cmd_verify(args):
 
 
 # ---- argument parsing -------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (`convrewrite: error: ...`, exit 2), like every other error."""
+
+    def error(self, message):
+        self.exit(EXIT_CODES["usage"], f"convrewrite: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _tolerance(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a tolerance such as 1e-5") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a tolerance; expected a finite number >= 0 such as 1e-5")
+    return value
+
+
+def _memory_limit(text):
+    from convrewrite.errors import PlanError
+    from convrewrite.planner import parse_memory_limit
+
+    try:
+        return parse_memory_limit(text)
+    except PlanError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; expected 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is less than 1; expected 1 or more")
+    return value
+
+
 def _common_model_args(p):
     p.add_argument("--unsafe", action="store_true",
                    help="load with Keras safe_mode=False (runs code stored in the file: only for files you trust)")
@@ -297,19 +429,22 @@ def _planning_args(p):
                    help="implementations the planner may choose, e.g. direct,depthwise,fft")
     p.add_argument("--pac", metavar="SPEC",
                    help="convert layers to pixel-adaptive convs: 'layers=c2,c3;guidance=image[;budget=1.3]' or JSON")
-    p.add_argument("--batch", type=int, default=8, help="batch size the plan is made for (default 8)")
+    p.add_argument("--batch", type=_positive_int, default=8, help="batch size the plan is made for (default 8)")
+    p.add_argument("--memory-limit", metavar="SIZE", type=_memory_limit,
+                   help="leave out implementations whose working memory per conv exceeds SIZE, e.g. 512MB or 2GiB")
 
 
 def build_parser():
     from convrewrite import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="convrewrite",
         description="Measure convolution implementations on a device and convert saved Keras models to the fastest "
                     "equivalent ones.",
         epilog=EPILOG_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"convrewrite {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks for unexpected errors, and TensorFlow's own log lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -335,6 +470,8 @@ def build_parser():
     p.add_argument("model")
     _planning_args(p)
     _common_model_args(p)
+    p.add_argument("--rtol", type=_tolerance,
+                   help="leave out implementations whose expected relative error exceeds this (default: no limit)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 
@@ -343,8 +480,10 @@ def build_parser():
     p.add_argument("input")
     p.add_argument("output", help="the converted model (.keras); refused if it exists, unless --force")
     _planning_args(p)
-    p.add_argument("--measure", action="store_true", help="time the candidates on this model's shapes (cached in the profile)")
-    p.add_argument("--rtol", type=float, help="relative error tolerance (default: 1e-5 float32, 1e-2 float16)")
+    p.add_argument("--measure", action="store_true",
+                   help="time the candidates on this model's shapes; cached per device in the profile named by "
+                        "--cost-model FILE, else in the user cache (~/.cache/convrewrite/tactics)")
+    p.add_argument("--rtol", type=_tolerance, help="relative error tolerance >= 0 (default: 1e-5 float32, 1e-2 float16)")
     p.add_argument("--report", metavar="JSON", help="write the plan and verification report here")
     p.add_argument("--export-savedmodel", metavar="DIR", help="also export a TF SavedModel (TF Serving) here")
     p.add_argument("--force", action="store_true", help="replace existing output files")
@@ -355,8 +494,8 @@ def build_parser():
             "convrewrite verify model.keras fast.keras --samples 8 --rtol 1e-5")
     p.add_argument("a", help="the reference model")
     p.add_argument("b", help="the model to check against it")
-    p.add_argument("--samples", type=int, default=4, help="random inputs to compare on (default 4)")
-    p.add_argument("--rtol", type=float, help="relative error tolerance (default by dtype)")
+    p.add_argument("--samples", type=_positive_int, default=4, help="random inputs to compare on (default 4)")
+    p.add_argument("--rtol", type=_tolerance, help="relative error tolerance >= 0 (default by dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sites", action="store_true", help="also compare conv layers of the same name one by one")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -369,15 +508,50 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
     sys.stderr.write(f"convrewrite: warning: {str(message).splitlines()[0]}\n")
 
 
+_NOISY_LOGGERS = ("tensorflow", "absl")  # TF's Python logger (e.g. tf.function retracing notes) and absl's
+
+
+def _interrupted_message(args) -> str:
+    written = list(getattr(args, "written", None) or [])
+    if not written:
+        return "interrupted; no output was written"
+    rest = [p for p in getattr(args, "pending", None) or [] if p not in written]
+    return (f"interrupted after writing {', '.join(map(repr, written))}"
+            + (f"; not written (any old one is kept as it was): {', '.join(map(repr, rest))}" if rest else "")
+            + "; every file there is whole")
+
+
 def main(argv=None) -> int:
+    """The `convrewrite` command. Every step, imports and argument parsing included, is inside the error
+    handling: a Ctrl-C anywhere exits 130 with one line. TensorFlow's Python log lines are silenced
+    (unless --debug) for the duration; loggers, warning filters and handlers are restored on return."""
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = argparse.Namespace(debug="--debug" in raw, written=[], pending=[])
+    saved_levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            if not args.debug:
+                for name in _NOISY_LOGGERS:
+                    logging.getLogger(name).setLevel(logging.ERROR)
+            return _run(raw, args)
+    except KeyboardInterrupt:
+        message, code = _interrupted_message(args), "interrupted"
+    finally:
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+    sys.stderr.write(f"convrewrite: error: {message}\n")
+    return EXIT_CODES[code]
+
+
+def _run(raw, args) -> int:
     from convrewrite.errors import PlanError, ProfileError, UnsupportedModelError, VerificationError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    warnings.showwarning = _one_line_warnings
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    code = "ok"
     try:
+        build_parser().parse_args(raw, namespace=args)
+        if getattr(args, "custom_objects", None):  # before any model is read: a bad one is a bad argument
+            args.custom_objects = _custom_objects(args.custom_objects)
         return args.func(args)
     except CliError as exc:
         message, code = str(exc), exc.code
@@ -389,8 +563,6 @@ def main(argv=None) -> int:
         message, code = str(exc).splitlines()[0], "verification_failed"
     except PlanError as exc:
         message, code = str(exc), "usage"
-    except KeyboardInterrupt:
-        message, code = "interrupted; no output was written", "interrupted"
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if args.debug:
             raise

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -26,6 +27,74 @@ class Tiny(keras.Model):
 
     def call(self, x):
         return self.conv(x)
+
+
+@keras.saving.register_keras_serializable(package="clitest")
+class Noisy(keras.layers.Layer):
+    """Adds fresh noise on every call: no rewrite of a model holding it can ever verify."""
+
+    def call(self, x):
+        return x + keras.random.normal(keras.ops.shape(x))
+'''
+
+# Imported only by the subprocesses (via --custom-objects clitest_hooks:Hook), never by this process: it
+# patches convrewrite / Keras / os as CLITEST_HOOK says, to stage failures and interrupts at exact points.
+HOOKS_MODULE = '''
+import json, os, time
+
+HOOK = os.environ.get("CLITEST_HOOK", "")
+MARKER = os.environ.get("CLITEST_MARKER", "")
+
+
+class Hook:
+    pass
+
+
+def _mark(text=""):
+    with open(MARKER + ".part", "w") as f:
+        f.write(text)
+    os.replace(MARKER + ".part", MARKER)
+
+
+if HOOK == "block_import":  # an interrupt while the command is starting up
+    _mark()
+    time.sleep(600)
+
+if HOOK == "wrong_depthwise":  # a deliberately wrong implementation: every depthwise site falls back
+    import numpy as np
+    from convrewrite import implementations
+
+    class WrongDepthwise(implementations.Depthwise):
+        def transfer_weights(self, old_layer, new_layer, spec):
+            super().transfer_weights(old_layer, new_layer, spec)
+            new_layer.set_weights([2.0 * np.asarray(w) for w in new_layer.get_weights()])
+
+    implementations.register(WrongDepthwise())
+
+if HOOK == "slow_export":  # an interrupt while the SavedModel temporary is being written
+    import keras
+
+    _export = keras.Model.export
+
+    def export(self, filepath, *args, **kwargs):
+        _export(self, filepath, *args, **kwargs)
+        _mark(str(filepath))
+        time.sleep(600)
+
+    keras.Model.export = export
+
+if HOOK in ("record_renames", "crash_before_dir_rename"):  # the order outputs are committed in
+    _replace = os.replace
+
+    def replace(src, dst):
+        with open(MARKER, "a") as f:
+            f.write(json.dumps([os.path.basename(str(src)), os.path.basename(str(dst))]) + "\\n")
+        if (HOOK == "crash_before_dir_rename" and os.path.basename(str(dst)) == "sm"
+                and ".tmp" in os.path.basename(str(src))):
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C (or the machine died) right here
+        return _replace(src, dst)
+
+    os.replace = replace
 '''
 
 
@@ -33,6 +102,11 @@ def _run(args, cwd, script=False, env_extra=None, timeout=300):
     env = dict(os.environ, **(env_extra or {}))
     cmd = (["convrewrite"] if script else [sys.executable, "-m", "convrewrite"]) + args
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _pythonpath(folder):
+    """PYTHONPATH with `folder` (the test's modules) first, keeping the caller's."""
+    return os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH", "")]))
 
 
 def _digest(path):
@@ -58,7 +132,11 @@ def models(tmp_path_factory):
     other.save(d / "other.keras")
     x = keras.Input((6, 6, 2))
     keras.Model(x, keras.layers.Lambda(lambda t: t * 2.0)(keras.layers.Conv2D(2, 3)(x))).save(d / "lambda.keras")
+    # groups=2 of 4 channels stays `direct`: Keras's grouped conv retraces a tf.function on every call.
+    keras.Sequential([keras.Input((12, 12, 4)), keras.layers.Conv2D(8, 3, groups=2, padding="same", name="grp")],
+                     name="grouped").save(d / "grouped.keras")
     (d / "clitest_layers.py").write_text(SUBCLASSED_MODULE)
+    (d / "clitest_hooks.py").write_text(HOOKS_MODULE)
     sys.path.insert(0, str(d))
     try:
         import clitest_layers
@@ -66,10 +144,18 @@ def models(tmp_path_factory):
         sub = clitest_layers.Tiny()
         sub(np.zeros((1, 5, 5, 1), "float32"))
         sub.save(d / "subclassed.keras")
+        x = keras.Input((12, 12, 4))
+        y = keras.layers.Conv2D(8, 3, groups=4, padding="same", name="g")(x)
+        keras.Model(x, clitest_layers.Noisy(name="noisy")(y), name="noisy_model").save(d / "noisy.keras")
     finally:
         sys.path.remove(str(d))
     (d / "corrupt.json").write_text('{"format": "convrewrite-profile", "version": 1, "fingerp')
     (d / "notamodel.keras").write_text("this is not a model")
+    (d / "fake.keras").write_bytes(b"PK\x03\x04" + b"junk" * 40)  # a zip's magic, then nothing a zip holds
+    import zipfile
+
+    with zipfile.ZipFile(d / "zip_not_model.keras", "w") as z:
+        z.writestr("notes.txt", "a zip archive, but no Keras model in it")
     return d
 
 
@@ -94,6 +180,7 @@ def test_convert_sequential_with_report_and_savedmodel(models):
     r = _run(["convert", "seq.keras", "seq_fast.keras", "--cost-model", "rules", "--report", "report.json",
               "--export-savedmodel", "seq_savedmodel"], models, script=True)
     assert r.returncode == 0, r.stderr
+    assert "WARNING:tensorflow" not in r.stderr, r.stderr
     assert "verified" in r.stdout and "depthwise" in r.stdout
     assert _digest(models / "seq.keras") == before
     report = json.loads((models / "report.json").read_text())
@@ -108,6 +195,7 @@ def test_convert_sequential_with_report_and_savedmodel(models):
 def test_convert_two_inputs_with_shipped_profile_and_legacy_h5(models):
     r = _run(["convert", "two_inputs.keras", "two_fast.keras", "--cost-model", "auto"], models)
     assert r.returncode == 0, r.stderr
+    assert "WARNING:tensorflow" not in r.stderr, r.stderr
     _assert_loads_and_matches(models, "two_inputs.keras", "two_fast.keras",
                               "[np.random.default_rng(2).standard_normal((2, 10, 10, c)).astype('float32') for c in (3, 2)]")
     r = _run(["convert", "legacy.h5", "from_h5.keras", "--cost-model", "rules"], models)
@@ -126,6 +214,11 @@ def test_convert_application_and_plan_json(models):
     model = keras.models.load_model(models / "mobilenet.keras")
     n_convs = sum(type(l) in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D) for l in model.layers)
     assert len(plan["rows"]) == n_convs and {row["choice"] for row in plan["rows"]} == {"direct"}
+    shipped = next(p for p in (Path(__file__).resolve().parent.parent / "cost_models").glob("*.json"))
+    r = _run(["plan", "seq.keras", "--json", "--cost-model", str(shipped), "--memory-limit", "1KB", "--rtol", "1e-3"], models)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    assert {row["choice"] for row in rows} == {"direct"} and all("memory_limit" in row["reason"] for row in rows)
 
 
 @pytest.mark.parametrize("args,code,needle", [
@@ -137,10 +230,21 @@ def test_convert_application_and_plan_json(models):
     (["convert", "seq.keras", "seq.keras", "--force"], "usage", "input"),
     (["convert", "subclassed.keras", "sub_fast.keras", "--custom-objects", "clitest_layers:Tiny"],
      "unsupported_model", "subclassed"),
+    (["convert", "seq.keras", "o.keras", "--rtol", "-1", "--cost-model", "rules"], "usage", "--rtol"),
+    (["convert", "seq.keras", "o.keras", "--rtol", "nan"], "usage", "--rtol"),
+    (["verify", "seq.keras", "other.keras", "--rtol", "-0.5"], "usage", "--rtol"),
+    (["verify", "seq.keras", "other.keras", "--samples", "0"], "usage", "--samples"),
+    (["plan", "seq.keras", "--batch", "0"], "usage", "--batch"),
+    (["convert", "seq.keras", "o.keras", "--no-such-flag"], "usage", "--no-such-flag"),
+    (["plan", "seq.keras", "--custom-objects", "nosuchmod:X"], "usage", "nosuchmod"),
+    (["convert", "seq.keras", "o.keras", "--custom-objects", "clitest_layers:NoSuchLayer"], "usage", "NoSuchLayer"),
+    (["plan", "seq.keras", "--memory-limit", "lots"], "usage", "--memory-limit"),
+    (["plan", "fake.keras"], "not_a_model", "'fake.keras' is not a Keras model file"),
+    (["convert", "zip_not_model.keras", "o.keras"], "not_a_model", "'zip_not_model.keras' is not a Keras model file"),
 ])
 def test_bad_input_gets_one_line_and_its_exit_code(models, args, code, needle):
     inputs = {p: _digest(p) for p in models.iterdir() if p.is_file()}
-    r = _run(args, models, env_extra={"PYTHONPATH": str(models)})
+    r = _run(args, models, env_extra={"PYTHONPATH": _pythonpath(models)})
     assert r.returncode == EXIT_CODES[code], (r.returncode, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("convrewrite: error:") and needle in lines[0], r.stderr
@@ -175,17 +279,167 @@ def test_help_and_version(models):
     assert r.returncode == 0 and r.stdout.startswith("convrewrite ")
 
 
-def test_interrupt_leaves_no_partial_file(models):
-    proc = subprocess.Popen([sys.executable, "-m", "convrewrite", "convert", "mobilenet.keras", "interrupted.keras",
-                             "--cost-model", "rules"], cwd=models, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)  # inside loading / optimizing
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == EXIT_CODES["interrupted"]:
-        assert not (models / "interrupted.keras").exists() and "interrupted" in err
-    else:  # it finished before the signal: then the file must be whole
-        assert proc.returncode == 0 and (models / "interrupted.keras").stat().st_size > 0
+def _start_and_interrupt(args, folder, hook, marker, watch=None, timeout=240):
+    """Start the command with a hook that writes `marker` at an exact point and then waits; SIGINT it there.
+
+    Returns (returncode, stderr, names in folder `watch` at the moment of the interrupt)."""
+    env = dict(os.environ, PYTHONPATH=_pythonpath(folder), CLITEST_HOOK=hook, CLITEST_MARKER=str(marker))
+    proc = subprocess.Popen([sys.executable, "-m", "convrewrite", *args, "--custom-objects", "clitest_hooks:Hook"],
+                            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, f"exited {proc.returncode} before reaching the hook: {proc.communicate()[1]}"
+            assert time.monotonic() < deadline, "the hook was not reached in time"
+            time.sleep(0.1)
+        present = sorted(p.name for p in watch.iterdir()) if watch else []
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err, present
+
+
+def test_interrupt_while_writing_leaves_no_partial_file(models, tmp_path):
+    """Ctrl-C while the .keras temporary is written and verified and the SavedModel temporary is being
+    exported: both temporaries go, nothing is committed, one line, exit 130."""
+    out_dir = tmp_path / "outs"
+    out_dir.mkdir()
+    marker = tmp_path / "exporting"
+    code, err, present = _start_and_interrupt(
+        ["convert", "seq.keras", str(out_dir / "interrupted.keras"), "--cost-model", "rules",
+         "--export-savedmodel", str(out_dir / "sm"), "--report", str(out_dir / "r.json")],
+        models, "slow_export", marker, watch=out_dir)
+    # interrupted with both temporaries present: the verified .keras one and the SavedModel being exported
+    assert [n.startswith(".interrupted.keras.tmp") for n in present].count(True) == 1, present
+    assert [n.startswith(".sm.tmp") for n in present].count(True) == 1, present
+    assert code == EXIT_CODES["interrupted"], err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
+    assert list(out_dir.iterdir()) == []
     assert _no_temp_files(models)
+
+
+def test_interrupt_during_startup_is_one_line(models, tmp_path):
+    code, err, _ = _start_and_interrupt(["plan", "seq.keras", "--cost-model", "rules"], models, "block_import",
+                                        tmp_path / "importing")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == EXIT_CODES["interrupted"] and len(lines) == 1 and "interrupted" in lines[0], err
+
+
+@pytest.mark.parametrize("where", ["build_parser", "parse_args"])
+def test_interrupt_anywhere_in_main_is_exit_130(monkeypatch, capsys, where):
+    """main() owns every step: a KeyboardInterrupt while it builds the parser (imports) or parses is one line."""
+    import argparse
+
+    from convrewrite import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "build_parser":
+        monkeypatch.setattr(cli, "build_parser", interrupted)
+    else:
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    try:
+        code = cli.main(["plan", "x.keras"])
+    except KeyboardInterrupt:  # must not reach pytest, which would take it for the user's Ctrl-C
+        pytest.fail("KeyboardInterrupt escaped main()")
+    assert code == EXIT_CODES["interrupted"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("convrewrite: error: interrupted"), err
+
+
+def test_no_tensorflow_logger_lines_unless_debug(models):
+    """Keras's grouped conv retraces a tf.function per call; TF's Python logger must not reach stderr."""
+    r = _run(["convert", "grouped.keras", "grouped_fast.keras", "--cost-model", "rules"], models, script=True)
+    assert r.returncode == 0, r.stderr
+    assert "WARNING:tensorflow" not in r.stderr and not r.stderr.strip(), r.stderr
+    r = _run(["--debug", "convert", "grouped.keras", "grouped_debug.keras", "--cost-model", "rules"], models)
+    assert r.returncode == 0 and "retracing" in r.stderr, r.stderr
+
+
+def test_convert_failing_verification_names_layers_and_what_was_kept(models, tmp_path):
+    """A wrong depthwise implementation (every depthwise site falls back to direct) and a layer that can
+    never verify: exit 7, one line naming the failing output, the fallback, the untouched input, no output."""
+    before = _digest(models / "noisy.keras")
+    out = tmp_path / "noisy_fast.keras"
+    r = _run(["convert", "noisy.keras", str(out), "--cost-model", "rules", "--export-savedmodel", str(tmp_path / "sm"),
+              "--report", str(tmp_path / "r.json"), "--custom-objects", "clitest_layers:Noisy",
+              "--custom-objects", "clitest_hooks:Hook"],
+             models, env_extra={"PYTHONPATH": _pythonpath(models), "CLITEST_HOOK": "wrong_depthwise"})
+    assert r.returncode == EXIT_CODES["verification_failed"], (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("convrewrite: error:"), r.stderr
+    line = lines[0]
+    assert "noisy" in line  # the failing output / layer
+    assert "'g'" in line and "depthwise" in line and "direct" in line  # what fell back
+    assert "'noisy.keras'" in line and "untouched" in line and str(out) in line and "nothing" in line
+    assert _digest(models / "noisy.keras") == before
+    assert list(tmp_path.iterdir()) == [] and _no_temp_files(models)
+
+
+def test_convert_commits_keras_file_before_savedmodel_and_keeps_old_folder(models, tmp_path):
+    """--force over an existing SavedModel folder: the .keras file is committed first, then the folder by
+    rename-old-aside / rename-new-in / delete-old; a crash before the new folder's rename keeps the old one."""
+    out, sm = tmp_path / "fast.keras", tmp_path / "sm"
+    sm.mkdir()
+    (sm / "old.txt").write_text("old SavedModel")
+    out.write_bytes(b"old keras file")
+    log = tmp_path / "renames.jsonl"
+    env = {"PYTHONPATH": _pythonpath(models), "CLITEST_HOOK": "record_renames", "CLITEST_MARKER": str(log)}
+    args = ["convert", "seq.keras", str(out), "--cost-model", "rules", "--export-savedmodel", str(sm), "--force",
+            "--custom-objects", "clitest_hooks:Hook"]
+    r = _run(args, models, env_extra=env)
+    assert r.returncode == 0, r.stderr
+    renames = [json.loads(line) for line in log.read_text().splitlines()]
+    targets = [dst for _, dst in renames]
+    assert targets.index("fast.keras") < targets.index("sm"), renames
+    aside = [dst for src, dst in renames if src == "sm"]  # the old folder is renamed aside, not deleted first
+    assert len(aside) == 1 and aside[0] != "sm", renames
+    assert (sm / "saved_model.pb").exists() and not (sm / "old.txt").exists()
+    assert out.read_bytes()[:2] == b"PK"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.keras", "renames.jsonl", "sm"]
+
+    # A crash (here: Ctrl-C) just before the new folder is renamed in: the new .keras is there, the old
+    # SavedModel is back in place; never neither.
+    (sm / "saved_model.pb").unlink()
+    (sm / "old.txt").write_text("old SavedModel")
+    log.unlink()
+    r = _run(args, models, env_extra=dict(env, CLITEST_HOOK="crash_before_dir_rename"))
+    assert r.returncode == EXIT_CODES["interrupted"], r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "fast.keras" in lines[0] and "sm" in lines[0], r.stderr
+    assert (sm / "old.txt").read_text() == "old SavedModel" and out.read_bytes()[:2] == b"PK"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.keras", "renames.jsonl", "sm"]
+
+
+def test_atomic_directory_commit_puts_the_old_folder_back_if_the_new_one_cannot_go_in(tmp_path, monkeypatch):
+    dest = tmp_path / "sm"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst) == str(dest) and ".tmp" in os.path.basename(str(src)):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    with pytest.raises(OSError):
+        with atomic_path(dest, directory=True) as (tmp, commit):
+            tmp.mkdir()
+            (tmp / "new.txt").write_text("new")
+            monkeypatch.setattr(os, "replace", failing_replace)
+            commit()
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (dest / "old.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["sm"]
+    with atomic_path(dest, directory=True) as (tmp, commit):
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+        commit()
+    assert sorted(p.name for p in dest.iterdir()) == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["sm"]
 
 
 def test_atomic_path_removes_the_temporary_on_any_exception(tmp_path):
