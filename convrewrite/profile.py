@@ -21,9 +21,22 @@ MAX_DIRECT_MACS = {"quick": 1.5e9, "full": 4e9}
 """Specs whose direct convolution would take longer than ~1 s here are shrunk (batch, then size)."""
 
 
+PROFILE_MEMORY_CAP = 2 * 2**30
+"""Bytes of estimated working memory above which an implementation is not timed on a spec: FFT of a
+1x1 512->2048 conv would hold 9 GB of kernel spectra (and run out of memory here) to be slower anyway."""
+
+
+def _within_memory_cap(name: str, spec: ConvSpec) -> bool:
+    from .planner import estimate_workspace_bytes
+
+    need = estimate_workspace_bytes(name, spec)
+    return need is None or need <= PROFILE_MEMORY_CAP
+
+
 PROFILE_LIMITS = {"pac": lambda spec: max(spec.kernel) <= 7 and (spec.macs() or 0) <= 3e8}
-"""Where an implementation is timed at all. PAC is an adaptivity choice made on small kernels; a 51x51 PAC
-would take minutes (and gigabytes for its patches) to time and no plan would ever pick it."""
+"""Where an implementation is timed at all (besides PROFILE_MEMORY_CAP). PAC is an adaptivity choice made
+on small kernels; a 51x51 PAC would take minutes (and gigabytes for its patches) to time and no plan would
+ever pick it."""
 
 
 def layer_from_spec(spec: ConvSpec, seed: int = 0):
@@ -57,7 +70,10 @@ def _compiled(fn):
 
 
 def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.0) -> Dict[str, float]:
-    """Median seconds per call of every applicable implementation on `spec`, timed interleaved."""
+    """Median seconds per call of every applicable implementation on `spec`, timed interleaved.
+
+    An implementation that runs out of memory while being built is left out of the result (it is then
+    never predicted from this spec's timing), as are those over PROFILE_MEMORY_CAP."""
     from .timing import time_interleaved
 
     import keras
@@ -68,12 +84,17 @@ def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.
     x = keras.ops.convert_to_tensor(np.random.default_rng(1).standard_normal(shape).astype("float32"))
     fns = {}
     for name, (ok, _) in implementations.candidates(spec, allowed=allow).items():
-        if not ok or not PROFILE_LIMITS.get(name, lambda s: True)(spec):
+        if not ok or not PROFILE_LIMITS.get(name, lambda s: True)(spec) or not _within_memory_cap(name, spec):
             continue
         impl = implementations.get(name)
-        new = impl.make_layer(layer, spec)
-        impl.probe_call(new, x)  # builds it
-        impl.transfer_weights(layer, new, spec)
+        try:
+            new = impl.make_layer(layer, spec)
+            impl.probe_call(new, x)  # builds it
+            impl.transfer_weights(layer, new, spec)
+        except Exception as exc:  # noqa: BLE001 - only running out of memory is expected here
+            if "ResourceExhausted" not in type(exc).__name__ and "OOM" not in str(exc):
+                raise
+            continue
         fns[name] = _compiled(lambda impl=impl, new=new: impl.probe_call(new, x))
     res = time_interleaved(fns, repeats=repeats, warmup=1, max_time=max_time)
     spread = {k: max(v["samples"]) / max(min(v["samples"]), 1e-9) for k, v in res.items()}

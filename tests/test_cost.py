@@ -593,3 +593,29 @@ def test_optimize_checks_constraints_before_measuring(monkeypatch):
         convrewrite.optimize(_wide_model(), measure=True, memory_limit="lots")
     with pytest.raises(convrewrite.PlanError, match="rtol"):
         convrewrite.optimize(_wide_model(), measure=True, rtol=True)
+
+
+def test_profiler_leaves_out_implementations_that_run_out_of_memory(monkeypatch):
+    import convrewrite.profile as prof
+
+    class ResourceExhaustedError(Exception):
+        pass
+
+    fft = implementations.get("fft")
+
+    def oom(*args, **kwargs):
+        raise ResourceExhaustedError("OOM when allocating tensor")
+
+    monkeypatch.setattr(fft, "probe_call", oom)
+    spec = ConvSpec(kind="conv2d", in_channels=2, filters=2, kernel=(3, 3), height=8, width=8, batch=1, padding="same")
+    times = prof.time_spec(spec, allow=["direct", "fft"], repeats=1)
+    assert set(times) == {"direct"}
+    big = ConvSpec(kind="conv2d", in_channels=512, filters=2048, kernel=(1, 1), height=7, width=7, batch=8, padding="same")
+    assert not prof._within_memory_cap("fft-tiled", big)  # ~9 GB of kernel spectra: never timed
+
+    def other(*args, **kwargs):
+        raise ValueError("a real bug")
+
+    monkeypatch.setattr(fft, "probe_call", other)
+    with pytest.raises(ValueError, match="a real bug"):
+        prof.time_spec(spec, allow=["direct", "fft"], repeats=1)
