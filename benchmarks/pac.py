@@ -4,7 +4,8 @@
     python benchmarks/pac.py --quick       # k = 3 only, fewer rounds
     python benchmarks/pac.py --no-memory   # timings only (the memory columns start 2 processes per cell)
 
-Time: every variant is a tf.function (no XLA: Keras does not use XLA on CPU by default), timed
+Time: every variant is a tf.function (no XLA around it: Keras does not use XLA on CPU by default; the
+layer's own small-op parts run as XLA computations inside it, see backend.jit), timed
 interleaved round by round with convrewrite.timing.time_interleaved after a warm-up call (tracing
 excluded); medians are reported, and ratios to Conv2D in the same round set, since the machine is shared.
 A small-Cin row (3 -> 32) checks the `auto` rule where it picks `patch`.
@@ -48,7 +49,10 @@ def analytic_bytes(strategy, n, h, w, c, o, f, k):
     p, t = n * h * w, k * k
     if strategy == "conv":
         return 0
-    kernel = p * (3 * t + 2 * f)  # d2 per tap, stacked d2 and K; two guidance taps (centre and current)
+    kernel = p * 2 * t  # d2 (one XLA computation, the guidance taps fused into it) and K
+    if strategy == "wide":
+        pad = k // 2 * 2
+        return 4 * (kernel + n * (h + pad) * (w + pad) * t * o)  # every tap's product at every padded pixel
     if strategy == "patch":
         return 4 * (kernel + 2 * p * t * c)  # the taps / patch tensor and its K-scaled copy
     return 4 * (kernel + p * (c + 2 * o))  # one tap's slice, its partial product and the running sum
@@ -127,7 +131,7 @@ def bench(n, h, w, c, o, f, k, repeats):
     g = tf.constant(rng.standard_normal((n, h, w, f)), tf.float32)
     conv = _variant("conv", x, g, o, k)
     layers = {"conv": conv}
-    for strategy in ("patch", "shift", "auto"):
+    for strategy in ("patch", "shift", "wide", "auto"):
         layers[strategy] = _variant(strategy, x, g, o, k, conv.get_weights())
     fns = {}
     for name, layer in layers.items():
@@ -159,10 +163,10 @@ def main(argv=None):
         rows = bench(*shape, repeats)
         mem = {}
         if not args.no_memory:
-            for name in ("conv", "patch", "shift"):
+            for name in ("conv", "patch", "shift", "wide"):
                 mem[name] = tuple(measured_bytes(name, mode, shape) / 2**20 for mode in ("fwd", "fwd+bwd"))
         base_f, base_b = rows[0][1], rows[0][2]
-        best_f = min(r[1] for r in rows if r[0] in ("patch", "shift"))
+        best_f = min(r[1] for r in rows if r[0] in ("patch", "shift", "wide"))
         label_shape = f"{n}x{h}x{w} {c}->{o} F={f} k={k}"
         for name, tf_, tb in rows:
             chosen = choose_strategy(k * k, c, o) if name == "auto" else name

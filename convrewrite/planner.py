@@ -240,8 +240,8 @@ def estimate_workspace_bytes(impl_name: str, spec: ConvSpec) -> Optional[float]:
     - PAC (pac_kernel_evals = batch x output pixels x taps): input and output, the padded input, the
       distances and adaptive kernel (3 values per evaluation), two taps of guidance, and the contraction:
       the tap slices, their stack and its K-scaled copy (3 x evaluations x Cin) for strategy 'patch', one
-      tap's x, its scaled copy and two partial sums (pixels x (2 Cin + 2 Cout)) for 'shift' (see
-      layers/pac.py `pac_contract`).
+      tap's x, its scaled copy and two partial sums (pixels x (2 Cin + 2 Cout)) for 'shift', the
+      (padded pixels x kh*kw*Cout) product and two sums for 'wide' (see layers/pac.py `pac_contract`).
     Checked against the growth of the process's peak RSS over one compiled call (CPU, TF 2.21): where the
     estimate is over ~50 MB, FFT and fft-tiled grew 0.5-0.6x of it, PAC 0.6-0.8x, direct 0.9x; below
     that the allocator's own overhead (10-30 MB, varying run to run) dominates.
@@ -271,8 +271,12 @@ def estimate_workspace_bytes(impl_name: str, spec: ConvSpec) -> Optional[float]:
 
         evals, pixels = f["pac_kernel_evals"], b * (ho or 0) * (wo or 0)
         padded = b * (spec.height + kh) * (spec.width + kw) * spec.in_channels
-        if choose_strategy(kh * kw, spec.in_channels, spec.filters) == "patch":
+        strategy = choose_strategy(kh * kw, spec.in_channels, spec.filters, strides=spec.strides)
+        if strategy == "patch":
             contraction = 3.0 * evals * spec.in_channels  # the tap slices, their stack, its K-scaled copy
+        elif strategy == "wide":
+            # the T*O-wide product per padded pixel, counted twice: measured peak RSS grew 1.5-1.7x of it
+            contraction = 2.0 * padded / spec.in_channels * kh * kw * spec.filters + 2.0 * pixels * spec.filters
         else:
             contraction = pixels * (2.0 * spec.in_channels + 2.0 * spec.filters)  # a tap, its scaled copy, 2 sums
         return base + 4.0 * (3.0 * evals + padded + 2.0 * pixels * spec.in_channels + contraction)

@@ -48,7 +48,7 @@ def test_pac_conv2d_matches_reference_random_configs(seed):
     cfg = _random_pac_config(rng)
     h, w, cin, f = int(rng.integers(5, 10)), int(rng.integers(5, 10)), int(rng.integers(1, 5)), int(rng.integers(1, 4))
     x, g = _f32(rng, 2, h, w, cin), _f32(rng, 2, h, w, f)
-    for strategy in ("patch", "shift"):
+    for strategy in ("patch", "shift", "wide"):
         layer = PacConv2D(3, strategy=strategy, **cfg)
         layer([x, g])
         if layer.guidance_scale is not None:
@@ -73,7 +73,7 @@ def test_constant_guidance_equals_conv2d(rng, kernel, strides, dilation, padding
                                bias_initializer="random_normal")
     expected = conv(x).numpy()
     for kernel_type in ("gaussian", "inv_0.5_2"):
-        for strategy in ("patch", "shift"):
+        for strategy in ("patch", "shift", "wide"):
             const = float(rng.uniform(-5, 5))
             g = np.full((2, 11, 10, 2), const, "float32")
             pac = PacConv2D(4, kernel, strides=strides, dilation_rate=dilation, padding=padding,
@@ -164,7 +164,7 @@ def test_channels_first_and_unknown_spatial_size(rng):
 
 def test_gradients_match_numerical_float64(rng):
     x, g = rng.standard_normal((1, 5, 4, 2)), rng.standard_normal((1, 5, 4, 2))
-    for strategy, kernel_type in (("patch", "gaussian"), ("shift", "inv_1_1")):
+    for strategy, kernel_type in (("patch", "gaussian"), ("shift", "inv_1_1"), ("wide", "inv_1_1")):
         layer = PacConv2D(2, 3, padding="same", dtype="float64", kernel_type=kernel_type, kernel_blend=0.6,
                           learn_guidance_scale=True, normalize_kernel=True, strategy=strategy)
         layer([x, g])
@@ -386,13 +386,14 @@ def test_mixed_precision_unnormalised_guidance_has_finite_gradients(rng, kernel_
     assert rel_error(out, ref) <= 1e-2
 
 
-def test_shift_strategy_under_jit_and_its_gradients(rng):
+def test_shift_and_wide_strategies_under_jit_and_their_gradients(rng):
     x, g = _f32(rng, 2, 9, 7, 6), _f32(rng, 2, 9, 7, 2)
     layers = {s: PacConv2D(5, 3, padding="same", kernel_type="inv_1_1", kernel_blend=0.5, strategy=s)
-              for s in ("patch", "shift")}
-    layers["patch"]([x, g])
-    layers["shift"]([x, g])
-    layers["shift"].set_weights(layers["patch"].get_weights())
+              for s in ("patch", "shift", "wide")}
+    for name in ("patch", "shift", "wide"):
+        layers[name]([x, g])
+    for name in ("shift", "wide"):
+        layers[name].set_weights(layers["patch"].get_weights())
 
     def loss_and_grads(layer):
         with tf.GradientTape() as tape:
@@ -400,10 +401,62 @@ def test_shift_strategy_under_jit_and_its_gradients(rng):
         return [loss] + tape.gradient(loss, layer.trainable_variables)
 
     expected = loss_and_grads(layers["patch"])
+    for name in ("shift", "wide"):
+        for jit in (False, True):
+            got = tf.function(lambda: loss_and_grads(layers[name]), jit_compile=jit)()
+            for a, b in zip(got, expected):
+                assert rel_error(a, b) <= 1e-5, (name, jit)
+
+
+def test_wide_strategy_auto_choice_unknown_size_mixed_precision_and_fit(rng):
+    """wide (one matmul + XLA-fused accumulate) is auto's pick at stride 1 with C > 4; it must keep working
+    with run-time sizes (XLA compiles per shape), transposed, under mixed precision and inside fit()."""
+    from convrewrite.layers.pac import choose_strategy
+    assert choose_strategy(9, 32, 32) == "wide" and choose_strategy(49, 32, 32) == "wide"
+    assert choose_strategy(9, 3, 32) == "patch" and choose_strategy(9, 32, 32, strides=(2, 2)) == "shift"
+    assert choose_strategy(49, 32, 128) == "shift"  # kh*kw*O over the memory bound
+    x, g = _f32(rng, 2, 9, 7, 6), _f32(rng, 2, 9, 7, 2)
+    layer = PacConv2D(5, 3, padding="same", kernel_type="inv_1_1", kernel_blend=0.5, dilation_rate=2)
+    static = layer([x, g])
+    assert layer.resolved_strategy() == "wide"
+    ref = R.pac_conv2d(x, g, layer.kernel.numpy(), layer.bias.numpy(), padding="same", dilation=2,
+                       kernel_type="inv_1_1", kernel_blend=0.5)
+    assert rel_error(static, ref) <= TOL
+    spec = [tf.TensorSpec((None, None, None, 6)), tf.TensorSpec((None, None, None, 2))]
+
+    def loss_and_grads(a, b):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(layer([a, b])))
+        return [loss] + tape.gradient(loss, layer.trainable_variables)
+
+    expected = loss_and_grads(x, g)
     for jit in (False, True):
-        got = tf.function(lambda: loss_and_grads(layers["shift"]), jit_compile=jit)()
+        got = tf.function(loss_and_grads, input_signature=spec, jit_compile=jit)(x, g)
         for a, b in zip(got, expected):
             assert rel_error(a, b) <= 1e-5, jit
+    # A second size through the same trace (XLA compiles it anew) against the oracle.
+    x2, g2 = x[:, :5, :6], g[:, :5, :6]
+    dyn = tf.function(lambda a, b: layer([a, b]), input_signature=spec)
+    assert rel_error(dyn(x2, g2), R.pac_conv2d(x2, g2, layer.kernel.numpy(), layer.bias.numpy(), padding="same",
+                                               dilation=2, kernel_type="inv_1_1", kernel_blend=0.5)) <= TOL
+    mp = PacConv2D(5, 3, padding="same", dtype="mixed_float16", kernel_blend=0.5, strategy="wide")
+    out = mp([x, g])
+    assert out.dtype == "float16"
+    assert rel_error(out, R.pac_conv2d(x, g, mp.kernel.numpy(), mp.bias.numpy(), padding="same",
+                                       kernel_blend=0.5)) <= 1e-2
+    tr = PacConv2DTranspose(3, 4, strides=2, padding="same", strategy="wide")
+    tr_ref = PacConv2DTranspose(3, 4, strides=2, padding="same", strategy="shift")
+    gh = _f32(rng, 2, 18, 14, 2)
+    tr([x, gh])
+    tr_ref([x, gh])
+    tr_ref.set_weights(tr.get_weights())
+    assert rel_error(tr([x, gh]), tr_ref([x, gh])) <= TOL
+    xi, gi = keras.Input((None, None, 6)), keras.Input((None, None, 2))
+    model = keras.Model([xi, gi], PacConv2D(1, 3, padding="same", kernel_blend=0.0, strategy="wide")([xi, gi]))
+    model.compile(optimizer="adam", loss="mse")
+    before = model([x, g]).numpy()
+    hist = model.fit([x, g], _f32(rng, 2, 9, 7, 1), epochs=3, batch_size=2, verbose=0)
+    assert np.all(np.isfinite(hist.history["loss"])) and not np.allclose(model([x, g]).numpy(), before)
 
 
 _PEAK_SCRIPT = """

@@ -187,3 +187,29 @@ def after(deps, fn):
         return fn()
     with tf.control_dependencies(deps):
         return fn()
+
+
+def jit(fn):
+    """fn as an XLA-compiled function (tf.function(jit_compile=True)); fn must be a pure tensor function.
+
+    For PAC's many small per-tap ops (slices, differences, scaled adds), which XLA fuses into a few loops
+    and runs several times faster than as separate TF ops on CPU; the large matmuls stay outside (TF's
+    oneDNN kernels beat XLA's CPU matmul). Works eagerly, inside an outer tf.function (also one with
+    unknown spatial sizes: XLA compiles once per concrete input shape and caches it), under autodiff
+    (the gradient is compiled too) and in any float dtype. Non-tensor arguments must be hashable
+    Python values (ints, tuples); each distinct value traces once."""
+    return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def custom_gradient(forward, backward):
+    """f(*tensors) = forward(*tensors), whose gradient is backward(*tensors, upstream) -> one per tensor.
+
+    (tf.custom_gradient; first-order only: the gradient itself is not differentiated.)"""
+    @tf.custom_gradient
+    def f(*args):
+        def grad(upstream):
+            return backward(*args, upstream)
+
+        return forward(*args), grad
+
+    return f

@@ -53,7 +53,7 @@ __all__ = [
     "parse_kernel_type", "choose_strategy", "STRATEGIES",
 ]
 
-STRATEGIES = ("auto", "patch", "shift")
+STRATEGIES = ("auto", "patch", "shift", "wide")
 _INV_RE = re.compile(r"^inv_([0-9.eE+-]+)_([0-9.eE+-]+)(_fixed)?$")
 
 
@@ -81,17 +81,28 @@ def parse_kernel_type(kernel_type, owner="PacConv2D"):
     )
 
 
-def choose_strategy(kernel_taps: int, in_channels: int, filters: int, out_pixels=None) -> str:
+def choose_strategy(kernel_taps: int, in_channels: int, filters: int, out_pixels=None, strides=(1, 1)) -> str:
     """The contraction strategy `strategy="auto"` picks, from static shape facts only.
 
-    shift runs kh*kw (pixels x C) @ (C x O) matmuls and, in the forward pass, never holds more than
-    one tap's copy of x (taps are sliced one at a time, after the previous partial sum exists);
-    patch builds the (pixels, kh*kw*C) patch matrix and runs one matmul. Measured on CPU (see
-    benchmarks/pac.py) shift wins whenever the per-tap matmul is not tiny; patch wins when C is so small
+    wide runs one (pixels, C) @ (C, kh*kw*O) matmul and one XLA-fused shift-and-accumulate (with a
+    hand-written, also fused, gradient): the fewest ops, so on CPU, where the per-tap strategies are
+    dominated by the overhead of their ~4*kh*kw small ops, it is the fastest at stride 1
+    (benchmarks/pac.py, 4x64x64, 32 -> 32: forward ~1.5-1.8x and forward+backward ~2.1-2.7x faster than
+    shift and patch for k = 3, 5, 7). It loses with C <= 4 (its T*O-wide product dwarfs the T*C
+    patch; patch ~1.5x faster forward) and at stride s > 1 would compute s*s times the products needed.
+    Its product holds kh*kw*O values per padded input pixel, so auto takes it only while
+    kh*kw*O <= 4096 (16 KiB per pixel in float32; a memory bound, not a measured crossover).
+    Otherwise: shift runs kh*kw (pixels x C) @ (C x O) matmuls and, in the forward pass, never holds
+    more than one tap's copy of x; patch builds the (pixels, kh*kw*C) patch matrix and runs one matmul, and wins when C is so small
     (e.g. RGB input, C <= 4) that kh*kw separate matmuls are dominated by their per-op overhead.
+    Memory differs (see pac_contract): pass strategy="shift" explicitly where the forward peak matters.
     """
-    del kernel_taps, filters, out_pixels  # kept in the signature: the rule may grow to use them
-    return "patch" if in_channels <= 4 else "shift"
+    del out_pixels  # kept in the signature: the rule may grow to use them
+    if in_channels <= 4:
+        return "patch"
+    if tuple(strides) == (1, 1) and kernel_taps * filters <= 4096:
+        return "wide"
+    return "shift"
 
 
 # ---- shape helpers --------------------------------------------------------------------------------
@@ -200,23 +211,32 @@ def _resize_guidance(guidance, static_size, size):
 
 
 # ---- the adaptive kernel and the two contractions ---------------------------------------------------
-def pac_kernel(gp, out_hw, kernel, dilation, strides, center, kernel_fn, mask=None, normalize=False):
+def pac_kernel(gp, out_hw, kernel, dilation, strides, center, kernel_fn, mask=None, normalize=False,
+               fused=True):
     """K for every output pixel and tap: (N, Ho, Wo, kh*kw).
 
     gp: padded guidance (N, Hp, Wp, F) in the kernel dtype (float32 or float64, see Precision above);
     center: the tap (a, b) whose guidance is f_i; kernel_fn: d2 -> K (already including any blend);
-    mask: padded 0/1 validity (1, Hp, Wp, 1) or None. K comes back in gp's dtype.
-    Memory: d2 and K, a few N*Ho*Wo*kh*kw values; the guidance taps are sliced and reduced one at a
-    time (each after the previous tap's distance exists), so only ~2 taps' N*Ho*Wo*F are live.
+    mask: padded 0/1 validity (1, Hp, Wp, 1) or None. K comes back in gp's dtype. d2 is computed for
+    every window inside gp ((Hp - eff) // s + 1 rows) and cropped to out_hw where that is fewer.
+    fused=True: d2 = sum_F (f_tap - f_centre)^2 for all taps is one XLA computation (`backend.jit`;
+    ~4*T small TF ops otherwise): XLA fuses the taps' slices and differences into the reduction, so
+    only d2 is materialised; the first call per input shape compiles it (its compiler memory shows in
+    a fresh process's peak RSS). fused=False (the memory-lean shift strategy and PacPool2D): the taps
+    are sliced and reduced one at a time as TF ops (each after the previous tap's distance exists), so
+    ~2 taps' N*Ho*Wo*F are live. Memory either way: d2 and K, a few N*Ho*Wo*kh*kw values.
     """
-    t = kernel[0] * kernel[1]
-    fc = _tap(gp, center[0] * kernel[1] + center[1], kernel, dilation, strides, out_hw)
-    # One reduction per tap, then a stack: fewer live values than stacking (N, Ho, Wo, T, F) first.
-    dists = []
-    for i in range(t):
-        ft = _tap(gp, i, kernel, dilation, strides, out_hw, after=dists[-1] if dists else None)
-        dists.append(ops.sum(ops.square(ft - fc), axis=-1))
-    d2 = ops.stack(dists, axis=-1)
+    if fused:
+        d2 = _guidance_d2(gp, tuple(kernel), tuple(dilation), tuple(strides), tuple(center))
+        if tuple(d2.shape[1:3]) != tuple(out_hw) or None in tuple(d2.shape[1:3]):
+            d2 = d2[:, :out_hw[0], :out_hw[1]]  # PacConv2DTranspose pads its guidance past the last window
+    else:
+        fc = _tap(gp, center[0] * kernel[1] + center[1], kernel, dilation, strides, out_hw)
+        dists = []  # one reduction per tap, then a stack: fewer live values than stacking (N, Ho, Wo, T, F)
+        for i in range(kernel[0] * kernel[1]):
+            ft = _tap(gp, i, kernel, dilation, strides, out_hw, after=dists[-1] if dists else None)
+            dists.append(ops.sum(ops.square(ft - fc), axis=-1))
+        d2 = ops.stack(dists, axis=-1)
     k = kernel_fn(d2)
     if mask is not None:
         k = k * ops.concatenate(_tap_slices(mask, kernel, dilation, strides, out_hw), axis=-1)
@@ -227,10 +247,66 @@ def pac_kernel(gp, out_hw, kernel, dilation, strides, center, kernel_fn, mask=No
     return k
 
 
+def _out_hw_of_padded(t, kernel, dilation, strides):
+    """(Ho, Wo) of a VALID window pass over padded t (the padding was chosen to give the layer's size)."""
+    return tuple((ops.shape(t)[a] - ((k - 1) * d + 1)) // s + 1 for a, k, d, s in zip((1, 2), kernel, dilation, strides))
+
+
+def _guidance_d2_body(gp, kernel, dilation, strides, center):
+    """d2: (N, Ho, Wo, T), the squared guidance distance of every tap to the centre tap (XLA-compiled)."""
+    out_hw = _out_hw_of_padded(gp, kernel, dilation, strides)
+    fc = _tap(gp, center[0] * kernel[1] + center[1], kernel, dilation, strides, out_hw)
+    return ops.stack([ops.sum(ops.square(ft - fc), axis=-1)
+                      for ft in _tap_slices(gp, kernel, dilation, strides, out_hw)], axis=-1)
+
+
+def _wide_accumulate_body(y, k, kernel, dilation, strides):
+    """sum over taps t of K_t * (tap t of y's t-th O-channel block): (N, Ho, Wo, O) (XLA-compiled).
+
+    y: (N, Hp, Wp, T*O) = padded x @ [W_0 | ... | W_{T-1}]; k: (N, Ho, Wo, T)."""
+    t = kernel[0] * kernel[1]
+    o = y.shape[-1] // t
+    out_hw = (ops.shape(k)[1], ops.shape(k)[2])
+    total = None
+    for i in range(t):
+        p = _tap(y, i, kernel, dilation, strides, out_hw)[..., i * o:(i + 1) * o] * k[..., i:i + 1]
+        total = p if total is None else total + p
+    return total
+
+
+def _wide_accumulate_grad_body(y, k, upstream, kernel, dilation):
+    """Gradient of `_wide_accumulate_body` at stride 1 (XLA-compiled): (dy, dk).
+
+    dy is one concatenation of the taps' zero-padded upstream * K_t blocks, dk one stack of per-tap
+    channel sums; autodiff of the slices instead pads a whole T*O-channel tensor per tap (measured 6x
+    slower for 7x7)."""
+    t, o = kernel[0] * kernel[1], y.shape[-1] // (kernel[0] * kernel[1])
+    hp, wp, ho, wo = ops.shape(y)[1], ops.shape(y)[2], ops.shape(k)[1], ops.shape(k)[2]
+    dy, dk = [], []
+    for i in range(t):
+        r0, c0 = (i // kernel[1]) * dilation[0], (i % kernel[1]) * dilation[1]
+        dy.append(ops.pad(upstream * k[..., i:i + 1], [(0, 0), (r0, hp - r0 - ho), (c0, wp - c0 - wo), (0, 0)]))
+        dk.append(ops.sum(y[:, r0:r0 + ho, c0:c0 + wo, i * o:(i + 1) * o] * upstream, axis=-1))
+    return ops.concatenate(dy, axis=-1), ops.stack(dk, axis=-1)
+
+
+_guidance_d2 = backend.jit(_guidance_d2_body)
+_wide_accumulate_fwd = backend.jit(_wide_accumulate_body)
+_wide_accumulate_grad = backend.jit(_wide_accumulate_grad_body)
+
+
+def _wide_accumulate(y, k, kernel, dilation, strides):
+    """`_wide_accumulate_body`, XLA-compiled, with the hand-written gradient at stride 1."""
+    if tuple(strides) != (1, 1):
+        return _wide_accumulate_fwd(y, k, kernel, dilation, strides)
+    return backend.custom_gradient(lambda yy, kk: _wide_accumulate_fwd(yy, kk, kernel, dilation, strides),
+                                   lambda yy, kk, g: _wide_accumulate_grad(yy, kk, g, kernel, dilation))(y, k)
+
+
 def pac_contract(xp, k, w, out_hw, kernel, dilation, strides, strategy):
     """sum over taps t of K_t * (x_t @ W_t): (N, Ho, Wo, O).
 
-    xp: zero-padded x (N, Hp, Wp, C); k: (N, Ho, Wo, T); w: (kh, kw, C, O); strategy 'patch' | 'shift'.
+    xp: zero-padded x (N, Hp, Wp, C); k: (N, Ho, Wo, T); w: (kh, kw, C, O); strategy 'patch' | 'shift' | 'wide'.
 
     patch: stack the taps of x into (N, Ho, Wo, T, C), scale by K, one (pixels, T*C) @ (T*C, O) matmul.
            Peak forward memory ~ 2 * N*Ho*Wo*T*C values (the taps or the patch tensor, and its K-scaled copy).
@@ -240,8 +316,18 @@ def pac_contract(xp, k, w, out_hw, kernel, dilation, strides, strategy):
            and forward peak is ~ N*Ho*Wo*(C + 2*O) values besides xp and K.
            (Under autodiff every tap's slice of x, and with C >= O its unscaled product, is kept for the
            backward pass, N*Ho*Wo*T*C (+ T*O) values: training memory is patch-like for both strategies.)
+    wide:  one (padded pixels, C) @ (C, T*O) matmul gives every tap's product x @ W_t at every padded
+           input pixel, Y: (N, Hp, Wp, T*O); then one XLA computation (`backend.jit`) slices tap t's
+           O-block of Y, scales it by K's tap and accumulates, fused into a single loop. Fewest ops:
+           2 large ones instead of ~4*T small ones. Peak forward memory ~ N*Hp*Wp*T*O values (Y) besides
+           xp and K (with stride s, Y covers all s*s input pixels per output pixel: use it at stride 1).
+           Backward (hand-written at stride 1, also one XLA computation) keeps Y and K, and its
+           gradient dY is N*Hp*Wp*T*O values again.
     """
     kh, kw, c, o = w.shape
+    if strategy == "wide":
+        wt = ops.reshape(ops.transpose(ops.reshape(w, (kh * kw, c, o)), (1, 0, 2)), (c, kh * kw * o))
+        return _wide_accumulate(_dense(xp, wt), k, tuple(kernel), tuple(dilation), tuple(strides))
     if strategy == "patch":
         p = ops.stack(_tap_slices(xp, kernel, dilation, strides, out_hw), axis=3) * ops.expand_dims(k, -1)
         shape = ops.shape(p)  # p: (N, Ho, Wo, T, C)
@@ -371,7 +457,7 @@ class _PacMixin:
             y = self.activation(y)
         return _from_last(y, self.data_format)
 
-    def _windows_and_kernel(self, x, g, kernel):
+    def _windows_and_kernel(self, x, g, kernel, fused=False):
         """Channels-last x, the adaptive kernel K over each output's window, the pads and the output size.
 
         x, g: the layer's inputs in its data_format. Pads follow Conv2D's (TF's asymmetric SAME); K is
@@ -394,7 +480,7 @@ class _PacMixin:
         mask = _zero_pad(ops.ones((1, h, w, 1), kdtype), pads) if self.normalize_kernel else None
         center = (kernel[0] // 2, kernel[1] // 2)
         k = pac_kernel(_edge_pad(g, pads), out_hw, kernel, dilation, strides, center,
-                       self._kernel_fn(kdtype), mask=mask, normalize=self.normalize_kernel)
+                       self._kernel_fn(kdtype), mask=mask, normalize=self.normalize_kernel, fused=fused)
         return x, ops.cast(k, x.dtype), pads, out_hw
 
     def _prepare_guidance(self, g, static_size, size):
@@ -439,16 +525,20 @@ class PacConv2D(_PacMixin, keras.layers.Conv2D):
       kernel_blend: None (K is used as is) or the initial value of a learnable blend b,
         K' = 1 + b * (K - 1); b = 0 is exactly Conv2D whatever the guidance.
       learn_guidance_scale: learn a per-channel scale of the guidance inside the distance.
-      strategy: 'auto' | 'patch' | 'shift' (see pac_contract for each one's peak memory; auto uses
+      strategy: 'auto' | 'patch' | 'shift' | 'wide' (see pac_contract for each one's peak memory; auto uses
         choose_strategy). Both compute the same sum; they differ in speed and memory only.
 
     Peak forward memory besides x, guidance and the output (P = batch*Ho*Wo, T = kh*kw), in values:
-      K: ~P*(3*T + 2*F) (per-tap distances, stacked d2, K; two guidance taps at a time);
-      plus patch: 2*P*T*Cin; shift: P*(Cin + 2*filters) (one tap in flight, then the running sum).
+      K: ~P*(3*T + 2*F) (per-tap distances, stacked d2, K; two guidance taps at a time; patch and wide
+      compute d2 in one XLA computation, ~2*P*T);
+      plus patch: 2*P*T*Cin; shift: P*(Cin + 2*filters) (one tap in flight, then the running sum);
+      wide: batch*Hp*Wp*T*filters (every tap's product at every padded input pixel; Hp, Wp padded).
     Measured (benchmarks/pac.py, float32, 4x64x64, 32 -> 32, F=8, k=7; peak-RSS growth of a fresh
     process over its first call, so including the output and padded copies): forward patch ~220 MB,
     shift ~35 MB, Conv2D ~5 MB; forward+backward patch ~355 MB, shift ~225 MB, Conv2D ~19 MB: the
     backward pass keeps every tap's slice of x, so training memory grows with kh*kw for both strategies.
+    wide (same measurement, which includes its XLA compilations' memory): forward ~200 MB at k=7, ~36 MB
+    at k=3 (shift ~22 MB there); forward+backward ~415 MB at k=7, ~93 MB at k=3.
     """
 
     def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None, dilation_rate=(1, 1),
@@ -467,14 +557,16 @@ class PacConv2D(_PacMixin, keras.layers.Conv2D):
         if self.strategy != "auto":
             return self.strategy
         cin = self.kernel.shape[2]
-        return choose_strategy(self.kernel_size[0] * self.kernel_size[1], cin, self.filters, out_pixels)
+        return choose_strategy(self.kernel_size[0] * self.kernel_size[1], cin, self.filters, out_pixels,
+                               strides=self.strides)
 
     def call(self, inputs):
         x, g = self._split_inputs(inputs, "PacConv2D")
-        x, k, pads, out_hw = self._windows_and_kernel(x, g, self.kernel_size)
+        strategy = self.resolved_strategy()
+        x, k, pads, out_hw = self._windows_and_kernel(x, g, self.kernel_size, fused=strategy != "shift")
         kernel, strides, dilation = self.kernel_size, self.strides, self.dilation_rate
         y = pac_contract(_zero_pad(x, pads), k, ops.cast(self.kernel, x.dtype), out_hw, kernel, dilation, strides,
-                         self.resolved_strategy())
+                         strategy)
         return self._bias_activation_layout(y)
 
     def get_config(self):
@@ -538,11 +630,11 @@ class PacConv2DTranspose(_PacMixin, keras.layers.Conv2DTranspose):
             mask = _zero_pad(_upsample_zeros(ops.ones((1, h, w, 1), kdtype), (sh, sw)), pads)
         # g has the output size; padding it like z aligns g_pad[m] with z_pad[m] (x[i] sits at g[i*s]).
         center = (kh - 1 - pb[0], kw - 1 - pb[1])
-        k = pac_kernel(_edge_pad(g, pads), (oh, ow), (kh, kw), (1, 1), (1, 1), center,
-                       self._kernel_fn(kdtype), mask=mask, normalize=self.normalize_kernel)
-        k = ops.cast(k, x.dtype)
         wk = ops.transpose(ops.flip(ops.cast(self.kernel, x.dtype), axis=(0, 1)), (0, 1, 3, 2))  # (kh, kw, Cin, O)
         strategy = self.strategy if self.strategy != "auto" else choose_strategy(kh * kw, wk.shape[2], self.filters)
+        k = pac_kernel(_edge_pad(g, pads), (oh, ow), (kh, kw), (1, 1), (1, 1), center, self._kernel_fn(kdtype),
+                       mask=mask, normalize=self.normalize_kernel, fused=strategy != "shift")
+        k = ops.cast(k, x.dtype)
         y = pac_contract(_zero_pad(z, pads), k, wk, (oh, ow), (kh, kw), (1, 1), (1, 1), strategy)
         return self._bias_activation_layout(y)
 
