@@ -4,6 +4,7 @@
     python benchmarks/models.py convnext_tiny --batch 8 --repeats 5
     python benchmarks/models.py --cost-model rules    # the rule-based chooser instead of the cost model
     python benchmarks/models.py convnext_tiny --also-rules   # cost-model plan and rule-based plan, interleaved
+    python benchmarks/models.py large_kernel --measure       # plan from timings of the model's own shapes
 
 Prints, per model: original and optimized median seconds per batch, the speedup, the end-to-end relative
 error, and what the plan chose.
@@ -55,9 +56,10 @@ MODELS = {
 }
 
 
-def bench(name, batch, repeats, cost_model, also_rules=False):
+def bench(name, batch, repeats, cost_model, also_rules=False, measure=False):
     model = MODELS[name]()
-    variants = {"optimized": convrewrite.optimize(model, cost_model=None if cost_model == "rules" else cost_model)}
+    variants = {"optimized": convrewrite.optimize(model, cost_model=None if cost_model == "rules" else cost_model,
+                                                  measure=measure, batch=batch)}
     if also_rules:
         variants["rules"] = convrewrite.optimize(model, cost_model=None)
     shape = (batch,) + tuple(model.inputs[0].shape[1:])
@@ -84,6 +86,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cost-model", default="auto")
     parser.add_argument("--also-rules", action="store_true", help="also time the rule-based plan, interleaved")
+    parser.add_argument("--measure", action="store_true",
+                        help="plan from timings of the model's own conv shapes (optimize(measure=True), cached per device)")
     args = parser.parse_args()
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
@@ -92,7 +96,7 @@ def main():
     print(f"batch {args.batch}, {args.repeats} interleaved rounds, median seconds per batch")
     print(f"{'model':<16} {'original':>10} {'optimized':>10} {'speedup':>9} {'rel err':>9}  plan")
     for name in args.models:
-        bench(name, args.batch, args.repeats, args.cost_model, args.also_rules)
+        bench(name, args.batch, args.repeats, args.cost_model, args.also_rules, args.measure)
 
 
 if __name__ == "__main__":
