@@ -4,7 +4,9 @@ TensorFlow 2.21 logs "oneDNN custom operations are on" through absl before absl'
 TF_CPP_MIN_LOG_LEVEL does not silence it: every `convrewrite` command would print two such lines before
 its own one-line answer. While TensorFlow is imported, stderr's file descriptor points at a temporary
 file; afterwards everything but absl INFO lines (and absl's note that logging is not yet initialized) is
-written back, so warnings and errors still reach the user.
+written back, so warnings and errors still reach the user. (If the import kills the process outright, e.g.
+TensorFlow's fatal CPU-feature check, its message is lost with it: set TF_CPP_MIN_LOG_LEVEL=0 to import
+without this filter and see it.)
 """
 
 import os

@@ -102,6 +102,12 @@ class Plan:
             ok, why = impl.applicable(row.spec)
             if not ok:
                 raise PlanError(f"Implementation {implementation!r} does not apply to site '{row.site}' ({row.spec.short()}): {why}.")
+            why = constraint_violation(implementation, row.spec, self.constraints.get("memory_limit"),
+                                       self.constraints.get("rtol"), options)
+            if why:  # the summary states the plan's limits: a forced choice must keep them
+                raise PlanError(f"Implementation {implementation!r} at site '{row.site}' ({row.spec.short()}) {why}; "
+                                f"expected a choice within the limits this plan was made with (plan again without them "
+                                f"to force it).")
             row.choice, row.reason, row.options = implementation, reason, dict(options)
         return self
 
@@ -208,6 +214,8 @@ def parse_memory_limit(value) -> Optional[int]:
                             f"'2GB' or '1.5GiB'.")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise PlanError(f"Received memory_limit={value!r}; expected a positive number of bytes or a string like '2GB'.")
+    if int(value) < 1:
+        raise PlanError(f"Received memory_limit={value!r}; expected at least one byte.")
     return int(value)
 
 
@@ -228,7 +236,7 @@ def _format_bytes(n) -> str:
     return f"{n:.0f} B"
 
 
-def estimate_workspace_bytes(impl_name: str, spec: ConvSpec) -> Optional[float]:
+def estimate_workspace_bytes(impl_name: str, spec: ConvSpec, options: Optional[dict] = None) -> Optional[float]:
     """Peak working memory of one call of `impl_name` on `spec` (bytes, at spec.batch or 1), estimated from
     the implementation's cost features. It sums every large intermediate as if all were alive at once, so
     it errs high. None where it depends on a spatial size the spec leaves unknown.
@@ -249,7 +257,10 @@ def estimate_workspace_bytes(impl_name: str, spec: ConvSpec) -> Optional[float]:
       what the kernel itself reads and writes.
     """
     impl = implementations.get(impl_name)
-    f = impl.features(spec)
+    try:
+        f = impl.features(spec)
+    except ValueError:  # features that need the spatial size (FFT plans) when the spec leaves it unknown
+        return None
     item = max(4, _itemsize(spec.dtype))
     b = spec.batch or 1
     known = spec.height is not None and spec.width is not None
@@ -271,7 +282,9 @@ def estimate_workspace_bytes(impl_name: str, spec: ConvSpec) -> Optional[float]:
 
         evals, pixels = f["pac_kernel_evals"], b * (ho or 0) * (wo or 0)
         padded = b * (spec.height + kh) * (spec.width + kw) * spec.in_channels
-        strategy = choose_strategy(kh * kw, spec.in_channels, spec.filters, strides=spec.strides)
+        strategy = (options or {}).get("strategy") or "auto"  # the user's pac= strategy, else auto's pick
+        if strategy == "auto":
+            strategy = choose_strategy(kh * kw, spec.in_channels, spec.filters, strides=spec.strides)
         if strategy == "patch":
             contraction = 3.0 * evals * spec.in_channels  # the tap slices, their stack, its K-scaled copy
         elif strategy == "wide":
@@ -322,13 +335,14 @@ def estimate_rel_error(impl_name: str, spec: ConvSpec) -> float:
 
 
 def constraint_violation(impl_name: str, spec: ConvSpec, memory_limit: Optional[int] = None,
-                         rtol: Optional[float] = None) -> str:
-    """Why `impl_name` breaks the memory limit (bytes) or tolerance on `spec`, or "" if it does not.
-    `direct` never does: it is the fallback, and the reference the tolerance is measured against."""
+                         rtol: Optional[float] = None, options: Optional[dict] = None) -> str:
+    """Why `impl_name` (built with `options`, e.g. a PAC strategy) breaks the memory limit (bytes) or
+    tolerance on `spec`, or "" if it does not. `direct` never does: it is the fallback, and the reference
+    the tolerance is measured against."""
     if impl_name == "direct":
         return ""
     if memory_limit is not None:
-        need = estimate_workspace_bytes(impl_name, spec)
+        need = estimate_workspace_bytes(impl_name, spec, options)
         if need is None:
             return "spatial size unknown, so its working memory cannot be checked against memory_limit"
         if need > memory_limit:
@@ -395,7 +409,7 @@ def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8
             if allow is not None and name not in allow and name not in ("direct", "pac"):
                 continue
             if ok and (limit is not None or rtol is not None):
-                why = constraint_violation(name, spec, limit, rtol)
+                why = constraint_violation(name, spec, limit, rtol, pac_options if name == "pac" else None)
                 if why:
                     constrained[name] = why
             cands[name] = why if (not ok or name in constrained) else ""

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -98,8 +99,16 @@ if HOOK in ("record_renames", "crash_before_dir_rename"):  # the order outputs a
 '''
 
 
+_CLI_CACHE = tempfile.mkdtemp(prefix="convrewrite-cli-cache-")
+
+
 def _run(args, cwd, script=False, env_extra=None, timeout=300):
-    env = dict(os.environ, **(env_extra or {}))
+    """The CLI in a subprocess, with a cache folder of its own (a quick profile measured for a device with
+    no shipped profile, or tactic timings, must not land in the user's ~/.cache) and no extra profile
+    folder from the caller's environment."""
+    env = {k: v for k, v in os.environ.items() if k != "CONVREWRITE_COST_MODELS"}
+    env["CONVREWRITE_CACHE"] = _CLI_CACHE
+    env.update(env_extra or {})
     cmd = (["convrewrite"] if script else [sys.executable, "-m", "convrewrite"]) + args
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 

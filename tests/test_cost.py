@@ -619,3 +619,26 @@ def test_profiler_leaves_out_implementations_that_run_out_of_memory(monkeypatch)
     monkeypatch.setattr(fft, "probe_call", other)
     with pytest.raises(ValueError, match="a real bug"):
         prof.time_spec(spec, allow=["direct", "fft"], repeats=1)
+
+
+def test_constraints_see_the_pac_strategy_and_survive_force():
+    from convrewrite.planner import estimate_workspace_bytes, parse_memory_limit
+
+    x = keras.Input((64, 64, 32))
+    model = keras.Model(x, keras.layers.Conv2D(8, 3, padding="same", name="c")(x))
+    spec = ConvSpec(kind="conv2d", in_channels=32, filters=8, kernel=3, height=64, width=64, batch=8, padding="same")
+    auto = estimate_workspace_bytes("pac", spec)
+    patch = estimate_workspace_bytes("pac", spec, {"strategy": "patch"})
+    assert patch > auto
+    limit = int((auto + patch) / 2)
+    pac = {"layers": ["c"], "guidance": "self"}
+    assert convrewrite.plan(model, cost_model=None, pac=pac, memory_limit=limit).row("c").choice == "pac"
+    with pytest.raises(convrewrite.PlanError, match="memory_limit"):
+        convrewrite.plan(model, cost_model=None, pac={**pac, "strategy": "patch"}, memory_limit=limit)
+    plan = convrewrite.plan(model, cost_model=None, memory_limit=1000)
+    with pytest.raises(convrewrite.PlanError, match="memory_limit"):
+        plan.force("c", "fft")
+    with pytest.raises(convrewrite.PlanError, match="one byte"):
+        parse_memory_limit(0.5)
+    unknown = ConvSpec.from_dict({**spec.to_dict(), "height": None, "width": None})
+    assert estimate_workspace_bytes("fft", unknown) is None  # cannot be checked, not a traceback
