@@ -94,7 +94,8 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
             raise VerificationError(
                 f"Optimized model '{model.name}' differs from the original beyond tolerance at "
                 f"{[c.name for c in report.checks if not c.passed]} even after falling back; the original is unchanged.\n"
-                + report.summary()
+                + report.summary(),
+                report=report,
             )
     new.convrewrite_plan = plan
     new.convrewrite_report = report

@@ -14,9 +14,7 @@ import contextlib
 import importlib
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -231,9 +229,8 @@ def _refuse_existing(path: Path, force: bool, flag="--force"):
 
 
 def _fallbacks_text(fallbacks) -> str:
-    """'g' fell back from depthwise to direct, ... (from report.fallbacks dicts or (site, from, to) tuples)."""
-    items = [(f["site"], f["from"], f["to"]) if isinstance(f, dict) else tuple(f) for f in fallbacks]
-    return ", ".join(f"'{site}' fell back from {old} to {new}" for site, old, new in items)
+    """'g' fell back from depthwise to direct, ... (from a report's fallbacks)."""
+    return ", ".join(f"'{f['site']}' fell back from {f['from']} to {f['to']}" for f in fallbacks)
 
 
 def _failed_conversion(src: Path, out: Path, failing, fallbacks, extra=None) -> CliError:
@@ -244,15 +241,6 @@ def _failed_conversion(src: Path, out: Path, failing, fallbacks, extra=None) -> 
     return CliError(f"converting '{src}' failed verification: the result differs beyond tolerance at {failing}{tried}; "
                     f"{kept} (compare with `convrewrite verify`, or pass a larger --rtol if that error is acceptable).",
                     "verification_failed")
-
-
-def _parse_verification_error(text: str):
-    """(failing names, [(site, from, to), ...]) from the text of optimize()'s VerificationError."""
-    first = text.splitlines()[0] if text else ""
-    m = re.search(r" at (\[[^\]]*\])", first)
-    failing = m.group(1) if m else "the outputs"
-    fallbacks = re.findall(r"^fell back: (\S+) (\S+) -> (\S+)", text, flags=re.M)
-    return failing, fallbacks
 
 
 # ---- commands ---------------------------------------------------------------------------------------
@@ -315,8 +303,8 @@ def cmd_convert(args):
                                     pac=parse_pac(args.pac), measure=args.measure, rtol=args.rtol, batch=args.batch,
                                     memory_limit=args.memory_limit)
     except VerificationError as exc:
-        failing, fallbacks = _parse_verification_error(str(exc))
-        raise _failed_conversion(src, out, failing, fallbacks, extras) from None
+        failing = [c.name for c in exc.report.checks if not c.passed]
+        raise _failed_conversion(src, out, failing, exc.report.fallbacks, extras) from None
     report = fast.convrewrite_report
     inputs = random_inputs(model, batch=2, seed=7)
 
@@ -385,13 +373,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _tolerance(text):
+    from convrewrite.errors import PlanError
+    from convrewrite.planner import check_rtol
+
     try:
-        value = float(text)
+        return check_rtol(float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a tolerance such as 1e-5") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a tolerance; expected a finite number >= 0 such as 1e-5")
-    return value
+    except PlanError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _memory_limit(text):

@@ -239,12 +239,13 @@ class CostModel:
 
     def _tactic_entry(self, here: dict) -> dict:
         fid = fingerprint_id(here)
+        entry = self.measured.setdefault(fid, {"fingerprint": here, "timings": {}})
         if fid not in self._user_cache_read:  # once per device: merge what earlier runs cached for it
             self._user_cache_read.add(fid)
             cached = None if self._writes_in_file() else _read_tactic_file(tactic_cache_path(here)).get(fid)
             if cached:
-                _merge_timings(self.measured.setdefault(fid, {"fingerprint": here, "timings": {}})["timings"], cached["timings"])
-        return self.measured.setdefault(fid, {"fingerprint": here, "timings": {}})
+                _merge_timings(entry["timings"], cached["timings"])
+        return entry
 
     def _writes_in_file(self) -> bool:
         """Whether tactic timings persist in this profile's own file (a profile the user named and that

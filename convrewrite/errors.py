@@ -14,7 +14,13 @@ class ProfileError(ConvRewriteError):
 
 
 class VerificationError(ConvRewriteError):
-    """A rewritten model does not match the original within tolerance."""
+    """A rewritten model does not match the original within tolerance.
+
+    report: the VerificationReport that failed (its checks and fallbacks), where one exists."""
+
+    def __init__(self, message, report=None):
+        super().__init__(message)
+        self.report = report
 
 
 class PlanError(ConvRewriteError):

@@ -400,7 +400,7 @@ def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8
 
     rows = []
     decisions = {}  # the same spec met twice is predicted (and measured) once
-    for site in _unique_sites(model_graph.sites):
+    for site in model_graph.sites:  # one per layer: the walk merges a layer's calls and nested paths
         spec = site.spec if site.spec.batch else site.spec.with_input(batch=batch)
         cands, constrained = {}, {}
         for name, (ok, why) in implementations.candidates(site.spec).items():
@@ -488,11 +488,3 @@ def _apply_pac_budget(plan: Plan, pac_sites, pac_options, budget: float):
         else:
             r.reason = f"pac left out: +{overhead:.3g} ms would exceed the {budget:g}x budget"
     plan.pac_overhead = total / base if base else 1.0
-
-
-def _unique_sites(sites):
-    seen = set()
-    for s in sites:
-        if id(s.layer) not in seen:
-            seen.add(id(s.layer))
-            yield s

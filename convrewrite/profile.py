@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -27,10 +27,9 @@ PROFILE_MEMORY_CAP = 2 * 2**30
 
 
 def _within_memory_cap(name: str, spec: ConvSpec) -> bool:
-    from .planner import estimate_workspace_bytes
+    from .planner import constraint_violation
 
-    need = estimate_workspace_bytes(name, spec)
-    return need is None or need <= PROFILE_MEMORY_CAP
+    return not constraint_violation(name, spec, memory_limit=PROFILE_MEMORY_CAP)
 
 
 PROFILE_LIMITS = {"pac": lambda spec: max(spec.kernel) <= 7 and (spec.macs() or 0) <= 3e8}

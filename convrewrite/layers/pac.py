@@ -36,7 +36,6 @@ Conventions shared by every layer in this module (and by `convrewrite.reference.
 
 from __future__ import annotations
 
-import math
 import re
 
 import keras
@@ -145,14 +144,19 @@ def _zero_pad(t, pads):
     return ops.pad(t, [(0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)])
 
 
+def _tap_offset(index, kernel, dilation):
+    """(row, col) offset in the padded input of tap `index` (row-major over the kh*kw taps)."""
+    return (index // kernel[1]) * dilation[0], (index % kernel[1]) * dilation[1]
+
+
 def _tap(t, index, kernel, dilation, strides, out_hw, after=None):
     """Tap `index` (row-major over the kh*kw taps) of every window of padded t: (N, Ho, Wo, C).
 
     Tap (a, b) of output pixel (i, j) is t[i*sh + a*dh, j*sw + b*dw]: one strided slice covering every
     pixel at once. after: None or a tensor; in a graph the slice is then not taken before `after` is
     computed (see `backend.after`), which is what bounds the sequential loops' live tensors to one tap."""
-    (kh, kw), (dh, dw), (sh, sw), (ho, wo) = kernel, dilation, strides, out_hw
-    r0, c0 = (index // kw) * dh, (index % kw) * dw
+    (sh, sw), (ho, wo) = strides, out_hw
+    r0, c0 = _tap_offset(index, kernel, dilation)
     return backend.after([after], lambda: t[:, r0:r0 + (ho - 1) * sh + 1:sh, c0:c0 + (wo - 1) * sw + 1:sw, :])
 
 
@@ -231,12 +235,7 @@ def pac_kernel(gp, out_hw, kernel, dilation, strides, center, kernel_fn, mask=No
         if tuple(d2.shape[1:3]) != tuple(out_hw) or None in tuple(d2.shape[1:3]):
             d2 = d2[:, :out_hw[0], :out_hw[1]]  # PacConv2DTranspose pads its guidance past the last window
     else:
-        fc = _tap(gp, center[0] * kernel[1] + center[1], kernel, dilation, strides, out_hw)
-        dists = []  # one reduction per tap, then a stack: fewer live values than stacking (N, Ho, Wo, T, F)
-        for i in range(kernel[0] * kernel[1]):
-            ft = _tap(gp, i, kernel, dilation, strides, out_hw, after=dists[-1] if dists else None)
-            dists.append(ops.sum(ops.square(ft - fc), axis=-1))
-        d2 = ops.stack(dists, axis=-1)
+        d2 = _tap_distances(gp, kernel, dilation, strides, center, out_hw, ordered=True)
     k = kernel_fn(d2)
     if mask is not None:
         k = k * ops.concatenate(_tap_slices(mask, kernel, dilation, strides, out_hw), axis=-1)
@@ -252,12 +251,23 @@ def _out_hw_of_padded(t, kernel, dilation, strides):
     return tuple((ops.shape(t)[a] - ((k - 1) * d + 1)) // s + 1 for a, k, d, s in zip((1, 2), kernel, dilation, strides))
 
 
-def _guidance_d2_body(gp, kernel, dilation, strides, center):
-    """d2: (N, Ho, Wo, T), the squared guidance distance of every tap to the centre tap (XLA-compiled)."""
-    out_hw = _out_hw_of_padded(gp, kernel, dilation, strides)
+def _tap_distances(gp, kernel, dilation, strides, center, out_hw, ordered=False):
+    """d2: (N, Ho, Wo, T), the squared guidance distance of every tap to the centre tap.
+
+    One reduction per tap, then a stack: fewer live values than stacking (N, Ho, Wo, T, F) first.
+    ordered: slice each tap only after the previous tap's distance exists (`_tap`'s `after`), so that
+    about two taps' N*Ho*Wo*F values are live in a graph."""
     fc = _tap(gp, center[0] * kernel[1] + center[1], kernel, dilation, strides, out_hw)
-    return ops.stack([ops.sum(ops.square(ft - fc), axis=-1)
-                      for ft in _tap_slices(gp, kernel, dilation, strides, out_hw)], axis=-1)
+    dists = []
+    for i in range(kernel[0] * kernel[1]):
+        ft = _tap(gp, i, kernel, dilation, strides, out_hw, after=dists[-1] if ordered and dists else None)
+        dists.append(ops.sum(ops.square(ft - fc), axis=-1))
+    return ops.stack(dists, axis=-1)
+
+
+def _guidance_d2_body(gp, kernel, dilation, strides, center):
+    """`_tap_distances` over every window inside gp (XLA-compiled, see `pac_kernel`)."""
+    return _tap_distances(gp, kernel, dilation, strides, center, _out_hw_of_padded(gp, kernel, dilation, strides))
 
 
 def _wide_accumulate_body(y, k, kernel, dilation, strides):
@@ -284,7 +294,7 @@ def _wide_accumulate_grad_body(y, k, upstream, kernel, dilation):
     hp, wp, ho, wo = ops.shape(y)[1], ops.shape(y)[2], ops.shape(k)[1], ops.shape(k)[2]
     dy, dk = [], []
     for i in range(t):
-        r0, c0 = (i // kernel[1]) * dilation[0], (i % kernel[1]) * dilation[1]
+        r0, c0 = _tap_offset(i, kernel, dilation)
         dy.append(ops.pad(upstream * k[..., i:i + 1], [(0, 0), (r0, hp - r0 - ho), (c0, wp - c0 - wo), (0, 0)]))
         dk.append(ops.sum(y[:, r0:r0 + ho, c0:c0 + wo, i * o:(i + 1) * o] * upstream, axis=-1))
     return ops.concatenate(dy, axis=-1), ops.stack(dk, axis=-1)
