@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from convrewrite import cost, implementations  # noqa: E402
+from convrewrite import implementations, profiles  # noqa: E402
 from convrewrite.planner import choose_for_spec  # noqa: E402
 from convrewrite.profile import MAX_DIRECT_MACS, random_spec, time_spec  # noqa: E402
 
@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args()
-    cm = cost.resolve(args.profile)
+    cm = profiles.resolve(args.profile)
     known = {m["spec"] for m in cm.measurements}
     rng = np.random.default_rng(args.seed)
     hits, regret, best_total, n = 0, 0.0, 0.0, 0
@@ -41,7 +41,7 @@ def main():
             continue
         times = time_spec(spec, allow=SPEED_CANDIDATES)
         # the candidates make_plan would offer: every timed (applicable) implementation, pac excluded
-        chosen, _, _ = choose_for_spec(spec, cm, {k: "" for k in times})
+        chosen = choose_for_spec(spec, cm, {k: "" for k in times})[0]
         best = min(times, key=times.get)
         ratio = times[chosen] / times[best]
         hits += ratio <= 1.1

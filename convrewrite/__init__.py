@@ -21,7 +21,9 @@ try:
     from . import implementations
     from . import layers
     from .api import build, optimize, plan, verify
-    from .cost import CostModel, fingerprint
+    from . import device, profiles
+    from .cost import CostModel
+    from .device import fingerprint
     from .planner import Plan, PlanRow
     from .profile import profile_device
     from .verify import VerificationReport
@@ -40,7 +42,7 @@ except ModuleNotFoundError as _exc:  # no backend: only the numpy reference (and
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "plan", "verify", "build", "profile_device", "CostModel", "fingerprint",
+    "optimize", "plan", "verify", "build", "profile_device", "CostModel", "fingerprint", "device", "profiles",
     "layers", "reference", "implementations",
     "Plan", "PlanRow", "ConvSpec", "VerificationReport",
     "ConvRewriteError", "PlanError", "ProfileError", "UnsupportedModelError", "VerificationError",

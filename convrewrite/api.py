@@ -3,34 +3,58 @@
 from __future__ import annotations
 
 import copy
+import os
 
-from . import cost, implementations
+from . import implementations, profiles
+from . import speed as speed_check
 from .errors import VerificationError
 from .graph import walk
 from .planner import Plan, check_rtol, make_plan, parse_memory_limit
+from .profile import time_spec
 from .verify import VerificationReport, verify as _verify
 
+SPEED_CHECK_ENV = "CONVREWRITE_CHECK_SPEED"
+"""Set to "0" to make check_speed=None mean off (the test suite does, except where it tests the check)."""
 
-def _resolve_cost_model(cost_model):
+
+def _resolve_cost_model(cost_model, target="auto"):
     """None/'rules' -> rule-based; a CostModel or a path -> that; 'auto' -> the profile for this device."""
     if cost_model is None or (isinstance(cost_model, str) and cost_model == "rules"):
         return None
-    return cost.resolve(cost_model)
+    return profiles.resolve(cost_model, target=target)
 
 
-def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8, memory_limit=None, rtol=None) -> Plan:
+def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8, memory_limit=None, rtol=None,
+         target: str = "auto") -> Plan:
     """Decide an implementation for every conv site of `model` (nothing is built).
 
-    cost_model: "auto" (the profile shipped or measured for this device), a path to a profile JSON, a
-    CostModel, or None for the rule-based chooser. allow: names the planner may pick from.
-    pac: {"layers": [names] | regex, "guidance": "self" | input/layer name, "budget": 1.3 (optional),
-    **PacConv2D options}. batch: the batch size predictions are for where the model leaves it unknown.
-    memory_limit: the most working memory one conv call may take: bytes (int) or a string like "2GB" or
-    "1.5GiB"; implementations estimated above it (planner.estimate_workspace_bytes) are not chosen.
-    rtol: relative error bound; implementations whose expected error (planner.estimate_rel_error) exceeds
-    it are not chosen. `direct` is always allowed.
+    Args:
+        model: a Keras model (Sequential, Functional, nested).
+        cost_model: "auto" (this device's profile: exact, calibrated here, or measured now), a path to a
+            profile JSON, a CostModel, or None / "rules" for the rule-based chooser.
+        allow: implementation names the planner may pick from (`direct` is always allowed).
+        pac: {"layers": [names] | regex, "guidance": "self" | input/layer name, "budget": 1.3 (optional),
+            **PacConv2D options}.
+        batch: the batch size predictions are for where the model leaves it unknown.
+        memory_limit: the most working memory one conv call may take: bytes (int) or "2GB" / "1.5GiB";
+            implementations estimated above it (planner.estimate_workspace_bytes) are not chosen.
+        rtol: relative error bound; implementations whose expected error exceeds it are not chosen.
+        target: the device the plan is for: "here", "other" (converting offline for another device: nothing
+            is timed here) or "auto" (here, unless the profile is of another machine class).
+
+    Returns:
+        A Plan: one row per conv site with its candidates' predicted ms, each prediction's source and error
+        band, the choice and why; `plan.summary()` ends with the predicted speedup and its band.
+
+    Raises:
+        PlanError: an unknown implementation, a bad pac= or constraint.
+        ProfileError: the named profile is missing or corrupt.
+
+    Example:
+        >>> p = convrewrite.plan(keras.applications.ConvNeXtTiny(weights=None))
+        >>> print(p.summary())
     """
-    return make_plan(walk(model), _resolve_cost_model(cost_model), allow=allow, pac=pac, batch=batch,
+    return make_plan(walk(model), _resolve_cost_model(cost_model, target), allow=allow, pac=pac, batch=batch,
                      memory_limit=memory_limit, rtol=rtol)
 
 
@@ -49,59 +73,205 @@ def build(model, plan: Plan):
 
 
 def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, verify=True, inputs=None,
-             rtol=None, measure=False, batch: int = 8, memory_limit=None):
+             rtol=None, measure=False, batch: int = 8, memory_limit=None, check_speed=None, target: str = "auto"):
     """A new keras.Model computing what `model` computes, each convolution in its fastest implementation.
 
-    Verifies by default: any site whose replacement differs from the original beyond tolerance falls back
-    to `direct` (recorded in the report), and if the model still differs a VerificationError is raised.
-    The returned model carries `convrewrite_plan` and `convrewrite_report` attributes.
-    rtol: the relative error allowed, per site and end to end (default: by compute dtype, 1e-5 for
-    float32); given, it also constrains the plan: implementations expected to exceed it are not chosen.
-    memory_limit: the most working memory one conv call may take (bytes, or "2GB" / "1.5GiB"); see plan().
-    Both constrain only a plan made here, not a `plan` given.
-    measure: time the candidates on this model's real shapes at `batch` on this device (tactic timing),
-    keyed by this device's fingerprint and cached: in the profile file if you named one, else (auto or a
-    shipped profile) in the user cache (~/.cache/convrewrite/tactics/); the next call reuses them.
-    Implementations excluded by memory_limit are not timed.
+    Args:
+        model: the Keras model to optimize; it is left untouched.
+        plan: a Plan to apply (e.g. edited with `force`); default: plan here (see `plan()`).
+        cost_model, allow, pac, batch, memory_limit, target: as for `plan()`.
+        verify: compare with the original per site and end to end; a site whose replacement differs
+            beyond tolerance falls back to `direct` (recorded in the report).
+        inputs: inputs to verify (and time) on, in the model's input structure; default random.
+        rtol: the relative error allowed, per site and end to end (default by compute dtype: 1e-5 for
+            float32); it also constrains a plan made here.
+        measure: time the candidates on this model's own shapes at `batch` on this device first (tactic
+            timing, cached per device fingerprint: in the profile you named, else the user cache).
+        check_speed: time the original and the optimized model end to end on the model's own input shapes
+            (interleaved, warm-up excluded, about SPEED_BUDGET_S seconds) when the plan is for this device,
+            and never return a model measurably slower: re-time the replaced sites and re-plan, and if it
+            is still slower keep the original implementations. None means on (unless the environment
+            variable CONVREWRITE_CHECK_SPEED is "0"); False turns it off.
+
+    Returns:
+        A new keras.Model with `convrewrite_plan` (the Plan applied), `convrewrite_report` (the
+        VerificationReport, with `.speed`) and `convrewrite_speed` (a SpeedCheck: measured next to predicted
+        speedup, or why it was not measured).
+
+    Raises:
+        VerificationError: the model still differs beyond tolerance after falling back (it carries the
+            report); the original is unchanged.
+
+    Example:
+        >>> fast = convrewrite.optimize(model)
+        >>> print(fast.convrewrite_report.summary())
     """
-    parse_memory_limit(memory_limit), check_rtol(rtol)  # bad values fail before any measuring
-    if plan is not None:
+    parse_memory_limit(memory_limit), check_rtol(rtol), profiles.check_target(target)  # fail before measuring
+    if check_speed is None:
+        check_speed = os.environ.get(SPEED_CHECK_ENV, "1") != "0"
+    cm, given = None, plan is not None
+    if given:
         plan = copy.deepcopy(plan)  # fallbacks edit the plan; the caller's stays as given
     else:
         graph = walk(model)
-        cm = _resolve_cost_model(cost_model)
+        cm = _resolve_cost_model(cost_model, target)
         if measure:
-            cm = cm or cost.resolve("auto")
-            cm.measure_specs([s.spec for s in graph.all_sites()], allow=allow, batch=batch, memory_limit=memory_limit)
+            cm = cm or profiles.resolve("auto")
+            profiles.measure_tactics(cm, [s.spec for s in graph.all_sites()], allow=allow, batch=batch,
+                                     memory_limit=memory_limit)
         plan = make_plan(graph, cm, allow=allow, pac=pac, batch=batch, memory_limit=memory_limit, rtol=rtol)
-    new = build(model, plan)
-    report = None
-    if verify:
-        report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
-        failing = [s for s in report.failing_sites if plan.row(s).choice != "direct"]
-        if failing:
-            fallbacks = []
-            for site in failing:
-                row = plan.row(site)
-                check = next(c for c in report.sites if c.name == site)
-                fallbacks.append({"site": site, "from": row.choice, "to": "direct",
-                                  "why": f"rel error {check.rel_error:.2e} > {check.tolerance:.0e}"})
-                plan.force(site, "direct", reason=f"fell back from {row.choice}: verification failed")
-            new = build(model, plan)
-            report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
-            report.fallbacks = fallbacks
-        if not report.passed:
-            raise VerificationError(
-                f"Optimized model '{model.name}' differs from the original beyond tolerance at "
-                f"{[c.name for c in report.checks if not c.passed]} even after falling back; the original is unchanged.\n"
-                + report.summary(),
-                report=report,
-            )
+    new, report = _build_verified(model, plan, verify, inputs, rtol)
+    speed = _check_speed(model, new, plan, cm, check_speed, inputs, batch)
+    if speed.slower and speed.action == "kept":
+        planning = None if given else dict(allow=allow, pac=pac, memory_limit=memory_limit)
+        plan, new, report, speed = _recover_speed(model, plan, cm, speed, verify, inputs, rtol, batch, planning)
+    if report is not None:
+        report.speed = speed.to_dict()
     new.convrewrite_plan = plan
     new.convrewrite_report = report
+    new.convrewrite_speed = speed
     return new
 
 
+def _build_verified(model, plan: Plan, verify: bool, inputs, rtol):
+    """(new model, report): `plan` built, verified, and failing sites fallen back to `direct` (editing `plan`).
+
+    Raises VerificationError where the model still differs after the fallbacks."""
+    new = build(model, plan)
+    if not verify:
+        return new, None
+    report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
+    failing = [s for s in report.failing_sites if plan.row(s).choice != "direct"]
+    if failing:
+        fallbacks = []
+        for site in failing:
+            row = plan.row(site)
+            check = next(c for c in report.sites if c.name == site)
+            fallbacks.append({"site": site, "from": row.choice, "to": "direct",
+                              "why": f"rel error {check.rel_error:.2e} > {check.tolerance:.0e}"})
+            plan.force(site, "direct", reason=f"fell back from {row.choice}: verification failed")
+        new = build(model, plan)
+        report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
+        report.fallbacks = fallbacks
+    if not report.passed:
+        raise VerificationError(
+            f"Optimized model '{model.name}' differs from the original beyond tolerance at "
+            f"{[c.name for c in report.checks if not c.passed]} even after falling back; the original is unchanged.\n"
+            + report.summary(),
+            report=report,
+        )
+    return new, report
+
+
+def _check_speed(model, new, plan: Plan, cm, enabled: bool, inputs, batch: int) -> speed_check.SpeedCheck:
+    """Measure `new` against `model` where that says something about the device planned for."""
+    total = plan.predicted_total()
+    result = speed_check.SpeedCheck(predicted=total[0] / total[1] if total else None, band=plan.predicted_band())
+    if not enabled:
+        result.not_measured = "check_speed=False"
+    elif cm is not None and getattr(cm, "trust", "this device") == "unverified":
+        result.not_measured = "the profile is another device's, so this device's speed says nothing of it"
+    elif all(r.choice == "direct" for r in plan):
+        result.not_measured = "every site kept Keras's own kernel"
+    else:
+        x = speed_check.model_inputs(model, batch, inputs)
+        if x is None:
+            result.not_measured = "the model's input size is unknown; pass inputs= to time on them"
+            return result
+        measured = speed_check.measure(model, new, x)
+        result.original_s, result.optimized_s, result.rounds, result.batch = (
+            measured.original_s, measured.optimized_s, measured.rounds, measured.batch)
+        result.action = "kept"
+        if any(r.choice == "pac" for r in plan) and result.slower:
+            result.action = "measured only: PAC sites were chosen for adaptivity, not speed"
+    return result
+
+
+def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, planning):
+    """The optimized model was measurably slower than the original: time the replaced sites on their real
+    shapes here and re-plan from those timings; if still slower (or the plan was given, so there is nothing
+    to re-plan: `planning` is None), keep Keras's own implementations. `planning`: make_plan's allow, pac
+    and memory_limit. Returns (plan, new model, report, SpeedCheck)."""
+    attempts = [first]
+    if planning is not None:  # a plan made here: re-plan from timings of the replaced sites
+        timed = _time_replaced_sites(plan, batch, planning["allow"])
+        overlay = _TimedSites(cm, timed)
+        if cm is not None and hasattr(cm, "record_tactics"):
+            cm.record_tactics(timed)  # this device's timings, reused by later plans
+        plan = make_plan(walk(model), overlay, batch=batch, rtol=rtol, **planning)
+        new, report = _build_verified(model, plan, verify, inputs, rtol)
+        again = _check_speed(model, new, plan, None, True, inputs, batch)
+        if not again.slower:
+            again.action = "re-planned from timings of the replaced sites"
+            again.history = [a.to_dict() for a in attempts]
+            return plan, new, report, again
+        attempts.append(again)
+    for row in plan:
+        if row.choice not in ("direct", "pac"):
+            row.choice, row.options = "direct", {}
+            row.reason = "kept Keras's own kernel: the optimized model measured slower than the original"
+    new, report = _build_verified(model, plan, verify, inputs, rtol)
+    last = attempts[-1]
+    last.action = "kept the original implementations: the optimized model measured slower than the original"
+    last.history = [a.to_dict() for a in attempts[:-1]]
+    return plan, new, report, last
+
+
+def _time_replaced_sites(plan: Plan, batch: int, allow):
+    """{spec: {implementation: seconds}} timed here for every site whose choice is not `direct`, over its
+    applicable speed candidates (pac is chosen by policy, not timed for speed)."""
+    timed = {}
+    for row in plan:
+        if row.choice in ("direct", "pac"):
+            continue
+        spec = row.spec if row.spec.batch else row.spec.with_input(batch=batch)
+        if spec in timed or spec.height is None or spec.width is None:
+            continue
+        names = [n for n, why in row.candidates.items() if why == "" and n != "pac" and (allow is None or n in allow or n == "direct")]
+        timed[spec] = time_spec(spec, allow=names)
+    return timed
+
+
+class _TimedSites:
+    """A cost model that answers with timings made here where it has them, else asks `base` (if any)."""
+
+    def __init__(self, base, timed):
+        self.base, self.timed = base, timed
+        self.name = getattr(base, "name", None) or "timed here"
+        self.match_note = getattr(base, "match_note", None)
+        self.trust = "this device"
+
+    def prediction(self, impl_name, spec):
+        from .cost import TIMING_BAND, Prediction
+
+        if impl_name in self.timed.get(spec, {}):
+            return Prediction(1e3 * self.timed[spec][impl_name], "timed here", TIMING_BAND)
+        if self.base is None:
+            return None
+        if hasattr(self.base, "prediction"):
+            return self.base.prediction(impl_name, spec)
+        ms = self.base.predict_ms(impl_name, spec)
+        return None if ms is None else Prediction(ms, "given", None)
+
+    def predict_ms(self, impl_name, spec):
+        p = self.prediction(impl_name, spec)
+        return None if p is None else p.ms
+
+
 def verify(original, new, inputs=None, rtol=None, sites=True, seed=0) -> VerificationReport:
-    """Compare `new` with `original`: per output end to end and per conv site (see convrewrite.verify)."""
+    """Compare `new` with `original`: per output end to end and per conv site.
+
+    Args:
+        original, new: the two Keras models (same inputs and outputs).
+        inputs: arrays in the model's input structure; default random normal.
+        rtol: tolerance; default by compute dtype (1e-5 float32, 1e-2 float16, 3e-2 bfloat16).
+        sites: also compare every conv site in isolation.
+        seed: the random inputs' seed.
+
+    Returns:
+        A VerificationReport (`passed`, `checks`, `summary()`, `to_json()`).
+
+    Example:
+        >>> print(convrewrite.verify(model, fast).summary())
+    """
     return _verify(original, new, inputs=inputs, rtol=rtol, sites=sites, seed=seed, plan=getattr(new, "convrewrite_plan", None))

@@ -1,9 +1,15 @@
-"""Device fingerprints and measured cost models.
+"""Measured cost models: how long each implementation takes on a ConvSpec, on one device.
 
 A CostModel predicts, per implementation, the seconds one call takes on a ConvSpec. The prediction is a
 non-negative combination of the implementation's own features (`Implementation.features(spec)`: MACs
 per kernel family, bytes moved, FFT work, per-call overhead), fitted on timings from `profile.py`.
-Where the exact spec has been timed (the tactic cache filled by `measure_specs`), the timing wins.
+Where the exact spec has been timed (the tactic cache filled by `profiles.measure_tactics`, or the
+profile's own grid), the timing wins.
+
+What device a profile describes, and whether that is this one, is `convrewrite.device`'s question; how a
+profile of another device earns trust here (canaries timed and compared) is `convrewrite.calibration`'s;
+which profile `auto` picks is `convrewrite.profiles`'. A CostModel records the outcome (`trust`,
+`calibration`) and every prediction says where it came from and how far it may be off (`prediction`).
 
 The tactic cache is keyed by (device fingerprint, spec): a timing is only used on the exact device (and
 library versions) that measured it, and only by a profile of that device's class. It is written into a
@@ -20,125 +26,33 @@ Profile file: versioned JSON, described in `cost_models/README.md`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import platform
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
 from . import implementations
+from .device import fingerprint, fingerprint_id, hardware_known, same_class, same_device
 from .errors import ProfileError
+from .planner import choose as choose_by_prediction
 from .spec import ConvSpec
 
 FORMAT = "convrewrite-profile"
-VERSION = 2
-"""2: the tactic cache ("measured") is keyed by device fingerprint. Version 1 files still load (see
-`_migrate_v1`)."""
+VERSION = 3
+"""3: the fingerprint records the hardware ("hardware") and kernel settings, and the profile carries its
+canaries ("canaries": timings of `calibration.canary_pairs()` measured with the grid). 2: the tactic cache
+("measured") is keyed by device fingerprint. Versions 1 and 2 still load: version 2 as "hardware
+unknown" with no canaries (calibration then compares against the fit), version 1 through `_migrate_v1`."""
 TACTICS_FORMAT = "convrewrite-tactics"
 SHIPPED_DIRS = [Path(__file__).resolve().parent.parent / "cost_models", Path(__file__).resolve().parent / "cost_models"]
 CACHE_DIR = Path(os.environ.get("CONVREWRITE_CACHE", Path.home() / ".cache" / "convrewrite"))
 
 
-# ---- device fingerprint -------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _threads() -> int:
-    """CPUs this process may run on: its affinity mask where the OS has one (taskset, cpusets, container
-    CPU pinning), else all of the machine's. os.cpu_count() counts the machine's CPUs, which overstates a
-    pinned process; TensorFlow sizes its CPU thread pools by the affinity mask too."""
-    try:
-        return len(os.sched_getaffinity(0)) or (os.cpu_count() or 1)
-    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
-        return os.cpu_count() or 1
-
-
-def fingerprint() -> dict:
-    """What a timing depends on: backend, device kind and name, threads (CPUs this process may use),
-    library versions."""
-    import keras
-
-    fp = {
-        "backend": keras.backend.backend(),
-        "keras": keras.__version__,
-        "arch": platform.machine(),
-        "device_kind": "cpu",
-        "device_name": _cpu_name(),
-        "threads": _threads(),
-    }
-    if fp["backend"] == "tensorflow":
-        import tensorflow as tf
-
-        fp["tensorflow"] = tf.__version__
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            details = tf.config.experimental.get_device_details(gpus[0])
-            fp["device_kind"] = "gpu"
-            fp["device_name"] = details.get("device_name", gpus[0].name)
-            fp["compute_capability"] = list(details.get("compute_capability", ()))
-            fp["gpu_count"] = len(gpus)
-    elif fp["backend"] == "jax":
-        import jax
-
-        dev = jax.devices()[0]
-        fp["jax"] = jax.__version__
-        fp["device_kind"] = dev.platform
-        if dev.platform != "cpu":
-            fp["device_name"] = dev.device_kind
-    return fp
-
-
-CLASS_KEYS = ("backend", "device_kind", "arch", "threads")
-"""Keys that must agree for a profile's numbers to describe this device (its machine class)."""
-
-
-def fingerprint_mismatch(profile_fp: dict, here: Optional[dict] = None) -> List[str]:
-    """Human-readable differences between a profile's fingerprint and this device's, class keys first."""
-    here = here or fingerprint()
-    out = []
-    for key in CLASS_KEYS + ("device_name", "compute_capability", "tensorflow", "keras"):
-        if profile_fp.get(key) != here.get(key):
-            out.append(f"{key}: profile {profile_fp.get(key)!r}, this device {here.get(key)!r}")
-    return out
-
-
-def same_class(profile_fp: dict, here: Optional[dict] = None) -> bool:
-    """Whether a profile describes this device's class: backend, device kind, architecture and thread
-    count agree (and the GPU name on GPUs). CPU model and library versions may differ: see `exact_mismatch`."""
-    here = here or fingerprint()
-    keys = CLASS_KEYS + (("device_name",) if here.get("device_kind") != "cpu" else ())
-    return all(profile_fp.get(k) == here.get(k) for k in keys)
-
-
-EXACT_KEYS = ("device_name", "compute_capability", "tensorflow", "jax", "keras")
-"""Keys beyond the class that a same-class profile may still differ in (CPU model, library versions)."""
-
-
-def exact_mismatch(profile_fp: dict, here: Optional[dict] = None) -> Dict[str, tuple]:
-    """{key: (profile's value, this device's)} for the non-class keys that differ."""
-    here = here or fingerprint()
-    return {k: (profile_fp.get(k), here.get(k)) for k in EXACT_KEYS if profile_fp.get(k) != here.get(k)}
-
-
-def fingerprint_id(fp: dict) -> str:
-    """A short stable id of a whole fingerprint (16 hex digits of the SHA-256 of its sorted JSON): the
-    tactic cache's key, so a timing is reused only on the exact device and library versions that made it."""
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-
-
+# ---- where profiles live, and who may write them ------------------------------------------------
 def tactic_cache_path(fp: Optional[dict] = None) -> Path:
     """The user-cache file holding this device's tactic timings measured with a shipped/`auto` profile."""
     return CACHE_DIR / "tactics" / f"{fingerprint_id(fp or fingerprint())}.json"
@@ -153,52 +67,72 @@ def _is_shipped(path: Path) -> bool:
     return any(d.is_dir() and path.is_relative_to(d.resolve()) for d in SHIPPED_DIRS)
 
 
-_WARNED = set()  # (kind, profile, device) already warned about in this process
-
-
-def _warn_once(key, message: str, stacklevel: int = 3):
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, stacklevel=stacklevel)
-
-
-def _describe(fp: dict) -> str:
-    return f"{fp.get('device_name')!r} ({fp.get('arch')}, {fp.get('threads')} threads)"
-
-
 # ---- the model ----------------------------------------------------------------------------------
 def _spec_key(spec: ConvSpec) -> str:
     return spec.to_json()
 
 
+TIMING_BAND = 0.10
+"""Relative error band of a timing measured on this device (interleaved medians on a shared machine)."""
+
+
 @dataclasses.dataclass
 class ImplFit:
-    """Fitted terms of one implementation: seconds = sum(weights[f] * features[f])."""
+    """Fitted terms of one implementation: seconds = sum(weights[f] * features[f]).
+
+    median_rel_error / p90_rel_error: the fit's relative error on the timings it was fitted on (50th and
+    90th percentile); p90 is the band a fitted prediction is quoted with. Fits from before p90 was
+    recorded get it computed from the profile's measurements when it loads (`CostModel.load`)."""
 
     features: List[str]
     weights: List[float]
     n_samples: int
     median_rel_error: float
+    p90_rel_error: Optional[float] = None
 
     def predict(self, feats: Dict[str, float]) -> float:
         return float(sum(w * feats.get(f, 0.0) for f, w in zip(self.features, self.weights)))
+
+
+class Prediction(NamedTuple):
+    """One predicted time with its provenance.
+
+    ms: the predicted milliseconds per call. source: where it came from: "timed here" (this device's
+    tactic cache, or the grid of a profile measured on this device), "fitted" (this device's profile's
+    fit), "calibrated timing" / "calibrated fit" (another device's profile, scaled by its canaries timed
+    here), "unverified timing" / "unverified fit" (another device's profile, not checked here: converting
+    offline for it). band: the expected relative error (0.25 means +-25%), None where nothing bounds it."""
+
+    ms: float
+    source: str
+    band: Optional[float]
+
+
+TRUST_LEVELS = ("this device", "calibrated", "unverified")
+"""How far a profile's numbers describe the device they are used on: measured on it; measured on another
+device but its canaries agree here (see calibration.py); or not checked here (another device's)."""
 
 
 class CostModel:
     """Per-implementation predicted time for a ConvSpec on one device.
 
     Attributes: fingerprint (dict, the device the profile measured), measurements (list of {"spec",
-    "impl", "seconds"}), fits ({impl: ImplFit}), measured (the tactic cache: {fingerprint id:
+    "impl", "seconds"}), fits ({impl: ImplFit}), canaries (list of {"spec", "impl", "seconds"}: the
+    calibration set timed on the profile's device), measured (the tactic cache: {fingerprint id:
     {"fingerprint": dict, "timings": {spec json: {impl: seconds}}}}), validation (dict), read_only (True:
     tactic timings go to the user cache, not to `path`; set for shipped and `auto`-chosen profiles),
-    match_note (set by `resolve` where the profile is another device's: shown in plan summaries).
+    calibration (a `calibration.Calibration` once calibrated here, else None), trust (one of
+    TRUST_LEVELS: set where the profile is chosen, else derived from the fingerprint), match_note (set
+    where the profile is another device's: shown in plan summaries).
     """
 
     def __init__(self, fingerprint: dict, measurements=None, fits=None, measured=None, validation=None,
-                 name: Optional[str] = None, path: Optional[Path] = None, mode: str = "", read_only: bool = False):
+                 name: Optional[str] = None, path: Optional[Path] = None, mode: str = "", read_only: bool = False,
+                 canaries=None):
         self.fingerprint = fingerprint
         self.measurements = list(measurements or [])
         self.fits: Dict[str, ImplFit] = dict(fits or {})
+        self.canaries = list(canaries or [])
         self.measured: Dict[str, dict] = {k: {"fingerprint": v["fingerprint"], "timings": dict(v["timings"])}
                                           for k, v in (measured or {}).items()}
         self.validation = dict(validation or {})
@@ -207,25 +141,81 @@ class CostModel:
         self.mode = mode
         self.read_only = read_only
         self.match_note: Optional[str] = None
+        self.calibration = None
+        self._trust: Optional[str] = None
         self._user_cache_read = set()  # fingerprint ids whose user-cache file was merged in
 
+    # -- trust --
+    @property
+    def trust(self) -> str:
+        """"this device" where the profile's fingerprint is this device's, "calibrated" where its canaries
+        were timed here and agreed, else "unverified"."""
+        if self._trust is not None:
+            return self._trust
+        if self.calibration is not None and self.calibration.accepted:
+            return "calibrated"
+        return "this device" if same_device(self.fingerprint, fingerprint()) else "unverified"
+
+    @trust.setter
+    def trust(self, value: str):
+        if value not in TRUST_LEVELS:
+            raise ValueError(f"Received trust={value!r}; expected one of {TRUST_LEVELS}.")
+        self._trust = value
+
     # -- prediction --
-    def predict_seconds(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
-        """Seconds per call: a timing where this exact spec was measured (this device's tactic cache, or
-        the profile's own grid), else the fitted model."""
+    def prediction(self, impl_name: str, spec: ConvSpec) -> Optional[Prediction]:
+        """The predicted time of `impl_name` on `spec` with its source and error band (see Prediction), or
+        None where nothing predicts it (unknown spatial size, no fit, not applicable).
+
+        Order: this device's tactic timing; the profile's own timing of the exact spec; its fit. A
+        calibrated profile's numbers are scaled by the implementation's canary ratio (measured here /
+        predicted), and their band widens by the canaries' residual error."""
         if spec.height is None or spec.width is None:
             return None
         spec = spec if spec.batch else spec.with_input(batch=1)
         key = _spec_key(spec)
-        for table in (self.tactics(), self._profiled()):
-            if impl_name in table.get(key, {}):
-                return table[key][impl_name]
+        tactic = self.tactics().get(key, {})
+        if impl_name in tactic:
+            return Prediction(1e3 * tactic[impl_name], "timed here", TIMING_BAND)
+        profiled = self._profiled().get(key, {})
+        if impl_name in profiled:
+            seconds, band, kind = profiled[impl_name], TIMING_BAND, "timing"
+        else:
+            fit = self.fits.get(impl_name)
+            if fit is None:
+                return None
+            impl = implementations.get(impl_name)
+            if not impl.applicable(spec)[0]:
+                return None
+            seconds = max(fit.predict(regression_terms(impl, spec)), 1e-7)
+            band, kind = fit.p90_rel_error, "fit"
+        trust = self.trust
+        if trust == "this device":
+            return Prediction(1e3 * seconds, "timed here" if kind == "timing" else "fitted", band)
+        if trust == "calibrated":
+            scale, residual = self.calibration.scale(impl_name), self.calibration.band(impl_name)
+            combined = None if band is None or residual is None else math.hypot(band, residual)
+            return Prediction(1e3 * seconds * scale, f"calibrated {kind}", combined)
+        return Prediction(1e3 * seconds, f"unverified {kind}", band)
+
+    def predict_seconds(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
+        """Seconds per call (see `prediction`)."""
+        p = self.prediction(impl_name, spec)
+        return None if p is None else p.ms / 1e3
+
+    def profile_seconds(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
+        """What the profile itself says one call takes on its own device: its canary or grid timing of the
+        exact spec, else its fit; no tactic timings of this device, no calibration. Calibration compares
+        these with timings made here."""
+        key = _spec_key(spec)
+        for row in self.canaries:
+            if row["impl"] == impl_name and row["spec"] == key:
+                return row["seconds"]
+        if impl_name in self._profiled().get(key, {}):
+            return self._profiled()[key][impl_name]
         fit = self.fits.get(impl_name)
-        if fit is None:
-            return None
-        impl = implementations.get(impl_name)
-        ok, _ = impl.applicable(spec)
-        if not ok:
+        impl = implementations.get(impl_name) if impl_name in implementations.names() else None
+        if fit is None or impl is None or not impl.applicable(spec)[0]:
             return None
         return max(fit.predict(regression_terms(impl, spec)), 1e-7)
 
@@ -282,8 +272,6 @@ class CostModel:
         by_spec: Dict[str, Dict[str, float]] = {}
         for m in rows:
             by_spec.setdefault(m["spec"], {})[m["impl"]] = m["seconds"]
-        from .planner import _choose as choose
-
         hits, regret, best_total, n = 0, 0.0, 0.0, 0
         for key, times in by_spec.items():
             spec = ConvSpec.from_json(key)
@@ -292,7 +280,7 @@ class CostModel:
                      if k in self.fits and k != "pac"}
             if not preds:
                 continue
-            chosen, _ = choose(preds)  # as the planner decides
+            chosen, _ = choose_by_prediction(preds)  # as the planner decides
             best = min(v for k, v in times.items() if k != "pac")
             n += 1
             hits += times[chosen] <= 1.1 * best
@@ -315,6 +303,7 @@ class CostModel:
             "fits": {k: dataclasses.asdict(v) for k, v in self.fits.items()},
             "validation": self.validation,
             "measurements": self.measurements,
+            "canaries": self.canaries,
             "measured": {k: v for k, v in self.measured.items() if v["timings"]},
         }
 
@@ -330,6 +319,8 @@ class CostModel:
         the field where it is not what `convrewrite profile` writes. Profiles in a shipped folder load
         read-only (their tactic timings go to the user cache)."""
         path = Path(path)
+        if path.is_dir():
+            raise ProfileError(f"Profile '{path}' is a folder; expected a JSON file written by `convrewrite profile`.")
         if not path.is_file():
             raise ProfileError(f"Profile '{path}' does not exist; expected a JSON file written by `convrewrite profile`.")
         try:
@@ -349,9 +340,10 @@ class CostModel:
             measured = {fingerprint_id(v["fingerprint"]): v for v in data.get("measured", {}).values()}
             cm = cls(data["fingerprint"], data.get("measurements", []), fits, measured,
                      data.get("validation", {}), data.get("name"), path, data.get("mode", ""),
-                     read_only=_is_shipped(path))
+                     read_only=_is_shipped(path), canaries=data.get("canaries", []))
             cm._check_fit_features(path)
             cm._refit_if_features_changed()
+            _fill_error_bands(cm.fits, cm.measurements)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProfileError(f"Profile '{path}' is truncated or corrupt ({type(exc).__name__}: {exc}); re-create it with `convrewrite profile`.") from None
         return cm
@@ -383,42 +375,32 @@ class CostModel:
         if stale:
             self.fits = _fit_all(self.measurements)
 
-    # -- measured mode --
-    def measure_specs(self, specs, allow=None, batch: int = 8, progress: bool = True, save: bool = True,
-                      memory_limit=None):
-        """Time every applicable implementation on these exact specs on this device (the tactic cache),
-        keyed by this device's fingerprint, and persist it: in this profile's file if the user named it,
-        else (shipped or `auto` profiles, or none) in `tactic_cache_path()`. Specs already timed on this
-        device are not measured again; specs with unknown spatial size are skipped. A profile of another
-        device class is left as is (warning): this device's times would not describe the device planned for.
-        allow: implementation names to time (default all applicable); batch: where a spec has none;
-        memory_limit: bytes or "2GB": implementations estimated to need more are not timed (see planner)."""
-        from .planner import constraint_violation, parse_memory_limit
-        from .profile import time_spec
-
-        limit = parse_memory_limit(memory_limit)
-        here = fingerprint()
-        if not same_class(self.fingerprint, here):
-            diffs = "; ".join(fingerprint_mismatch(self.fingerprint, here)[:3])
-            warnings.warn(
-                f"measure=True times this device, but profile {self.name!r}"
-                f"{f' ({self.path})' if self.path else ''} describes another device ({diffs}); nothing is "
-                f"measured or written, and the plan uses that profile's predictions for its device.", stacklevel=3)
-            return self
-        timings = self._tactic_entry(here)["timings"]
-        todo = []
+    # -- measured mode (timing itself is `profiles.measure_tactics`) --
+    def untimed_specs(self, specs, batch: int = 8) -> List[ConvSpec]:
+        """The specs (batch filled in where unknown) that this device's tactic cache lacks, in order, once
+        each; specs of unknown spatial size are skipped (nothing can be timed for them)."""
+        timings = self._tactic_entry(fingerprint())["timings"]
+        out = []
         for spec in dict.fromkeys(specs):
             if spec.height is None or spec.width is None:
                 continue
             spec = spec.with_input(batch=spec.batch or batch)
-            if _spec_key(spec) not in timings:
-                todo.append(spec)
-        for spec in _progress(todo, "measuring model specs", progress):
-            names = [n for n in implementations.names() if allow is None or n in allow or n == "direct"]
-            if limit is not None:
-                names = [n for n in names if not constraint_violation(n, spec, limit)]
-            timings[_spec_key(spec)] = time_spec(spec, allow=names)
-        if todo and save:
+            if _spec_key(spec) not in timings and spec not in out:
+                out.append(spec)
+        return out
+
+    def record_tactics(self, timings: Dict[ConvSpec, Dict[str, float]], save: bool = True):
+        """Add this device's timings ({spec: {impl: seconds}}) to its tactic cache and persist them: in
+        this profile's file if the user named it, else (shipped or `auto` profiles) in
+        `tactic_cache_path()`. A profile of another device class is not written (its tactic cache would
+        mix this device's times into another device's plan)."""
+        here = fingerprint()
+        if not same_class(self.fingerprint, here):
+            return self
+        entry = self._tactic_entry(here)["timings"]
+        for spec, times in timings.items():
+            entry[_spec_key(spec)] = {**entry.get(_spec_key(spec), {}), **times}
+        if timings and save:
             self._save_tactics(here)
         return self
 
@@ -504,6 +486,10 @@ def _migrate_v1(data: dict, path) -> dict:
     return data
 
 
+REQUIRED_FINGERPRINT_KEYS = ("backend", "device_kind", "arch", "threads")
+"""What a profile must say of its device for `auto` to decide whether it could describe this one."""
+
+
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -521,11 +507,16 @@ def _check_profile(data: dict, path):
     fp = data.get("fingerprint")
     if not isinstance(fp, dict) or not all(isinstance(k, str) for k in fp):
         raise _bad(path, '"fingerprint"', 'an object like {"backend": "tensorflow", "device_kind": "cpu", ...}', fp)
+    for key in REQUIRED_FINGERPRINT_KEYS:
+        if key not in fp:
+            raise _bad(path, f'"fingerprint"."{key}"', "present (the device the profile measured)", None)
     for key in ("backend", "device_kind", "device_name", "arch"):
         if key in fp and not isinstance(fp[key], str):
             raise _bad(path, f'"fingerprint"."{key}"', "a string", fp[key])
-    if "threads" in fp and not (isinstance(fp["threads"], int) and not isinstance(fp["threads"], bool)):
-        raise _bad(path, '"fingerprint"."threads"', "an integer", fp["threads"])
+    if not (isinstance(fp["threads"], int) and not isinstance(fp["threads"], bool) and fp["threads"] > 0):
+        raise _bad(path, '"fingerprint"."threads"', "a positive integer", fp["threads"])
+    if "hardware" in fp and not isinstance(fp["hardware"], dict):
+        raise _bad(path, '"fingerprint"."hardware"', 'an object {"cpu": {...}}', fp["hardware"])
     for key in ("name", "mode"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise _bad(path, f'"{key}"', "a string", data[key])
@@ -538,16 +529,25 @@ def _check_profile(data: dict, path):
         feats, weights = fit.get("features"), fit.get("weights")
         if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
             raise _bad(path, f'"fits"."{name}"."features"', "a list of feature names", feats)
-        if not isinstance(weights, list) or len(weights) != len(feats) or not all(_number(w) for w in weights):
-            raise _bad(path, f'"fits"."{name}"."weights"', f"a list of {len(feats)} finite numbers, one per feature", weights)
-    rows = data.get("measurements", [])
-    if not isinstance(rows, list):
-        raise _bad(path, '"measurements"', 'a list of {"spec", "impl", "seconds"}', rows)
-    for i, m in enumerate(rows):
-        if not (isinstance(m, dict) and isinstance(m.get("spec"), str) and isinstance(m.get("impl"), str)
-                and _number(m.get("seconds")) and m["seconds"] > 0):
-            raise _bad(path, f'"measurements"[{i}]', 'an object {"spec": ConvSpec JSON, "impl": name, "seconds": > 0}', m)
-        _check_spec(m["spec"], path, f'"measurements"[{i}]."spec"')
+        if not isinstance(weights, list) or len(weights) != len(feats) or not all(_number(w) and w >= 0 for w in weights):
+            raise _bad(path, f'"fits"."{name}"."weights"', f"a list of {len(feats)} finite numbers >= 0, one per feature", weights)
+        for key in ("median_rel_error", "p90_rel_error"):
+            if fit.get(key) is not None and not (_number(fit[key]) and fit[key] >= 0):
+                raise _bad(path, f'"fits"."{name}"."{key}"', "a finite number >= 0", fit[key])
+        if not (isinstance(fit.get("n_samples"), int) and fit["n_samples"] >= 0):
+            raise _bad(path, f'"fits"."{name}"."n_samples"', "an integer >= 0", fit.get("n_samples"))
+    for field in ("measurements", "canaries"):
+        rows = data.get(field, [])
+        if not isinstance(rows, list):
+            raise _bad(path, f'"{field}"', 'a list of {"spec", "impl", "seconds"}', rows)
+        for i, m in enumerate(rows):
+            if not (isinstance(m, dict) and isinstance(m.get("spec"), str) and isinstance(m.get("impl"), str)
+                    and _number(m.get("seconds")) and m["seconds"] > 0):
+                raise _bad(path, f'"{field}"[{i}]', 'an object {"spec": ConvSpec JSON, "impl": name, "seconds": > 0}', m)
+            _check_spec(m["spec"], path, f'"{field}"[{i}]."spec"')
+    if not fits and not data.get("measurements"):
+        raise ProfileError(f"Profile '{path}' has no fits and no measurements, so it predicts nothing; re-create it "
+                           f"with `convrewrite profile`.")
     if not isinstance(data.get("validation", {}), dict):
         raise _bad(path, '"validation"', "an object", data.get("validation"))
     _check_measured(data.get("measured", {}), path)
@@ -629,122 +629,25 @@ def _fit_all(rows) -> Dict[str, ImplFit]:
         scale[scale == 0] = 1.0
         w, _ = nnls((X / scale) / y[:, None], np.ones(len(y)), maxiter=50 * len(names))
         w = w / scale
-        pred = X @ w
-        fits[name] = ImplFit(names, [float(v) for v in w], len(ms), float(np.median(np.abs(pred - y) / y)))
+        errors = np.abs(X @ w - y) / y
+        fits[name] = ImplFit(names, [float(v) for v in w], len(ms), float(np.median(errors)),
+                             float(np.quantile(errors, 0.9)))
     return fits
 
 
-def _progress(items, label, enabled=True):
-    """A one-line text progress bar on stderr."""
-    import sys
-    import time
-
-    items = list(items)
-    n = len(items)
-    start = time.perf_counter()
-    for i, item in enumerate(items):
-        if enabled and n:
-            done = int(30 * i / n)
-            el = time.perf_counter() - start
-            eta = el / i * (n - i) if i else 0
-            sys.stderr.write(f"\r{label} [{'#' * done}{'.' * (30 - done)}] {i}/{n} {el:4.0f}s eta {eta:4.0f}s")
-            sys.stderr.flush()
-        yield item
-    if enabled and n:
-        sys.stderr.write(f"\r{label} [{'#' * 30}] {n}/{n} {time.perf_counter() - start:4.0f}s{' ' * 10}\n")
+def _fill_error_bands(fits: Dict[str, ImplFit], rows):
+    """Compute p90_rel_error for fits stored without it (profiles before version 3), from their rows."""
+    for name, fit in fits.items():
+        ms = [m for m in rows if m["impl"] == name]
+        if fit.p90_rel_error is not None or not ms or name not in implementations.names():
+            continue
+        impl = implementations.get(name)
+        pred = np.array([max(fit.predict(regression_terms(impl, ConvSpec.from_json(m["spec"]))), 1e-7) for m in ms])
+        y = np.array([m["seconds"] for m in ms])
+        fit.p90_rel_error = float(np.quantile(np.abs(pred - y) / y, 0.9))
 
 
-# ---- choosing a profile -------------------------------------------------------------------------
-def shipped_profiles() -> List[Path]:
-    out = []
-    extra = os.environ.get("CONVREWRITE_COST_MODELS")
-    for d in ([Path(extra)] if extra else []) + SHIPPED_DIRS + [CACHE_DIR]:
-        if d.is_dir():
-            out.extend(sorted(d.glob("*.json")))
-    return out
-
-
-_AUTO_CACHE = {}
-
-
-def resolve(cost_model, warn: bool = True) -> Optional[CostModel]:
-    """A CostModel from "auto", a path, or a CostModel; None stays None (rule-based planning).
-
-    "auto": a profile of this device's class (backend, device kind, arch, threads) from the shipped
-    folders, CONVREWRITE_COST_MODELS or the user cache, preferring one of this exact device (CPU model and
-    library versions too); if there is none, a quick profile is measured now (about a minute) and cached,
-    never a different class's numbers. A class profile measured on another CPU model (or other library
-    versions) is used with one warning per process naming both, and a note in plan summaries.
-    The profile `auto` returns is read-only: measure=True timings go to the user cache.
-    A profile named explicitly is used even if it describes another device (converting for a target
-    device), with a warning saying so.
-    """
-    if cost_model is None or hasattr(cost_model, "predict_ms"):
-        return cost_model  # a CostModel, or any object predicting milliseconds per (implementation, spec)
-    here = fingerprint()
-    if cost_model == "auto":
-        key = json.dumps({k: here.get(k) for k in CLASS_KEYS}, sort_keys=True)
-        if key in _AUTO_CACHE:
-            return _AUTO_CACHE[key]
-        matches = []
-        for path in shipped_profiles():
-            try:
-                cm = CostModel.load(path)
-            except ProfileError as exc:
-                warnings.warn(f"Skipping unreadable profile: {exc}", stacklevel=2)
-                continue
-            if same_class(cm.fingerprint, here):
-                matches.append(cm)
-        if matches:
-            cm = min(matches, key=lambda m: len(exact_mismatch(m.fingerprint, here)))  # exact device first
-            cm.read_only = True
-            _note_class_match(cm, here, "auto")
-            _AUTO_CACHE[key] = cm
-            return cm
-        warnings.warn(
-            f"No profile for this device ({here['device_kind']} {here['device_name']!r}, {here['threads']} threads); "
-            f"measuring a quick one now and caching it in {CACHE_DIR}.", stacklevel=2)
-        from .profile import profile_device
-
-        cm = profile_device(mode="quick")
-        cm.save(CACHE_DIR / f"auto-{here['arch']}-{here['device_kind']}-{here['threads']}t.json")
-        cm.read_only = True
-        _AUTO_CACHE[key] = cm
-        return cm
-    cm = CostModel.load(cost_model)
-    if not same_class(cm.fingerprint, here):
-        diffs = "; ".join(fingerprint_mismatch(cm.fingerprint, here)[:3])
-        cm.match_note = f"another device's profile: predictions describe {_describe(cm.fingerprint)}, not this device"
-        if warn:
-            warnings.warn(
-                f"Profile '{cost_model}' was measured on another device ({diffs}); planning for that device as "
-                f"asked, so predicted times describe it, not this one.", stacklevel=2)
-    else:
-        _note_class_match(cm, here, str(cost_model), warn)
-    return cm
-
-
-def _note_class_match(cm: CostModel, here: dict, source: str, warn: bool = True):
-    """Where a same-class profile was measured on another CPU model / GPU or with other library versions:
-    set `cm.match_note` (plan summaries show it) and warn once per process, naming both sides."""
-    diff = exact_mismatch(cm.fingerprint, here)
-    if not diff:
-        return
-    parts = [f"{k} {a!r} there, {b!r} here" for k, (a, b) in diff.items() if k != "device_name"]
-    there, mine = cm.fingerprint.get("device_name"), here.get("device_name")
-    device = f"measured on {there!r}, this device is {mine!r}" if there != mine else f"measured on this device model {mine!r}"
-    cm.match_note = f"class match: {device}" + (f" ({'; '.join(parts)})" if parts else "")
-    where = f"'{cm.path}'" if cm.path else repr(cm.name)
-    if warn:
-        _warn_once(("class", str(cm.path), fingerprint_id(here)), (
-            f"Using profile {where} ({source}) for this device's class ({here.get('backend')} {here.get('device_kind')}, "
-            f"{here.get('arch')}, {here.get('threads')} threads): it was {device}"
-            + (f"; {'; '.join(parts)}" if parts else "")
-            + ". Its predictions describe that device and may rank implementations differently here; "
-            "`convrewrite profile -o FILE` (or convrewrite.profile_device()) measures this exact device: pass "
-            f"cost_model=FILE, or save it in {CACHE_DIR} where 'auto' prefers it."), stacklevel=4)
-
-
+# ---- plotting -----------------------------------------------------------------------------------
 def plot(cost_model: CostModel, path) -> Path:
     """Predicted vs measured seconds per implementation (log-log), saved as PNG. Needs matplotlib."""
     try:

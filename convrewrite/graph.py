@@ -380,3 +380,8 @@ def _as_functional(model):
 def walk(model) -> ModelGraph:
     """Walk a Sequential or Functional Keras model (recursively into nested models)."""
     return ModelGraph(model)
+
+
+def input_struct(model):
+    """The model's symbolic inputs in its own input structure (a tensor, list or dict of keras.KerasTensor)."""
+    return _as_functional(model)._inputs_struct

@@ -57,6 +57,13 @@ class Implementation:
         output must not depend on them."""
         return new_layer(x)
 
+    def canary_specs(self):
+        """A few small specs (timed in ~10 ms each) covering this implementation's cost regimes, for
+        calibration: a profile measured elsewhere is trusted here only if this implementation's times on
+        them agree (see convrewrite.calibration). [] means it is never calibrated (its predictions from
+        another device's profile then stay unverified)."""
+        return []
+
     def cost_regime(self, spec: ConvSpec) -> str:
         """A label for specs this implementation runs through different code (e.g. 'dw' vs 'dense'): the cost
         model fits each regime's terms separately. '' means one regime."""
@@ -72,6 +79,14 @@ class Implementation:
 
     def __repr__(self):
         return f"<Implementation {self.name}>"
+
+
+def canary_spec(kernel: int, in_channels: int, filters: int, size: int, groups: int = 1, depthwise: bool = False,
+                batch: int = 2) -> ConvSpec:
+    """A square, SAME-padded, stride-1 calibration spec (see Implementation.canary_specs)."""
+    kind = "depthwise_conv2d" if depthwise else "conv2d"
+    return ConvSpec(kind=kind, in_channels=in_channels, filters=filters, kernel=(kernel, kernel), height=size,
+                    width=size, batch=batch, padding="same", groups=in_channels if depthwise else groups)
 
 
 def register(impl: Implementation) -> Implementation:
@@ -125,6 +140,12 @@ class Direct(Implementation):
         from .graph import recreate
 
         return recreate(layer)
+
+    def canary_specs(self):
+        # where CPUs differ most: a small dense conv (per-call overhead), a large dense kernel (oneDNN's
+        # vector width: AVX-512 or not), depthwise, a grouped conv (TF's slow grouped path), 1x1 (GEMM)
+        return [canary_spec(3, 32, 32, 48), canary_spec(15, 16, 16, 48), canary_spec(7, 64, 64, 56, depthwise=True),
+                canary_spec(5, 32, 32, 32, groups=32), canary_spec(1, 128, 128, 28)]
 
     def features(self, spec):
         # Keras runs dense, grouped and depthwise convs through different kernels with very different
@@ -185,6 +206,9 @@ class Depthwise(Implementation):
             depthwise_constraint=config.get("kernel_constraint"),
             bias_constraint=config.get("bias_constraint"),
         )
+
+    def canary_specs(self):
+        return [canary_spec(5, 32, 32, 32, groups=32)]
 
     def features(self, spec):
         f = super().features(spec)

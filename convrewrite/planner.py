@@ -35,6 +35,8 @@ class PlanRow:
     options: Dict[str, object] = dataclasses.field(default_factory=dict)
     predicted_ms: Dict[str, float] = dataclasses.field(default_factory=dict)
     aliases: List[str] = dataclasses.field(default_factory=list)  # the layer's other paths (nested models)
+    # implementation -> {"source": where its prediction came from, "band": expected relative error or None}
+    provenance: Dict[str, dict] = dataclasses.field(default_factory=dict)
 
     @property
     def speedup(self) -> Optional[float]:
@@ -53,6 +55,7 @@ class PlanRow:
             "options": dict(self.options),
             "predicted_ms": dict(self.predicted_ms),
             "aliases": list(self.aliases),
+            "provenance": {k: dict(v) for k, v in self.provenance.items()},
         }
 
     @classmethod
@@ -70,6 +73,8 @@ class Plan:
         self.cost_model_name = cost_model_name
         self.pac_overhead: Optional[float] = None  # predicted conv latency with PAC / without, under a budget
         self.cost_model_note: Optional[str] = None  # set where the profile was measured on another device
+        self.trust: Optional[str] = None  # the profile's trust on the planned device (cost.TRUST_LEVELS)
+        self.calibration: Optional[dict] = None  # the profile's calibration here, where it was calibrated
         self.constraints: Dict[str, object] = {}  # {"memory_limit": bytes, "rtol": float} as planned with
 
     def __iter__(self):
@@ -132,7 +137,12 @@ class Plan:
         tail = f"{len(self.rows)} conv sites: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         total = self.predicted_total()
         if total:
-            tail += f"; predicted conv time {total[0]:.3g} ms -> {total[1]:.3g} ms ({total[0] / total[1]:.2f}x)"
+            band = self.predicted_band()
+            quoted = f"{total[0] / total[1]:.2f}x" + (f" +-{band:.0%}" if band is not None else ", error unknown")
+            tail += f"; predicted conv time {total[0]:.3g} ms -> {total[1]:.3g} ms ({quoted})"
+            sources = self.prediction_sources()
+            if sources:
+                tail += "; predictions: " + ", ".join(f"{n} {k}" for k, n in sources.items())
         if self.pac_overhead is not None:
             tail += f"; PAC overhead {self.pac_overhead:.2f}x predicted"
         if self.constraints.get("memory_limit") is not None:
@@ -145,6 +155,38 @@ class Plan:
                 tail += f" ({self.cost_model_note})"
         return "\n".join(out + [tail])
 
+    def _chosen_and_direct(self):
+        """[(direct (ms, provenance), chosen (ms, provenance))] per row, for totals."""
+        return [((r.predicted_ms["direct"], r.provenance.get("direct", {})),
+                 (r.predicted_ms[r.choice], r.provenance.get(r.choice, {}))) for r in self.rows]
+
+    def predicted_band(self) -> Optional[float]:
+        """The relative error band of the predicted total speedup, or None where a prediction has none.
+
+        Each total's band is the time-weighted mean of its sites' bands (errors of one device's profile
+        lean the same way, so they are not assumed to cancel); the speedup's band combines the two totals'
+        in quadrature (their errors are those of different kernels)."""
+        if self.predicted_total() is None:
+            return None
+        pairs = self._chosen_and_direct()
+        bands = []
+        for side in (0, 1):
+            items = [p[side] for p in pairs]
+            if any(prov.get("band") is None for _, prov in items):
+                return None
+            total = sum(ms for ms, _ in items)
+            bands.append(sum(ms * prov["band"] for ms, prov in items) / total if total else 0.0)
+        return math.hypot(*bands)
+
+    def prediction_sources(self) -> Dict[str, int]:
+        """{source: count} over the chosen implementations' predictions (see cost.Prediction)."""
+        counts: Dict[str, int] = {}
+        for r in self.rows:
+            source = r.provenance.get(r.choice, {}).get("source")
+            if source:
+                counts[source] = counts.get(source, 0) + 1
+        return counts
+
     def predicted_total(self):
         """(all-direct ms, chosen ms) summed over sites, or None if any site lacks a prediction."""
         if not self.rows or any("direct" not in r.predicted_ms or r.choice not in r.predicted_ms for r in self.rows):
@@ -152,7 +194,11 @@ class Plan:
         return sum(r.predicted_ms["direct"] for r in self.rows), sum(r.predicted_ms[r.choice] for r in self.rows)
 
     def to_dict(self):
-        return {"cost_model": self.cost_model_name, "cost_model_note": self.cost_model_note,
+        total = self.predicted_total()
+        speedup = None if not total else {"value": total[0] / total[1], "band": self.predicted_band(),
+                                          "sources": self.prediction_sources()}
+        return {"cost_model": self.cost_model_name, "cost_model_note": self.cost_model_note, "trust": self.trust,
+                "calibration": self.calibration, "predicted_speedup": speedup,
                 "pac_overhead": self.pac_overhead, "constraints": dict(self.constraints),
                 "rows": [r.to_dict() for r in self.rows]}
 
@@ -160,6 +206,7 @@ class Plan:
     def from_dict(cls, d):
         plan = cls([PlanRow.from_dict(r) for r in d["rows"]], d.get("cost_model"))
         plan.cost_model_note = d.get("cost_model_note")
+        plan.trust, plan.calibration = d.get("trust"), d.get("calibration")
         plan.pac_overhead = d.get("pac_overhead")
         plan.constraints = dict(d.get("constraints") or {})
         return plan
@@ -184,7 +231,7 @@ faster: a difference within 10% is within the cost model's error, and the simple
 most that. Simplicity is registry order: direct, depthwise, fft, fft-tiled, ..."""
 
 
-def _choose(predicted_ms: Dict[str, float], margin: float = DIRECT_MARGIN):
+def choose(predicted_ms: Dict[str, float], margin: float = DIRECT_MARGIN):
     """(choice, reason): the first implementation in registry order within `margin` of the fastest."""
     fastest = min(predicted_ms, key=predicted_ms.get)
     for name in implementations.names():
@@ -355,19 +402,28 @@ def constraint_violation(impl_name: str, spec: ConvSpec, memory_limit: Optional[
 
 
 def choose_for_spec(spec: ConvSpec, cost_model, candidates: Dict[str, str], margin: float = DIRECT_MARGIN):
-    """(choice, reason, predicted ms) for one spec among `candidates` ({name: "" or why excluded}), as
-    make_plan decides for a site that no PAC policy selects: the cost model's `_choose` among the allowed
+    """(choice, reason, predicted ms, provenance) for one spec among `candidates` ({name: "" or why excluded}), as
+    make_plan decides for a site that no PAC policy selects: the cost model's `choose` among the allowed
     candidates it predicts (pac never competes: it is chosen by policy), else the rule."""
-    predicted = {}
+    predicted, provenance = {}, {}
     if cost_model is not None:
-        predicted = {n: cost_model.predict_ms(n, spec) for n, why in candidates.items() if why == ""}
-        predicted = {k: v for k, v in predicted.items() if v is not None}
+        for name, why in candidates.items():
+            if why:
+                continue
+            if hasattr(cost_model, "prediction"):  # a CostModel: the time with where it came from
+                p = cost_model.prediction(name, spec)
+                if p is not None:
+                    predicted[name], provenance[name] = p.ms, {"source": p.source, "band": p.band}
+            else:  # any object predicting milliseconds
+                ms = cost_model.predict_ms(name, spec)
+                if ms is not None:
+                    predicted[name], provenance[name] = ms, {"source": "given", "band": None}
     speed = {k: v for k, v in predicted.items() if k != "pac"}
     if speed:
-        choice, reason = _choose(speed, margin)
+        choice, reason = choose(speed, margin)
     else:
         choice, reason = rule_based_choice(spec, candidates)
-    return choice, reason, predicted
+    return choice, reason, predicted, provenance
 
 
 def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8, margin: float = DIRECT_MARGIN,
@@ -423,16 +479,20 @@ def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8
         key = (spec, tuple(sorted(cands.items())))
         if key not in decisions:
             decisions[key] = choose_for_spec(spec, cost_model, cands, margin)
-        choice, reason, predicted = decisions[key]
+        choice, reason, predicted, provenance = decisions[key]
         excluded = [f"{k} ({v})" for k, v in constrained.items() if k != "pac"]
         if excluded:
             reason += "; excluded: " + ", ".join(excluded)
-        row = PlanRow(site.path, site.spec, choice, reason + left_out, cands, {}, dict(predicted), list(site.aliases))
+        row = PlanRow(site.path, site.spec, choice, reason + left_out, cands, {}, dict(predicted), list(site.aliases),
+                      {k: dict(v) for k, v in provenance.items()})
         if site.path in pac_sites and budget is None:
             row.choice, row.reason, row.options = "pac", "pac policy selected this layer", dict(pac_options)
         rows.append(row)
     plan = Plan(rows, getattr(cost_model, "name", None))
     plan.cost_model_note = getattr(cost_model, "match_note", None)
+    plan.trust = getattr(cost_model, "trust", None)
+    cal = getattr(cost_model, "calibration", None)
+    plan.calibration = cal.to_dict() if cal is not None else None
     plan.constraints = {k: v for k, v in (("memory_limit", limit), ("rtol", rtol)) if v is not None}
     if budget is not None:
         _apply_pac_budget(plan, pac_sites, pac_options, budget)

@@ -14,7 +14,12 @@ from typing import Dict, List
 import numpy as np
 
 from . import implementations
+from .calibration import canary_pairs
+from .cost import CostModel
+from .device import fingerprint
+from .planner import constraint_violation
 from .spec import ConvSpec
+from .timing import compiled, progress as progress_bar, time_interleaved
 
 KERNELS = (1, 3, 5, 7, 9, 11, 13, 15, 17, 21, 25, 31, 41, 51)
 MAX_DIRECT_MACS = {"quick": 1.5e9, "full": 4e9}
@@ -27,8 +32,6 @@ PROFILE_MEMORY_CAP = 2 * 2**30
 
 
 def _within_memory_cap(name: str, spec: ConvSpec) -> bool:
-    from .planner import constraint_violation
-
     return not constraint_violation(name, spec, memory_limit=PROFILE_MEMORY_CAP)
 
 
@@ -56,25 +59,11 @@ def layer_from_spec(spec: ConvSpec, seed: int = 0):
     return layer, shape
 
 
-def _compiled(fn):
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        # One tf.function per (spec, implementation) is the point here, not accidental retracing.
-        tf.get_logger().setLevel("ERROR")
-        return tf.function(fn)
-    return fn  # other backends: eager calls (documented: profiles are measured with the TF backend)
-
-
 def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.0) -> Dict[str, float]:
     """Median seconds per call of every applicable implementation on `spec`, timed interleaved.
 
     An implementation that runs out of memory while being built is left out of the result (it is then
     never predicted from this spec's timing), as are those over PROFILE_MEMORY_CAP."""
-    from .timing import time_interleaved
-
     import keras
 
     layer, shape = layer_from_spec(spec)
@@ -94,13 +83,28 @@ def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.
             if "ResourceExhausted" not in type(exc).__name__ and "OOM" not in str(exc):
                 raise
             continue
-        fns[name] = _compiled(lambda impl=impl, new=new: impl.probe_call(new, x))
+        fns[name] = compiled(lambda impl=impl, new=new: impl.probe_call(new, x))
     res = time_interleaved(fns, repeats=repeats, warmup=1, max_time=max_time)
     spread = {k: max(v["samples"]) / max(min(v["samples"]), 1e-9) for k, v in res.items()}
     if any(s > 2.0 for s in spread.values()):  # noisy round: take more samples
         more = time_interleaved(fns, repeats=repeats, warmup=0, max_time=max_time)
         return {k: float(np.median(res[k]["samples"] + more[k]["samples"])) for k in fns}
     return {k: v["median"] for k, v in res.items()}
+
+
+def time_canaries(allow=None, repeats: int = 5) -> List[dict]:
+    """Time `calibration.canary_pairs()` here: [{"spec", "impl", "seconds"}], one per pair, timed
+    interleaved per spec like the grid (so a profile's canaries and a calibration's compare like with like).
+    allow: implementation names to time (default all that declare canaries). Takes 1-2 s on 2 cores."""
+    by_spec: Dict[ConvSpec, List[str]] = {}
+    for spec, impl in canary_pairs():
+        if allow is None or impl in allow:
+            by_spec.setdefault(spec, []).append(impl)
+    rows = []
+    for spec, impls in by_spec.items():
+        for impl, seconds in time_spec(spec, allow=impls, repeats=repeats, max_time=1.0).items():
+            rows.append({"spec": spec.to_json(), "impl": impl, "seconds": seconds})
+    return rows
 
 
 def _log_uniform_int(rng, lo, hi):
@@ -175,13 +179,28 @@ def grid(mode: str = "quick", seed: int = 0) -> List[ConvSpec]:
     return list(dict.fromkeys(specs))
 
 
-def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed: int = 0, specs=None):
-    """Measure this device on `grid(mode)` (or the given specs) and return a fitted CostModel."""
-    from .cost import CostModel, _progress, fingerprint
+def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed: int = 0, specs=None) -> CostModel:
+    """Measure this device and return a fitted CostModel.
 
+    Args:
+        mode: "quick" (about a minute on 2 cores) or "full" (a few minutes): which `grid(mode)` is timed.
+        progress: draw a progress bar on stderr.
+        allow: implementation names to time (default: every registered one that applies).
+        seed: the random grid's seed.
+        specs: time these ConvSpecs instead of the grid.
+
+    Returns:
+        A fitted CostModel of this device (`device.fingerprint()`) with its canaries timed, so that
+        another device can calibrate it (`calibration.calibrate`).
+
+    Example:
+        >>> cm = convrewrite.profile_device(mode="quick")
+        >>> cm.save("my-device.json")
+    """
     specs = list(specs) if specs is not None else grid(mode, seed)
     measurements = []
-    for spec in _progress(specs, f"profiling ({mode})", progress):
+    for spec in progress_bar(specs, f"profiling ({mode})", progress):
         for impl, seconds in time_spec(spec, allow=allow, repeats=3).items():
             measurements.append({"spec": spec.to_json(), "impl": impl, "seconds": seconds})
-    return CostModel(fingerprint(), measurements, mode=mode).fit()
+    canaries = time_canaries(allow=allow)
+    return CostModel(fingerprint(), measurements, mode=mode, canaries=canaries).fit()

@@ -46,3 +46,39 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 5, war
         if elapsed > max_time and rounds >= 2:
             break
     return {k: {"median": float(np.median(v)), "min": float(np.min(v)), "samples": v} for k, v in samples.items()}
+
+
+def progress(items, label, enabled=True):
+    """Yield `items`, drawing a one-line text progress bar with elapsed time and ETA on stderr."""
+    import sys
+
+    items = list(items)
+    n = len(items)
+    start = time.perf_counter()
+    for i, item in enumerate(items):
+        if enabled and n:
+            done = int(30 * i / n)
+            el = time.perf_counter() - start
+            eta = el / i * (n - i) if i else 0
+            sys.stderr.write(f"\r{label} [{'#' * done}{'.' * (30 - done)}] {i}/{n} {el:4.0f}s eta {eta:4.0f}s")
+            sys.stderr.flush()
+        yield item
+    if enabled and n:
+        sys.stderr.write(f"\r{label} [{'#' * 30}] {n}/{n} {time.perf_counter() - start:4.0f}s{' ' * 10}\n")
+
+
+def compiled(fn):
+    """`fn` compiled for the active Keras backend (tf.function on TensorFlow, jax.jit on JAX), so timings
+    measure the kernels, not Python dispatch. One compiled function per variant is the point here."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")  # one trace per variant is deliberate: no retracing warnings
+        return tf.function(fn)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn

@@ -62,6 +62,7 @@ class Check:
 class VerificationReport:
     checks: List[Check]
     fallbacks: List[dict] = dataclasses.field(default_factory=list)  # {"site", "from", "to", "why"}
+    speed: Optional[dict] = None  # set by optimize: speed.SpeedCheck.to_dict(), measured next to predicted
 
     @property
     def passed(self) -> bool:
@@ -80,7 +81,8 @@ class VerificationReport:
         return [c for c in self.checks if c.kind == "site"]
 
     def to_dict(self):
-        return {"passed": self.passed, "checks": [dataclasses.asdict(c) for c in self.checks], "fallbacks": self.fallbacks}
+        return {"passed": self.passed, "checks": [dataclasses.asdict(c) for c in self.checks], "fallbacks": self.fallbacks,
+                "speed": self.speed}
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=1)
@@ -95,6 +97,11 @@ class VerificationReport:
         for f in self.fallbacks:
             lines.append(f"fell back: {f['site']} {f['from']} -> {f['to']} ({f['why']})")
         lines.append("PASSED" if self.passed else f"FAILED: {[c.name for c in self.checks if not c.passed]}")
+        if self.speed is not None:
+            from .speed import SpeedCheck
+
+            fields = {f.name for f in dataclasses.fields(SpeedCheck)}
+            lines.append(SpeedCheck(**{k: v for k, v in self.speed.items() if k in fields}).describe())
         return "\n".join(lines)
 
 

@@ -275,9 +275,9 @@ def test_pac_budget_converts_cheapest_sites_within_budget():
     ({"direct": 1.0, "fft": 0.5, "fft-tiled": 0.52}, "fft"),
 ])
 def test_choice_prefers_simpler_implementations_within_margin(predicted, expected):
-    from convrewrite.planner import _choose
+    from convrewrite.planner import choose
 
-    assert _choose(predicted)[0] == expected
+    assert choose(predicted)[0] == expected
 
 
 # ---- tactic cache: keyed by device, never written into shipped or foreign profiles ----------------

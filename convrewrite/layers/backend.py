@@ -13,8 +13,24 @@ import tensorflow as tf
 __all__ = [
     "rfft2d", "irfft2d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
     "complex_multiply", "conj", "frame", "bits_equal",
-    "SpectrumCache", "cached_transform", "resize_bilinear", "after",
+    "SpectrumCache", "cached_transform", "resize_bilinear", "after", "tensorflow_device_details",
 ]
+
+
+# ---- device identity ------------------------------------------------------------------------------
+def tensorflow_device_details():
+    """(TensorFlow version, GPU details or None) for `convrewrite.device.fingerprint`.
+
+    GPU details: {"name", "compute_capability": [major, minor], "count", "cuda", "cudnn"} of the first
+    visible GPU, with the CUDA / cuDNN versions TensorFlow was built against."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return tf.__version__, None
+    details = tf.config.experimental.get_device_details(gpus[0])
+    build = tf.sysconfig.get_build_info()
+    return tf.__version__, {"name": details.get("device_name", gpus[0].name),
+                            "compute_capability": list(details.get("compute_capability", ())), "count": len(gpus),
+                            "cuda": build.get("cuda_version"), "cudnn": build.get("cudnn_version")}
 
 
 # ---- transforms -----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import keras
 from keras import ops
 
 from ..errors import PlanError
-from ..implementations import Implementation
+from ..implementations import Implementation, canary_spec
 from ..spec import ConvSpec
 from . import backend
 
@@ -590,6 +590,12 @@ class FFTImplementation(Implementation):
         if self.tile_size == "full" and (spec.height is None or spec.width is None):
             return False, "spatial size unknown at build; full-image FFT needs it (fft-tiled does not)"
         return True, ""
+
+    def canary_specs(self):
+        # both regimes: dense (per-bin matmul) and one channel per group (broadcast multiply)
+        if self.tile_size == "full":
+            return [canary_spec(15, 16, 16, 48), canary_spec(13, 64, 64, 56, depthwise=True)]
+        return [canary_spec(15, 16, 16, 64)]
 
     def cost_regime(self, spec: ConvSpec):
         # one channel per group: a broadcast multiply per bin; otherwise a batched complex matmul

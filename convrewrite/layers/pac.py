@@ -43,7 +43,7 @@ import numpy as np
 from keras import ops
 
 from ..errors import PlanError
-from ..implementations import Implementation
+from ..implementations import Implementation, canary_spec
 from ..spec import ConvSpec
 from . import backend
 
@@ -810,6 +810,9 @@ class PacImplementation(Implementation):
         gshape = (shape[0], f, shape[2], shape[3]) if new_layer.data_format == "channels_first" else shape[:3] + (f,)
         guidance = np.random.default_rng(1234).standard_normal(gshape).astype("float32")
         return new_layer([x, guidance])
+
+    def canary_specs(self):
+        return [canary_spec(3, 16, 16, 32)]
 
     def features(self, spec):
         feats = super().features(spec)

@@ -1,0 +1,264 @@
+"""Choosing the profile a plan is made with, and earning the right to trust it on this device.
+
+`resolve(cost_model, target=...)` turns "auto", a path, or a CostModel into the CostModel a plan uses:
+
+- A profile measured on this very device (`device.same_device`: hardware, libraries and kernel settings
+  all agree) is used as it is: trust "this device".
+- Planning for this device (target "here", or "auto" with a profile of this device's class), a profile of
+  another fingerprint is calibrated first: its canaries are timed here (`profile.time_canaries`, 1-2 s on
+  2 cores) and compared (`calibration.compare`). Accepted, it is used with its per-implementation scale and
+  error band: trust "calibrated". Refused, a quick profile of this device is measured instead (about a
+  minute, with a progress bar), cached in the user cache under the full fingerprint and reused next time.
+- Converting for another device (target "other", or a profile of another machine class: another backend,
+  device kind, architecture or thread count), nothing is timed here, ever: the profile is used as it is,
+  and the plan says its predictions are unverified.
+
+Calibrations are cached per (device, profile) in `CACHE_DIR/calibrations/`, so a profile is calibrated once
+per device. `measure_tactics` times candidates on a model's own shapes (optimize(measure=True)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+from . import calibration as calib
+from . import cost, device, implementations
+from .cost import CostModel
+from .errors import ProfileError
+from .planner import constraint_violation, parse_memory_limit
+from .profile import profile_device, time_canaries, time_spec
+from .timing import progress as progress_bar
+
+TARGETS = ("auto", "here", "other")
+"""Which device a plan is for: "here" (this device: calibrate or measure), "other" (another device:
+never time anything here), or "auto" ("here" where the profile is of this device's class, else "other")."""
+
+MAX_CALIBRATIONS = 2
+"""How many candidate profiles `auto` calibrates (closest first) before measuring this device itself."""
+
+_AUTO_CACHE = {}  # fingerprint id -> the CostModel "auto" chose in this process
+_WARNED = set()  # warnings already given in this process
+
+
+def _warn_once(key, message: str, stacklevel: int = 3):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=stacklevel)
+
+
+def shipped_profiles() -> List[Path]:
+    """Profiles `auto` considers: CONVREWRITE_COST_MODELS (a folder), the shipped folders, the user cache."""
+    out = []
+    extra = os.environ.get("CONVREWRITE_COST_MODELS")
+    for d in ([Path(extra)] if extra else []) + cost.SHIPPED_DIRS + [cost.CACHE_DIR]:
+        if d.is_dir():
+            out.extend(sorted(d.glob("*.json")))
+    return out
+
+
+def check_target(target) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"Received target={target!r}; expected one of {TARGETS} (the device the plan is for).")
+    return target
+
+
+def resolve(cost_model, warn: bool = True, target: str = "auto") -> Optional[CostModel]:
+    """The CostModel to plan with (see the module docstring).
+
+    Args:
+        cost_model: "auto", a path to a profile JSON, a CostModel (or any object with `predict_ms`), or None
+            (rule-based planning: returned as None).
+        warn: warn where the profile is another device's (unverified) or was refused here.
+        target: "auto", "here" or "other": the device the plan is for (see TARGETS).
+
+    Returns:
+        A CostModel whose `trust` says how far its numbers describe the target, and whose `calibration` /
+        `match_note` say why; or None.
+
+    Raises:
+        ProfileError: the named profile is missing, unreadable or not a profile; `cost_model` is of a type
+            that names no profile.
+    """
+    check_target(target)
+    if cost_model is None or hasattr(cost_model, "predict_ms"):
+        return cost_model  # a CostModel, or any object predicting milliseconds per (implementation, spec)
+    if not isinstance(cost_model, (str, os.PathLike)):
+        raise ProfileError(f"Received cost_model={cost_model!r} ({type(cost_model).__name__}); expected 'auto', "
+                           f"'rules', None, a path to a profile JSON, or a CostModel.")
+    here = device.fingerprint()
+    if cost_model == "auto":
+        if target == "other":
+            raise ProfileError("cost_model='auto' describes this device, but target='other' plans for another one; "
+                               "name that device's profile (convrewrite profile -o FILE, run there).")
+        return _auto(here)
+    cm = CostModel.load(cost_model)
+    return _trusted(cm, here, target, str(cost_model), warn)
+
+
+def _trusted(cm: CostModel, here: dict, target: str, source: str, warn: bool) -> CostModel:
+    """`cm` as a plan for `target` may use it: as is, calibrated, or replaced by a profile measured here."""
+    if device.same_device(cm.fingerprint, here):
+        cm.trust = "this device"
+        return cm
+    if target == "other" or not device.same_class(cm.fingerprint, here):
+        _mark_unverified(cm, here, source, warn)
+        return cm
+    cal = calibrate(cm, here)
+    if cal.accepted:
+        return cm
+    if warn:
+        warnings.warn(f"Profile '{source}' does not describe this device ({cal.describe()}); measuring a quick "
+                      f"profile of this device instead (about a minute), cached in {cost.CACHE_DIR}.", stacklevel=4)
+    return _measure_here(here)
+
+
+def _mark_unverified(cm: CostModel, here: dict, source: str, warn: bool):
+    cm.trust = "unverified"
+    diffs = device.differences(cm.fingerprint, here)
+    cm.match_note = (f"another device's profile, not checked here: predictions describe "
+                     f"{device.describe(cm.fingerprint)}")
+    if warn:
+        _warn_once(("unverified", source, device.fingerprint_id(here)), (
+            f"Profile '{source}' was measured on another device ({'; '.join(diffs[:3])}); planning for that device "
+            f"as asked, so predicted times describe it and are not checked here (unverified)."), stacklevel=5)
+
+
+def _auto(here: dict) -> CostModel:
+    """The profile `auto` plans with on this device: one of this exact device, else a calibrated one of its
+    class (closest first, at most MAX_CALIBRATIONS tried), else a quick profile measured now."""
+    fid = device.fingerprint_id(here)
+    if fid in _AUTO_CACHE:
+        return _AUTO_CACHE[fid]
+    candidates = []
+    for path in shipped_profiles():
+        try:
+            cm = CostModel.load(path)
+        except ProfileError as exc:
+            warnings.warn(f"Skipping unreadable profile: {exc}", stacklevel=3)
+            continue
+        if device.same_class(cm.fingerprint, here):
+            cm.read_only = True
+            candidates.append(cm)
+    exact = [cm for cm in candidates if device.same_device(cm.fingerprint, here)]
+    chosen = exact[0] if exact else None
+    if chosen is not None:
+        chosen.trust = "this device"
+    else:
+        candidates.sort(key=lambda cm: len(device.differences(cm.fingerprint, here)))
+        for cm in candidates[:MAX_CALIBRATIONS]:
+            if calibrate(cm, here).accepted:
+                chosen = cm
+                break
+        if chosen is None:
+            tried = "; ".join(f"'{cm.path}': {cm.calibration.describe()}" for cm in candidates[:MAX_CALIBRATIONS])
+            warnings.warn(f"No profile describes this device ({device.describe(here)})"
+                          + (f" (calibration refused {tried})" if tried else "")
+                          + f"; measuring a quick one now and caching it in {cost.CACHE_DIR}.", stacklevel=3)
+            chosen = _measure_here(here)
+    _AUTO_CACHE[fid] = chosen
+    return chosen
+
+
+def _measure_here(here: dict) -> CostModel:
+    """A quick profile of this device, measured now (progress bar) and saved in the user cache under the
+    full fingerprint, where `auto` finds it as this device's next time."""
+    cm = profile_device(mode="quick")
+    cm.save(cost.CACHE_DIR / f"auto-{device.slug(here)}.json")
+    cm.read_only = True
+    cm.trust = "this device"
+    return cm
+
+
+# ---- calibration --------------------------------------------------------------------------------
+def _profile_key(cm: CostModel) -> str:
+    """Identity of a profile's numbers (fingerprint, fits, canaries, grid), for the calibration cache."""
+    body = {"fingerprint": cm.fingerprint, "fits": sorted((k, v.weights) for k, v in cm.fits.items()),
+            "canaries": cm.canaries, "n": len(cm.measurements)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _calibration_cache(here: dict) -> Path:
+    return cost.CACHE_DIR / "calibrations" / f"{device.fingerprint_id(here)}.json"
+
+
+def calibrate(cm: CostModel, here: Optional[dict] = None, use_cache: bool = True) -> "calib.Calibration":
+    """Time the canaries here and compare them with `cm` (see calibration.py); sets `cm.calibration` and
+    `cm.trust` ("calibrated" if accepted), and `cm.match_note`. Cached per (device, profile)."""
+    here = here or device.fingerprint()
+    path, key = _calibration_cache(here), _profile_key(cm)
+    cached = _read_json(path) if use_cache else {}
+    if key in cached:
+        result = calib.Calibration.from_dict(cached[key])
+    else:
+        start = time.perf_counter()
+        measured = time_canaries(allow=list(cm.fits) or None)
+        result = calib.compare(cm, measured, time.perf_counter() - start, device.fingerprint_id(here))
+        again = calib.out_of_tolerance(result)
+        if again:  # one noisy sample must not refuse a good profile: time those canaries once more
+            retimed = []
+            for spec, impl in again:
+                retimed += [{"spec": spec.to_json(), "impl": name, "seconds": s}
+                            for name, s in time_spec(spec, allow=[impl], repeats=5, max_time=1.0).items()]
+            measured = calib.replace_timings(measured, retimed)
+            result = calib.compare(cm, measured, time.perf_counter() - start, device.fingerprint_id(here))
+        cached[key] = result.to_dict()
+        _write_json(path, cached)
+    cm.calibration = result
+    if result.accepted:
+        cm.trust = "calibrated"
+        cm.match_note = (f"measured on {device.describe(cm.fingerprint)}; {result.describe()}")
+    else:
+        cm.trust = "unverified"
+        cm.match_note = f"measured on {device.describe(cm.fingerprint)}; {result.describe()}"
+    return result
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no cache, or an unreadable one: calibrate again (it is rewritten)
+
+
+def _write_json(path: Path, data: dict):
+    try:
+        cost._write_json_atomically(path, data)
+    except OSError as exc:
+        warnings.warn(f"Could not write the calibration cache '{path}' ({exc}); calibrating again next time.",
+                      stacklevel=4)
+
+
+# ---- tactic timing ------------------------------------------------------------------------------
+def measure_tactics(cm: CostModel, specs, allow=None, batch: int = 8, progress: bool = True, save: bool = True,
+                    memory_limit=None) -> CostModel:
+    """Time every applicable implementation on these exact specs on this device and add the timings to
+    `cm`'s tactic cache (see CostModel.record_tactics: keyed by this device's fingerprint, persisted in the
+    profile file the user named, else in the user cache). Specs already timed on this device are not timed
+    again. A profile of another device class is left as is (warning): this device's times would not
+    describe the device planned for.
+
+    allow: implementation names to time (default all applicable; `direct` always); batch: where a spec
+    has none; memory_limit: bytes or "2GB": implementations estimated to need more are not timed."""
+    limit = parse_memory_limit(memory_limit)
+    here = device.fingerprint()
+    if not device.same_class(cm.fingerprint, here):
+        diffs = "; ".join(device.differences(cm.fingerprint, here)[:3])
+        warnings.warn(
+            f"measure=True times this device, but profile {cm.name!r}{f' ({cm.path})' if cm.path else ''} describes "
+            f"another device ({diffs}); nothing is measured or written, and the plan uses that profile's "
+            f"predictions for its device.", stacklevel=3)
+        return cm
+    timings = {}
+    for spec in progress_bar(cm.untimed_specs(specs, batch), "measuring model specs", progress):
+        names = [n for n in implementations.names() if allow is None or n in allow or n == "direct"]
+        if limit is not None:
+            names = [n for n in names if not constraint_violation(n, spec, limit)]
+        timings[spec] = time_spec(spec, allow=names)
+    return cm.record_tactics(timings, save=save)
