@@ -10,7 +10,7 @@ from . import speed as speed_check
 from .errors import VerificationError
 from .graph import walk
 from .planner import Plan, check_rtol, make_plan, parse_memory_limit
-from .profile import time_spec
+from . import profile as profiling
 from .verify import VerificationReport, verify as _verify
 
 SPEED_CHECK_ENV = "CONVREWRITE_CHECK_SPEED"
@@ -228,7 +228,7 @@ def _time_replaced_sites(plan: Plan, batch: int, allow):
         if spec in timed or spec.height is None or spec.width is None:
             continue
         names = [n for n, why in row.candidates.items() if why == "" and n != "pac" and (allow is None or n in allow or n == "direct")]
-        timed[spec] = time_spec(spec, allow=names)
+        timed[spec] = profiling.time_spec(spec, allow=names)
     return timed
 
 

@@ -274,7 +274,7 @@ def cmd_plan(args):
     model = load_model(args.model, args.unsafe, args.custom_objects)
     plan = convrewrite.plan(model, cost_model=_cost_model_arg(args.cost_model), allow=args.allow,
                             pac=parse_pac(args.pac), batch=args.batch, memory_limit=args.memory_limit,
-                            rtol=args.rtol)
+                            rtol=args.rtol, target=args.target)
     print(plan.to_json() if args.json else plan.summary())
     return 0
 
@@ -301,7 +301,7 @@ def cmd_convert(args):
     try:
         fast = convrewrite.optimize(model, cost_model=_cost_model_arg(args.cost_model), allow=args.allow,
                                     pac=parse_pac(args.pac), measure=args.measure, rtol=args.rtol, batch=args.batch,
-                                    memory_limit=args.memory_limit)
+                                    memory_limit=args.memory_limit, target=args.target)
     except VerificationError as exc:
         failing = [c.name for c in exc.report.checks if not c.passed]
         raise _failed_conversion(src, out, failing, exc.report.fallbacks, extras) from None
@@ -341,6 +341,7 @@ def cmd_convert(args):
     print(f"verified: max relative error {max((c.rel_error for c in report.outputs), default=0):.1e} "
           f"(tolerance {max((c.tolerance for c in report.outputs), default=0):.0e}); wrote {out}"
           + (f" and SavedModel {args.export_savedmodel}" if args.export_savedmodel else ""))
+    print(fast.convrewrite_speed.describe())
     if args.report:
         print(f"wrote report {args.report}")
     return 0
@@ -420,6 +421,11 @@ def _planning_args(p):
     p.add_argument("--pac", metavar="SPEC",
                    help="convert layers to pixel-adaptive convs: 'layers=c2,c3;guidance=image[;budget=1.3]' or JSON")
     p.add_argument("--batch", type=_positive_int, default=8, help="batch size the plan is made for (default 8)")
+    p.add_argument("--target", choices=("auto", "here", "other"), default="auto",
+                   help="the device the plan is for: 'here' (a profile of another device is calibrated here, or "
+                        "this device measured), 'other' (converting offline for another device: nothing is timed "
+                        "here, predictions are reported unverified), 'auto' (here, unless the profile is of "
+                        "another machine class)")
     p.add_argument("--memory-limit", metavar="SIZE", type=_memory_limit,
                    help="leave out implementations whose working memory per conv exceeds SIZE, e.g. 512MB or 2GiB")
 

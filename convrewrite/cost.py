@@ -36,7 +36,7 @@ from typing import Dict, List, NamedTuple, Optional
 import numpy as np
 
 from . import implementations
-from .device import fingerprint, fingerprint_id, hardware_known, same_class, same_device
+from . import device
 from .errors import ProfileError
 from .planner import choose as choose_by_prediction
 from .spec import ConvSpec
@@ -49,13 +49,13 @@ canaries ("canaries": timings of `calibration.canary_pairs()` measured with the 
 unknown" with no canaries (calibration then compares against the fit), version 1 through `_migrate_v1`."""
 TACTICS_FORMAT = "convrewrite-tactics"
 SHIPPED_DIRS = [Path(__file__).resolve().parent.parent / "cost_models", Path(__file__).resolve().parent / "cost_models"]
-CACHE_DIR = Path(os.environ.get("CONVREWRITE_CACHE", Path.home() / ".cache" / "convrewrite"))
+CACHE_DIR = Path(os.environ.get("CONVREWRITE_CACHE") or Path.home() / ".cache" / "convrewrite")  # "" means unset
 
 
 # ---- where profiles live, and who may write them ------------------------------------------------
 def tactic_cache_path(fp: Optional[dict] = None) -> Path:
     """The user-cache file holding this device's tactic timings measured with a shipped/`auto` profile."""
-    return CACHE_DIR / "tactics" / f"{fingerprint_id(fp or fingerprint())}.json"
+    return CACHE_DIR / "tactics" / f"{device.fingerprint_id(fp or device.fingerprint())}.json"
 
 
 def _is_shipped(path: Path) -> bool:
@@ -154,7 +154,7 @@ class CostModel:
             return self._trust
         if self.calibration is not None and self.calibration.accepted:
             return "calibrated"
-        return "this device" if same_device(self.fingerprint, fingerprint()) else "unverified"
+        return "this device" if device.same_device(self.fingerprint, device.fingerprint()) else "unverified"
 
     @trust.setter
     def trust(self, value: str):
@@ -222,13 +222,13 @@ class CostModel:
     def tactics(self, here: Optional[dict] = None) -> Dict[str, Dict[str, float]]:
         """This device's tactic timings ({spec json: {impl: seconds}}), or {} where the profile describes
         another device class: there they would mix this device's times into another device's plan."""
-        here = here or fingerprint()
-        if not same_class(self.fingerprint, here):
+        here = here or device.fingerprint()
+        if not device.same_class(self.fingerprint, here):
             return {}
         return self._tactic_entry(here)["timings"]
 
     def _tactic_entry(self, here: dict) -> dict:
-        fid = fingerprint_id(here)
+        fid = device.fingerprint_id(here)
         entry = self.measured.setdefault(fid, {"fingerprint": here, "timings": {}})
         if fid not in self._user_cache_read:  # once per device: merge what earlier runs cached for it
             self._user_cache_read.add(fid)
@@ -337,7 +337,7 @@ class CostModel:
         try:
             _check_profile(data, path)
             fits = {k: ImplFit(**v) for k, v in data["fits"].items()}
-            measured = {fingerprint_id(v["fingerprint"]): v for v in data.get("measured", {}).values()}
+            measured = {device.fingerprint_id(v["fingerprint"]): v for v in data.get("measured", {}).values()}
             cm = cls(data["fingerprint"], data.get("measurements", []), fits, measured,
                      data.get("validation", {}), data.get("name"), path, data.get("mode", ""),
                      read_only=_is_shipped(path), canaries=data.get("canaries", []))
@@ -379,7 +379,7 @@ class CostModel:
     def untimed_specs(self, specs, batch: int = 8) -> List[ConvSpec]:
         """The specs (batch filled in where unknown) that this device's tactic cache lacks, in order, once
         each; specs of unknown spatial size are skipped (nothing can be timed for them)."""
-        timings = self._tactic_entry(fingerprint())["timings"]
+        timings = self._tactic_entry(device.fingerprint())["timings"]
         out = []
         for spec in dict.fromkeys(specs):
             if spec.height is None or spec.width is None:
@@ -394,8 +394,8 @@ class CostModel:
         this profile's file if the user named it, else (shipped or `auto` profiles) in
         `tactic_cache_path()`. A profile of another device class is not written (its tactic cache would
         mix this device's times into another device's plan)."""
-        here = fingerprint()
-        if not same_class(self.fingerprint, here):
+        here = device.fingerprint()
+        if not device.same_class(self.fingerprint, here):
             return self
         entry = self._tactic_entry(here)["timings"]
         for spec, times in timings.items():
@@ -407,7 +407,7 @@ class CostModel:
     def _save_tactics(self, here: dict):
         """Persist this device's tactic timings: into this profile's file (merged with what other
         processes wrote there since it was loaded) or into the user cache file."""
-        fid = fingerprint_id(here)
+        fid = device.fingerprint_id(here)
         entry = self.measured[fid]
         target = self.path if self._writes_in_file() else tactic_cache_path(here)
         try:
@@ -464,7 +464,7 @@ def _read_tactic_file(path: Path) -> Dict[str, dict]:
         if not isinstance(data, dict) or data.get("format") != TACTICS_FORMAT:
             raise ValueError(f"no \"format\": \"{TACTICS_FORMAT}\"")
         _check_measured(data.get("measured"), path)
-        return {fingerprint_id(v["fingerprint"]): v for v in data["measured"].values()}
+        return {device.fingerprint_id(v["fingerprint"]): v for v in data["measured"].values()}
     except (OSError, UnicodeDecodeError, ValueError, ProfileError) as exc:
         warnings.warn(f"Ignoring unreadable tactic cache '{path}' ({exc}); its specs are measured again.", stacklevel=4)
         return {}
@@ -545,12 +545,12 @@ def _check_profile(data: dict, path):
                     and _number(m.get("seconds")) and m["seconds"] > 0):
                 raise _bad(path, f'"{field}"[{i}]', 'an object {"spec": ConvSpec JSON, "impl": name, "seconds": > 0}', m)
             _check_spec(m["spec"], path, f'"{field}"[{i}]."spec"')
-    if not fits and not data.get("measurements"):
-        raise ProfileError(f"Profile '{path}' has no fits and no measurements, so it predicts nothing; re-create it "
-                           f"with `convrewrite profile`.")
     if not isinstance(data.get("validation", {}), dict):
         raise _bad(path, '"validation"', "an object", data.get("validation"))
     _check_measured(data.get("measured", {}), path)
+    if not fits and not data.get("measurements"):
+        raise ProfileError(f"Profile '{path}' has no fits and no measurements, so it predicts nothing; re-create it "
+                           f"with `convrewrite profile`.")
 
 
 def _check_spec(text, path, field):

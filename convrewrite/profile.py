@@ -16,7 +16,7 @@ import numpy as np
 from . import implementations
 from .calibration import canary_pairs
 from .cost import CostModel
-from .device import fingerprint
+from . import device
 from .planner import constraint_violation
 from .spec import ConvSpec
 from .timing import compiled, progress as progress_bar, time_interleaved
@@ -203,4 +203,4 @@ def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed:
         for impl, seconds in time_spec(spec, allow=allow, repeats=3).items():
             measurements.append({"spec": spec.to_json(), "impl": impl, "seconds": seconds})
     canaries = time_canaries(allow=allow)
-    return CostModel(fingerprint(), measurements, mode=mode, canaries=canaries).fit()
+    return CostModel(device.fingerprint(), measurements, mode=mode, canaries=canaries).fit()

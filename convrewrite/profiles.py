@@ -32,7 +32,7 @@ from . import cost, device, implementations
 from .cost import CostModel
 from .errors import ProfileError
 from .planner import constraint_violation, parse_memory_limit
-from .profile import profile_device, time_canaries, time_spec
+from . import profile as profiling
 from .timing import progress as progress_bar
 
 TARGETS = ("auto", "here", "other")
@@ -168,7 +168,7 @@ def _auto(here: dict) -> CostModel:
 def _measure_here(here: dict) -> CostModel:
     """A quick profile of this device, measured now (progress bar) and saved in the user cache under the
     full fingerprint, where `auto` finds it as this device's next time."""
-    cm = profile_device(mode="quick")
+    cm = profiling.profile_device(mode="quick")
     cm.save(cost.CACHE_DIR / f"auto-{device.slug(here)}.json")
     cm.read_only = True
     cm.trust = "this device"
@@ -197,14 +197,15 @@ def calibrate(cm: CostModel, here: Optional[dict] = None, use_cache: bool = True
         result = calib.Calibration.from_dict(cached[key])
     else:
         start = time.perf_counter()
-        measured = time_canaries(allow=list(cm.fits) or None)
+        known = set(cm.fits) | {m["impl"] for m in cm.canaries} | {m["impl"] for m in cm.measurements}
+        measured = profiling.time_canaries(allow=sorted(known))  # what the profile can speak of
         result = calib.compare(cm, measured, time.perf_counter() - start, device.fingerprint_id(here))
         again = calib.out_of_tolerance(result)
         if again:  # one noisy sample must not refuse a good profile: time those canaries once more
             retimed = []
             for spec, impl in again:
                 retimed += [{"spec": spec.to_json(), "impl": name, "seconds": s}
-                            for name, s in time_spec(spec, allow=[impl], repeats=5, max_time=1.0).items()]
+                            for name, s in profiling.time_spec(spec, allow=[impl], repeats=5, max_time=1.0).items()]
             measured = calib.replace_timings(measured, retimed)
             result = calib.compare(cm, measured, time.perf_counter() - start, device.fingerprint_id(here))
         cached[key] = result.to_dict()
@@ -260,5 +261,5 @@ def measure_tactics(cm: CostModel, specs, allow=None, batch: int = 8, progress: 
         names = [n for n in implementations.names() if allow is None or n in allow or n == "direct"]
         if limit is not None:
             names = [n for n in names if not constraint_violation(n, spec, limit)]
-        timings[spec] = time_spec(spec, allow=names)
+        timings[spec] = profiling.time_spec(spec, allow=names)
     return cm.record_tactics(timings, save=save)

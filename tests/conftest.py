@@ -3,6 +3,15 @@ import zlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# optimize()'s end-to-end speed check times both models for about a second per call: off for the suite,
+# on where a test is about it (check_speed=True); tests/test_device.py tests it.
+os.environ.setdefault("CONVREWRITE_CHECK_SPEED", "0")
+# a user cache of the suite's own (profiles measured by `auto`, tactic timings, calibrations), so that
+# nothing the suite measures lands in ~/.cache and nothing from there changes what the suite sees.
+if "CONVREWRITE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["CONVREWRITE_CACHE"] = tempfile.mkdtemp(prefix="convrewrite-test-cache-")
 
 import numpy as np
 import pytest

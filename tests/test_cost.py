@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import convrewrite
-from convrewrite import cost, implementations
+from convrewrite import cost, device, implementations, profiles
 from convrewrite.cost import CostModel
 from convrewrite.planner import DIRECT_MARGIN
 from convrewrite.profile import grid, profile_device
@@ -26,8 +26,8 @@ from convrewrite.spec import ConvSpec
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own user cache and a fresh once-per-process warning registry."""
     monkeypatch.setattr(cost, "CACHE_DIR", tmp_path_factory.mktemp("user-cache"))
-    monkeypatch.setattr(cost, "_AUTO_CACHE", {})
-    monkeypatch.setattr(cost, "_WARNED", set(), raising=False)
+    monkeypatch.setattr(profiles, "_AUTO_CACHE", {})
+    monkeypatch.setattr(profiles, "_WARNED", set())
     monkeypatch.delenv("CONVREWRITE_COST_MODELS", raising=False)
 
 
@@ -48,7 +48,7 @@ def tiny_profile():
 
 def test_fingerprint_describes_device():
     fp = convrewrite.fingerprint()
-    for key in ("backend", "device_kind", "device_name", "threads", "keras", "arch"):
+    for key in ("backend", "device_kind", "device_name", "threads", "keras", "arch", "hardware", "settings"):
         assert key in fp
     assert fp["backend"] == keras.backend.backend()
 
@@ -76,23 +76,34 @@ def test_save_load_round_trip(tiny_profile, tmp_path):
     ("{not json", "not valid JSON"),
     ('{"format": "convrewrite-profile", "version": 1, "fingerprint": {}', "not valid JSON"),  # truncated
     ('{"hello": 1}', "not a convrewrite profile"),
-    ('{"format": "convrewrite-profile", "version": 99, "fingerprint": {}, "fits": {}}', "version 99"),
-    ('{"format": "convrewrite-profile", "version": 1, "fingerprint": {}, "fits": {"direct": {"features": ["a"]}}}', '"weights"'),
-    ('{"format": "convrewrite-profile", "version": 1, "fingerprint": {}, "fits": {"direct": {"features": ["calls"], '
-     '"weights": [1.0]}}}', "corrupt"),  # n_samples missing
-    ('{"format": "convrewrite-profile", "version": true, "fingerprint": {}, "fits": {}}', "version True"),
+    ('{"format": "convrewrite-profile", "version": 99, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {}}', "version 99"),
+    ('{"format": "convrewrite-profile", "version": 1, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {"direct": {"features": ["a"]}}}', '"weights"'),
+    ('{"format": "convrewrite-profile", "version": 1, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {"direct": {"features": ["calls"], '
+     '"weights": [1.0]}}}', '"n_samples"'),  # n_samples missing
+    ('{"format": "convrewrite-profile", "version": true, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {}}', "version True"),
     ('{"format": "convrewrite-profile", "version": 2, "fingerprint": [1, 2], "fits": {}}', '"fingerprint" = list'),
-    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {"threads": "two"}, "fits": {}}', "threads"),
-    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {}, "fits": {"direct": {"features": ["calls"], '
+    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": "two"}, "fits": {}}', "threads"),
+    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {"direct": {"features": ["calls"], '
      '"weights": ["abc"], "n_samples": 3, "median_rel_error": 0.1}}}', "finite numbers"),
-    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {}, "fits": {"direct": {"features": ["not_a_feature"], '
+    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {"direct": {"features": ["not_a_feature"], '
      '"weights": [1.0], "n_samples": 3, "median_rel_error": 0.1}}}', "does not compute"),
-    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {}, "fits": {}, '
+    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {}, '
      '"measurements": [{"spec": "garbage", "impl": "direct", "seconds": 1}]}', "not a ConvSpec JSON"),
-    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {}, "fits": {}, "measured": []}', '"measured"'),
-    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {}, "fits": {}, '
+    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {}, "measured": []}', '"measured"'),
+    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {}, '
      '"measured": {"ab": {"fingerprint": {}, "timings": {"x": {"direct": 1}}}}}', "not a ConvSpec JSON"),
     (b"\xff\xfe\x00binary", "not valid JSON"),
+    # ranges, required keys, empty profiles (a profile that predicts nothing, or absurdly)
+    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {}, "fits": {}}', '"fingerprint"."backend"'),
+    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {}, "measurements": []}', "no fits and no measurements"),
+    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {"direct": {"features": ["calls"], '
+     '"weights": [-1.0], "n_samples": 3, "median_rel_error": 0.1}}}', ">= 0"),
+    ('{"format": "convrewrite-profile", "version": 2, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {"direct": {"features": ["calls"], '
+     '"weights": [1e999], "n_samples": 3, "median_rel_error": 0.1}}}', "finite numbers"),
+    ('{"format": "convrewrite-profile", "version": 3, "fingerprint": {"backend": "tensorflow", "device_kind": "cpu", "arch": "x86_64", "threads": 2}, "fits": {"direct": '
+     '{"features": ["calls"], "weights": [1.0], "n_samples": 3, "median_rel_error": 0.1}}, "canaries": '
+     '[{"spec": "x", "impl": "direct", "seconds": -1}]}', '"canaries"'),
+
 ])
 def test_bad_profiles_get_clear_errors(tmp_path, content, match):
     path = tmp_path / "bad.json"
@@ -110,6 +121,10 @@ def test_bad_profiles_get_clear_errors(tmp_path, content, match):
 def test_missing_profile(tmp_path):
     with pytest.raises(convrewrite.ProfileError, match="does not exist"):
         CostModel.load(tmp_path / "nope.json")
+    with pytest.raises(convrewrite.ProfileError, match="is a folder"):
+        CostModel.load(tmp_path)
+    with pytest.raises(convrewrite.ProfileError, match=r"cost_model=123 \(int\); expected 'auto'"):
+        convrewrite.plan(_grouped_model(), cost_model=123)
 
 
 def test_other_device_profile_warns_and_is_used(tiny_profile, tmp_path):
@@ -117,8 +132,8 @@ def test_other_device_profile_warns_and_is_used(tiny_profile, tmp_path):
                       tiny_profile.measurements, tiny_profile.fits)
     path = other.save(tmp_path / "gpu.json")
     with pytest.warns(UserWarning, match="another device"):
-        cm = cost.resolve(str(path))
-    assert cm.fingerprint["device_name"] == "Some GPU"
+        cm = profiles.resolve(str(path))
+    assert cm.fingerprint["device_name"] == "Some GPU" and cm.trust == "unverified"
 
 
 def test_auto_uses_matching_profile_and_never_a_foreign_one(tiny_profile, tmp_path, monkeypatch):
@@ -127,24 +142,23 @@ def test_auto_uses_matching_profile_and_never_a_foreign_one(tiny_profile, tmp_pa
     foreign.save(tmp_path / "foreign.json")
     monkeypatch.setattr(cost, "SHIPPED_DIRS", [tmp_path])
     monkeypatch.setattr(cost, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(cost, "_AUTO_CACHE", {})
     measured = []
 
     def fake_profile(mode="quick", **kw):
         measured.append(mode)
-        return CostModel(cost.fingerprint(), tiny_profile.measurements, tiny_profile.fits, name="measured-now")
+        return CostModel(device.fingerprint(), tiny_profile.measurements, tiny_profile.fits, name="measured-now")
 
     import convrewrite.profile as prof
 
     monkeypatch.setattr(prof, "profile_device", fake_profile)
     with pytest.warns(UserWarning, match="measuring a quick one"):
-        cm = cost.resolve("auto")
-    assert cm.name == "measured-now" and measured == ["quick"]
+        cm = profiles.resolve("auto")
+    assert cm.name == "measured-now" and measured == ["quick"] and cm.trust == "this device"
     # the freshly measured profile is cached, and a matching one is found next time without measuring
-    monkeypatch.setattr(cost, "_AUTO_CACHE", {})
+    monkeypatch.setattr(profiles, "_AUTO_CACHE", {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cost.resolve("auto").name == "measured-now"
+        assert profiles.resolve("auto").name == "measured-now"
     assert measured == ["quick"]
 
 
@@ -157,7 +171,7 @@ def test_fit_weighs_relative_error_and_validates():
         f = implementations.get("direct").features(spec)
         seconds = 2e-5 + 1e-10 * f["dense_macs"]
         rows.append({"spec": spec.to_json(), "impl": "direct", "seconds": seconds * float(rng.uniform(0.95, 1.05))})
-    cm = CostModel(cost.fingerprint(), rows).fit()
+    cm = CostModel(device.fingerprint(), rows).fit()
     fit = cm.fits["direct"]
     w = dict(zip(fit.features, fit.weights))
     assert w["calls"] == pytest.approx(2e-5, rel=0.2) and w["dense_macs"] == pytest.approx(1e-10, rel=0.2)
@@ -200,8 +214,8 @@ def test_measure_mode_caches_in_profile_file(tiny_profile, tmp_path, monkeypatch
     model = _grouped_model()
     fast = convrewrite.optimize(model, cost_model=str(path), measure=True, batch=2)
     saved = CostModel.load(path)
-    cached = saved.measured[cost.fingerprint_id(cost.fingerprint())]  # keyed by this device
-    assert cached["fingerprint"] == cost.fingerprint()
+    cached = saved.measured[device.fingerprint_id(device.fingerprint())]  # keyed by this device
+    assert cached["fingerprint"] == device.fingerprint()
     assert len(cached["timings"]) == 2  # two distinct specs, each measured once
     assert json.loads(path.read_text())["version"] == cost.VERSION
     for row in fast.convrewrite_plan:
@@ -319,23 +333,23 @@ def test_measure_with_foreign_profile_leaves_it_untouched(tiny_profile, tmp_path
 def test_tactic_timings_are_reused_only_on_the_device_that_measured_them(tiny_profile, tmp_path, monkeypatch):
     import convrewrite.profile as prof
 
-    here = cost.fingerprint()
+    here = device.fingerprint()
     path = CostModel(here, tiny_profile.measurements, tiny_profile.fits).save(tmp_path / "mine.json")
     spec = _spec(kernel=(9, 9), height=20, width=20)
     calls = []
     monkeypatch.setattr(prof, "time_spec", _fake_time_spec(calls, seconds=5.0))  # far from any prediction
-    CostModel.load(path).measure_specs([spec], progress=False)
+    profiles.measure_tactics(CostModel.load(path), [spec], progress=False)
     assert len(calls) == 1
     assert CostModel.load(path).predict_seconds("direct", spec) == 5.0  # reused on this device
     # the same machine class, another CPU model and TensorFlow version: the timing is not this device's
     other = dict(here, device_name="Another CPU", tensorflow="0.0")
-    monkeypatch.setattr(cost, "fingerprint", lambda: dict(other))
+    monkeypatch.setattr(device, "fingerprint", lambda: dict(other))
     cm = CostModel.load(path)
     assert cm.predict_seconds("direct", spec) != 5.0
-    cm.measure_specs([spec], progress=False)
+    profiles.measure_tactics(cm, [spec], progress=False)
     assert len(calls) == 2  # measured again, for this fingerprint
     measured = json.loads(path.read_text())["measured"]
-    assert {cost.fingerprint_id(here), cost.fingerprint_id(other)} == set(measured)
+    assert {device.fingerprint_id(here), device.fingerprint_id(other)} == set(measured)
     assert {e["fingerprint"]["device_name"] for e in measured.values()} == {here["device_name"], "Another CPU"}
 
 
@@ -345,20 +359,20 @@ def test_auto_never_writes_shipped_profiles(monkeypatch):
     import convrewrite.profile as prof
 
     shipped_dir = Path(cost.__file__).resolve().parent.parent / "cost_models"
-    shipped = json.loads(next(shipped_dir.glob("*.json")).read_text())
-    # this device, as far as auto is concerned: the shipped profile's class, another CPU model
-    monkeypatch.setattr(cost, "fingerprint", lambda: dict(shipped["fingerprint"], device_name="Test CPU 9000"))
+    # this device, as far as auto is concerned: exactly the device a shipped profile was measured on
+    shipped = next(json.loads(p.read_text()) for p in sorted(shipped_dir.glob("*.json"))
+                   if "hardware" in json.loads(p.read_text())["fingerprint"])
+    monkeypatch.setattr(device, "fingerprint", lambda: json.loads(json.dumps(shipped["fingerprint"])))
     before = _digests(shipped_dir)
     calls = []
     monkeypatch.setattr(prof, "time_spec", _fake_time_spec(calls))
-    with pytest.warns(UserWarning, match="Test CPU 9000"):
-        convrewrite.optimize(_grouped_model(), measure=True, batch=2)
+    convrewrite.optimize(_grouped_model(), measure=True, batch=2)
     assert len(calls) == 2
     assert _digests(shipped_dir) == before
     tactic_file = cost.tactic_cache_path()
     assert tactic_file.is_file() and tactic_file.parent.parent == cost.CACHE_DIR
-    assert len(json.loads(tactic_file.read_text())["measured"][cost.fingerprint_id(cost.fingerprint())]["timings"]) == 2
-    monkeypatch.setattr(cost, "_AUTO_CACHE", {})
+    assert len(json.loads(tactic_file.read_text())["measured"][device.fingerprint_id(device.fingerprint())]["timings"]) == 2
+    monkeypatch.setattr(profiles, "_AUTO_CACHE", {})
     convrewrite.optimize(_grouped_model(), measure=True, batch=2)
     assert len(calls) == 2  # reused from the user cache
     assert _digests(shipped_dir) == before
@@ -368,7 +382,7 @@ def test_explicit_shipped_profile_is_not_written_either(tiny_profile, tmp_path, 
     import convrewrite.profile as prof
 
     shipped_dir = tmp_path / "shipped"
-    path = CostModel(cost.fingerprint(), tiny_profile.measurements, tiny_profile.fits).save(shipped_dir / "dev.json")
+    path = CostModel(device.fingerprint(), tiny_profile.measurements, tiny_profile.fits).save(shipped_dir / "dev.json")
     monkeypatch.setattr(cost, "SHIPPED_DIRS", [shipped_dir])
     before = _digests(shipped_dir)
     monkeypatch.setattr(prof, "time_spec", _fake_time_spec([]))
@@ -377,7 +391,7 @@ def test_explicit_shipped_profile_is_not_written_either(tiny_profile, tmp_path, 
 
 
 def test_version_1_profile_migrates(tiny_profile, tmp_path):
-    data = CostModel(cost.fingerprint(), tiny_profile.measurements, tiny_profile.fits).to_dict()
+    data = CostModel(device.fingerprint(), tiny_profile.measurements, tiny_profile.fits).to_dict()
     data["version"] = 1
     data["measured"] = {_spec().to_json(): {"direct": 123.0}}  # version 1: no device recorded
     path = tmp_path / "v1.json"
@@ -386,45 +400,15 @@ def test_version_1_profile_migrates(tiny_profile, tmp_path):
         cm = CostModel.load(path)
     assert cm.measured == {} and cm.predict_seconds("direct", _spec()) != 123.0
     assert cm.predict_ms("direct", _spec(kernel=(5, 5))) == pytest.approx(tiny_profile.predict_ms("direct", _spec(kernel=(5, 5))))
-    assert cm.save(tmp_path / "v2.json") and json.loads((tmp_path / "v2.json").read_text())["version"] == 2
+    assert cm.save(tmp_path / "v3.json") and json.loads((tmp_path / "v3.json").read_text())["version"] == cost.VERSION
 
 
 # ---- device matching ------------------------------------------------------------------------------
 def test_threads_follow_cpu_affinity(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert cost.fingerprint()["threads"] == 1
+    assert device.fingerprint()["threads"] == 1
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
-    assert cost.fingerprint()["threads"] == os.cpu_count()
-
-
-def test_class_profile_on_another_cpu_model_warns_once_and_says_so(tiny_profile, tmp_path, monkeypatch):
-    here = cost.fingerprint()
-    folder = tmp_path / "profiles"
-    CostModel(dict(here, device_name="AMD EPYC Test", tensorflow="2.0.0"), tiny_profile.measurements,
-              tiny_profile.fits, name="class").save(folder / "class.json")
-    monkeypatch.setattr(cost, "SHIPPED_DIRS", [folder])
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        cm = cost.resolve("auto")
-        monkeypatch.setattr(cost, "_AUTO_CACHE", {})
-        cost.resolve("auto")  # one warning per process
-        cost.resolve(str(folder / "class.json"))
-    msgs = [str(w.message) for w in rec]
-    assert len(msgs) == 1, msgs
-    for needle in ("AMD EPYC Test", here["device_name"], "'2.0.0' there", "convrewrite profile", "this exact device"):
-        assert needle in msgs[0], (needle, msgs[0])
-    assert cm.name == "class"
-    tail = convrewrite.plan(_grouped_model(), cost_model=cm).summary().splitlines()[-1]
-    assert "AMD EPYC Test" in tail and here["device_name"] in tail
-    assert "AMD EPYC Test" in convrewrite.plan(_grouped_model(), cost_model=cm).to_dict()["cost_model_note"]
-    # a profile of this exact device, where auto looks, is preferred and needs no warning
-    CostModel(here, tiny_profile.measurements, tiny_profile.fits, name="exact").save(cost.CACHE_DIR / "exact.json")
-    monkeypatch.setattr(cost, "_AUTO_CACHE", {})
-    monkeypatch.setattr(cost, "_WARNED", set(), raising=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        exact = cost.resolve("auto")
-    assert exact.name == "exact" and exact.match_note is None
+    assert device.fingerprint()["threads"] == os.cpu_count()
 
 
 # ---- planner constraints: memory limit and tolerance ----------------------------------------------
@@ -572,7 +556,7 @@ def test_plan_regret_uses_the_planners_choice_and_leaves_pac_out(monkeypatch, ca
         names = [n for n, (ok, _) in implementations.candidates(spec, allowed=allow).items() if ok]
         return {n: {"direct": 1.0, "fft": 0.5, "fft-tiled": 0.7, "pac": 0.01}.get(n, 3.0) for n in names}
 
-    monkeypatch.setattr(mod.cost, "resolve", lambda name: Predicts())
+    monkeypatch.setattr(mod.profiles, "resolve", lambda name: Predicts())
     monkeypatch.setattr(mod, "time_spec", fake_time_spec)
     monkeypatch.setattr(mod, "random_spec", lambda rng, m: _spec(kernel=(7, 7)))
     monkeypatch.setattr(sys, "argv", ["plan_regret.py", "--n", "2"])

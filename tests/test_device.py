@@ -1,0 +1,289 @@
+"""Device trust: a fingerprint that tells hardware apart, calibration of profiles measured elsewhere,
+provenance of every prediction, and the measured speed check of optimize. No test asserts a time: timers
+are replaced where a test needs timings of a given size."""
+
+import copy
+import json
+import time
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import convrewrite
+from convrewrite import calibration, cost, device, implementations, profiles
+from convrewrite import profile as profiling
+from convrewrite.cost import CostModel
+from convrewrite.spec import ConvSpec
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory, monkeypatch):
+    """A user cache of each test's own, no shipped profiles unless a test puts some there, fresh registries."""
+    monkeypatch.setattr(cost, "CACHE_DIR", tmp_path_factory.mktemp("user-cache"))
+    monkeypatch.setattr(cost, "SHIPPED_DIRS", [tmp_path_factory.mktemp("shipped")])
+    monkeypatch.setattr(profiles, "_AUTO_CACHE", {})
+    monkeypatch.setattr(profiles, "_WARNED", set())
+    monkeypatch.delenv("CONVREWRITE_COST_MODELS", raising=False)
+
+
+def _spec(**kw):
+    base = dict(kind="conv2d", in_channels=8, filters=8, kernel=(3, 3), height=16, width=16, batch=2, padding="same")
+    return ConvSpec(**{**base, **kw})
+
+
+def _model():
+    x = keras.Input((20, 20, 8))
+    y = keras.layers.Conv2D(8, 3, padding="same", groups=8, name="g")(x)
+    y = keras.layers.Conv2D(8, 5, padding="same", name="d")(y)
+    return keras.Model(x, y)
+
+
+def _rows(seconds_by_impl, specs):
+    return [{"spec": s.to_json(), "impl": i, "seconds": t} for s in specs for i, t in seconds_by_impl.items()
+            if implementations.get(i).applicable(s)[0]]
+
+
+@pytest.fixture(scope="module")
+def canary_rows():
+    """Canary timings as a profile measured on "its" device stores them (invented, so no test depends on
+    this machine's speed): every canary pair at 2 ms, except depthwise-kind work at 1 ms."""
+    return [{"spec": s.to_json(), "impl": i, "seconds": 1e-3 if "dw" in s.short() else 2e-3}
+            for s, i in calibration.canary_pairs() if i != "pac"]
+
+
+def _other_device_profile(canary_rows, **fp_changes):
+    """A profile of this machine class measured on other hardware, with fits and canaries."""
+    here = device.fingerprint()
+    fp = copy.deepcopy(here)
+    fp["hardware"]["cpu"]["model"] = "999"
+    fp.update(fp_changes)
+    specs = [_spec(), _spec(kernel=(5, 5)), _spec(kernel=(7, 7), height=24, width=24), _spec(groups=8),
+             _spec(groups=8, kernel=(5, 5)), _spec(in_channels=16, filters=16)]
+    rows = _rows({"direct": 2e-3, "depthwise": 1e-3, "fft": 3e-3, "fft-tiled": 4e-3}, specs)
+    cm = CostModel(fp, rows, name="elsewhere", canaries=canary_rows)
+    return cm.fit(holdout=0)
+
+
+def _fake_timer(canary_rows, scale, calls):
+    """A stand-in for profile.time_spec: the canaries' stored timings x scale (what this device "measures")."""
+    table = {(r["spec"], r["impl"]): r["seconds"] for r in canary_rows}
+
+    def fake(spec, allow=None, **kw):
+        calls.append((spec, tuple(allow or ())))
+        out = {}
+        for name in allow or implementations.names():
+            if (spec.to_json(), name) in table:
+                out[name] = table[(spec.to_json(), name)] * (scale(name, spec) if callable(scale) else scale)
+        return out
+
+    return fake
+
+
+# ---- fingerprint ----------------------------------------------------------------------------------
+def test_fingerprint_identifies_hardware_not_the_name():
+    here = device.fingerprint()
+    cpu = here["hardware"]["cpu"]
+    for key in ("vendor", "family", "model", "stepping", "isa", "cache_kib"):
+        assert key in cpu
+    assert "TF_ENABLE_ONEDNN_OPTS" in here["settings"]
+    assert device.same_device(here, copy.deepcopy(here))
+    other_family = copy.deepcopy(here)
+    other_family["hardware"]["cpu"]["family"] = "25"
+    assert not device.same_device(other_family, here) and device.same_class(other_family, here)
+    one_flag = copy.deepcopy(here)
+    one_flag["hardware"]["cpu"]["isa"] = sorted(set(cpu["isa"]) ^ {"avx512f"})  # with or without AVX-512
+    assert not device.same_device(one_flag, here)
+    assert any("avx512f" in d for d in device.differences(one_flag, here))
+    onednn_off = copy.deepcopy(here)
+    onednn_off["settings"]["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    assert not device.same_device(onednn_off, here)
+    assert device.fingerprint_id(one_flag) != device.fingerprint_id(here)
+    assert cpu["vendor"] in device.describe(here) and "threads" in device.describe(here)
+
+
+def test_profiles_without_hardware_load_as_hardware_unknown(tmp_path, canary_rows):
+    old = _other_device_profile(canary_rows)
+    data = old.to_dict()
+    data["version"] = 2
+    del data["canaries"]
+    data["fingerprint"] = {k: v for k, v in data["fingerprint"].items() if k not in ("hardware", "settings")}
+    data["fingerprint"]["device_name"] = device.fingerprint()["device_name"]  # the same marketing name
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(data))
+    cm = CostModel.load(path)
+    assert not device.hardware_known(cm.fingerprint)
+    assert not device.same_device(cm.fingerprint, device.fingerprint())  # the same name is not the same device
+    assert "hardware unknown" in device.describe(cm.fingerprint)
+    assert all(f.p90_rel_error is not None for f in cm.fits.values())  # bands computed for old fits
+    assert cm.canaries == [] and cm.trust == "unverified"
+
+
+# ---- calibration ----------------------------------------------------------------------------------
+def test_auto_refuses_a_profile_whose_canaries_are_3x_off_and_measures_this_device(tmp_path, canary_rows, monkeypatch):
+    _other_device_profile(canary_rows).save(cost.SHIPPED_DIRS[0] / "elsewhere.json")
+    calls, measured = [], []
+    monkeypatch.setattr(profiling, "time_spec", _fake_timer(canary_rows, 3.0, calls))
+
+    def quick_profile(mode="quick", **kw):
+        measured.append(mode)
+        return CostModel(device.fingerprint(), [], _other_device_profile(canary_rows).fits, name="measured here")
+
+    monkeypatch.setattr(profiling, "profile_device", quick_profile)
+    with pytest.warns(UserWarning, match=r"calibration refused .*3\.00x, tolerance 1\.5x.*measuring a quick one"):
+        cm = profiles.resolve("auto")
+    assert measured == ["quick"] and cm.name == "measured here" and cm.trust == "this device"
+    assert {impl for _, allow in calls for impl in allow} >= {"direct", "fft"}  # the canaries were timed
+    # the measured profile is cached under the full fingerprint and found as this device's next time
+    monkeypatch.setattr(profiles, "_AUTO_CACHE", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = profiles.resolve("auto")
+    assert again.name == "measured here" and measured == ["quick"]
+
+
+def test_auto_accepts_a_profile_whose_canaries_agree_and_scales_its_predictions(canary_rows, monkeypatch):
+    _other_device_profile(canary_rows).save(cost.SHIPPED_DIRS[0] / "elsewhere.json")
+    calls = []
+    # this device: direct 1.2x slower than the profile says, everything else as the profile says
+    monkeypatch.setattr(profiling, "time_spec",
+                        _fake_timer(canary_rows, lambda impl, spec: 1.2 if impl == "direct" else 1.0, calls))
+    monkeypatch.setattr(profiling, "profile_device", lambda **kw: pytest.fail("a good profile must not be re-measured"))
+    cm = profiles.resolve("auto")
+    assert cm.trust == "calibrated" and cm.calibration.accepted
+    assert cm.calibration.scale("direct") == pytest.approx(1.2) and cm.calibration.scale("fft") == pytest.approx(1.0)
+    spec = _spec(kernel=(7, 7), height=24, width=24)
+    unscaled = CostModel.load(cost.SHIPPED_DIRS[0] / "elsewhere.json")
+    p = cm.prediction("direct", spec)
+    assert p.source == "calibrated timing" and p.ms == pytest.approx(1.2 * 1e3 * unscaled.profile_seconds("direct", spec))
+    # provenance in the plan: summary and JSON
+    plan = convrewrite.plan(_model(), cost_model=cm)
+    tail = plan.summary().splitlines()[-1]
+    assert "predicted conv time" in tail and "+-" in tail and "calibrated" in tail
+    data = json.loads(plan.to_json())
+    assert data["trust"] == "calibrated" and data["calibration"]["accepted"]
+    assert data["predicted_speedup"]["band"] is not None and data["predicted_speedup"]["sources"]
+    row = data["rows"][0]
+    assert row["provenance"][row["choice"]]["source"].startswith("calibrated")
+    # calibrated once per (device, profile): a new process reads the cached calibration, times nothing
+    n = len(calls)
+    monkeypatch.setattr(profiles, "_AUTO_CACHE", {})
+    assert profiles.resolve("auto").trust == "calibrated" and len(calls) == n
+
+
+def test_one_noisy_canary_is_timed_again_before_refusing(canary_rows, monkeypatch):
+    cm = _other_device_profile(canary_rows)
+    first = {"noisy": True}
+    calls = []
+
+    def scale(impl, spec):
+        if impl == "depthwise" and first["noisy"]:
+            first["noisy"] = False
+            return 4.0  # one slow sample, as on a busy shared machine
+        return 1.0
+
+    monkeypatch.setattr(profiling, "time_spec", _fake_timer(canary_rows, scale, calls))
+    assert profiles.calibrate(cm).accepted
+    assert [impl for _, allow in calls for impl in allow].count("depthwise") == 2
+
+
+def test_target_other_never_times_anything_here(tmp_path, canary_rows, monkeypatch):
+    path = _other_device_profile(canary_rows).save(tmp_path / "server.json")
+    monkeypatch.setattr(profiling, "time_spec", lambda *a, **k: pytest.fail("timed on the converting machine"))
+    monkeypatch.setattr(profiling, "profile_device", lambda *a, **k: pytest.fail("measured the converting machine"))
+    with pytest.warns(UserWarning, match="unverified"):
+        fast = convrewrite.optimize(_model(), cost_model=str(path), target="other", check_speed=True)
+    plan = fast.convrewrite_plan
+    assert plan.trust == "unverified" and "unverified" in plan.summary().splitlines()[-1]
+    assert fast.convrewrite_speed.measured is None and "another device's" in fast.convrewrite_speed.not_measured
+    assert not list(cost.CACHE_DIR.rglob("*.json"))  # no calibration, profile or timing cached here
+    with pytest.raises(convrewrite.ProfileError, match="target='other'"):
+        convrewrite.plan(_model(), cost_model="auto", target="other")
+
+
+def test_a_named_profile_for_this_device_is_calibrated_too(tmp_path, canary_rows, monkeypatch):
+    path = _other_device_profile(canary_rows).save(tmp_path / "colleague.json")
+    monkeypatch.setattr(profiling, "time_spec", _fake_timer(canary_rows, 1.0, []))
+    cm = profiles.resolve(str(path))
+    assert cm.trust == "calibrated"
+
+
+# ---- the speed check --------------------------------------------------------------------------------
+class _SleepyConv(keras.layers.Conv2D):
+    """Conv2D that also sleeps 20 ms per call: a replacement that is deliberately slow."""
+
+    def call(self, x):
+        import tensorflow as tf
+
+        y = super().call(x)
+        return tf.numpy_function(lambda a: (time.sleep(0.02), a)[1], [y], y.dtype, stateful=True) + 0 * y
+
+
+class _Sleepy(implementations.Implementation):
+    name = "sleepy"
+    description = "test-only: Keras's Conv2D plus a 20 ms sleep"
+    layer_classes = (_SleepyConv,)
+
+    def applicable(self, spec):
+        return (spec.kind == "conv2d" and spec.groups == 1), "dense Conv2D only"
+
+    def make_layer(self, layer, spec, **options):
+        return _SleepyConv.from_config(layer.get_config())
+
+
+@pytest.fixture
+def sleepy():
+    implementations.register(_Sleepy())
+    yield
+    implementations._REGISTRY.pop("sleepy", None)
+
+
+class _BelievesSleepyIsFast:
+    """A cost model that predicts the sleepy implementation 4x faster than direct."""
+
+    name = "optimist"
+
+    def predict_ms(self, impl, spec):
+        return {"direct": 4.0, "sleepy": 1.0}.get(impl)
+
+
+def test_speed_check_replans_from_real_timings_when_the_optimized_model_is_slower(sleepy):
+    model = _model()
+    fast = convrewrite.optimize(model, cost_model=_BelievesSleepyIsFast(), allow=["direct", "sleepy"], check_speed=True)
+    speed = fast.convrewrite_speed
+    assert fast.convrewrite_plan.row("d").choice == "direct"  # the slow replacement did not survive
+    assert speed.history and speed.history[0]["measured"] < 1  # the first plan measured slower ...
+    assert "re-planned" in speed.action  # ... so the replaced site was timed here and re-planned
+    assert fast.convrewrite_plan.row("d").provenance["sleepy"]["source"] == "timed here"
+    assert fast.convrewrite_report.speed["action"] == speed.action
+    assert "speed: " in fast.convrewrite_report.summary()
+    x = np.random.default_rng(0).standard_normal((2, 20, 20, 8)).astype("float32")
+    np.testing.assert_allclose(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_speed_check_keeps_the_original_implementations_of_a_given_plan(sleepy):
+    model = _model()
+    plan = convrewrite.plan(model, cost_model=None).force("d", "sleepy")
+    fast = convrewrite.optimize(model, plan=plan, check_speed=True)
+    assert fast.convrewrite_plan.row("d").choice == "direct"
+    assert fast.convrewrite_speed.action.startswith("kept the original implementations")
+    assert plan.row("d").choice == "sleepy"  # the caller's plan is left as given
+    off = convrewrite.optimize(model, plan=plan, check_speed=False)
+    assert off.convrewrite_plan.row("d").choice == "sleepy" and off.convrewrite_speed.measured is None
+
+
+def test_speed_check_reports_measured_next_to_predicted():
+    x = keras.Input((24, 24, 16))
+    model = keras.Model(x, keras.layers.Conv2D(16, 3, padding="same", groups=16, name="g")(x))
+
+    class Predicts:
+        name = "fake"
+
+        def predict_ms(self, impl, spec):
+            return {"direct": 3.0, "depthwise": 1.0}.get(impl)
+
+    fast = convrewrite.optimize(model, cost_model=Predicts(), check_speed=True)
+    speed = fast.convrewrite_speed
+    assert speed.predicted == pytest.approx(3.0) and speed.measured is not None and speed.rounds >= 2
+    assert "measured" in speed.describe() and "predicted 3.00x" in speed.describe()
