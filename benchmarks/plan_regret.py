@@ -21,7 +21,7 @@ from convrewrite import implementations, profiles  # noqa: E402
 from convrewrite.planner import choose_for_spec  # noqa: E402
 from convrewrite.profile import MAX_DIRECT_MACS, random_spec, time_spec  # noqa: E402
 
-SPEED_CANDIDATES = [n for n in implementations.names() if n != "pac"]
+SPEED_CANDIDATES = implementations.speed_names()
 
 
 def main():

@@ -7,7 +7,7 @@ import os
 
 from . import implementations, profiles
 from . import speed as speed_check
-from .errors import VerificationError
+from .errors import PlanError, VerificationError
 from .graph import walk
 from .planner import Plan, check_rtol, make_plan, parse_memory_limit
 from . import profile as profiling
@@ -54,8 +54,19 @@ def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8, memory_
         >>> p = convrewrite.plan(keras.applications.ConvNeXtTiny(weights=None))
         >>> print(p.summary())
     """
-    return make_plan(walk(model), _resolve_cost_model(cost_model, target), allow=allow, pac=pac, batch=batch,
+    return make_plan(walk(model), _resolve_cost_model(cost_model, target), allow=allow, policies=_policies(pac=pac), batch=batch,
                      memory_limit=memory_limit, rtol=rtol)
+
+
+def _policies(**given) -> dict:
+    """{implementation name: policy} from the keyword arguments that select sites for an implementation
+    (`pac=` for PAC: see Implementation.policy_keyword)."""
+    by_keyword = implementations.policy_implementations()
+    unknown = [k for k, v in given.items() if v and k not in by_keyword]
+    if unknown:
+        raise PlanError(f"Received {unknown[0]}=...; no registered implementation takes that policy (expected one of "
+                        f"{sorted(by_keyword)}).")
+    return {by_keyword[k].name: v for k, v in given.items() if v and k in by_keyword}
 
 
 def build(model, plan: Plan):
@@ -119,11 +130,12 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
             cm = cm or profiles.resolve("auto")
             profiles.measure_tactics(cm, [s.spec for s in graph.all_sites()], allow=allow, batch=batch,
                                      memory_limit=memory_limit)
-        plan = make_plan(graph, cm, allow=allow, pac=pac, batch=batch, memory_limit=memory_limit, rtol=rtol)
+        plan = make_plan(graph, cm, allow=allow, policies=_policies(pac=pac), batch=batch, memory_limit=memory_limit,
+                         rtol=rtol)
     new, report = _build_verified(model, plan, verify, inputs, rtol)
     speed = _check_speed(model, new, plan, cm, check_speed, inputs, batch)
     if speed.slower and speed.action == "kept":
-        planning = None if given else dict(allow=allow, pac=pac, memory_limit=memory_limit)
+        planning = None if given else dict(allow=allow, policies=_policies(pac=pac), memory_limit=memory_limit)
         plan, new, report, speed = _recover_speed(model, plan, cm, speed, verify, inputs, rtol, batch, planning)
     if report is not None:
         report.speed = speed.to_dict()
@@ -182,16 +194,17 @@ def _check_speed(model, new, plan: Plan, cm, enabled: bool, inputs, batch: int) 
         result.original_s, result.optimized_s, result.rounds, result.batch = (
             measured.original_s, measured.optimized_s, measured.rounds, measured.batch)
         result.action = "kept"
-        if any(r.choice == "pac" for r in plan) and result.slower:
-            result.action = "measured only: PAC sites were chosen for adaptivity, not speed"
+        policy = sorted({implementations.get(r.choice).label for r in plan if not _for_speed(r.choice)})
+        if policy and result.slower:
+            result.action = f"measured only: {', '.join(policy)} sites were chosen by policy, not for speed"
     return result
 
 
 def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, planning):
     """The optimized model was measurably slower than the original: time the replaced sites on their real
     shapes here and re-plan from those timings; if still slower (or the plan was given, so there is nothing
-    to re-plan: `planning` is None), keep Keras's own implementations. `planning`: make_plan's allow, pac
-    and memory_limit. Returns (plan, new model, report, SpeedCheck)."""
+    to re-plan: `planning` is None), keep Keras's own implementations. `planning`: make_plan's allow,
+    policies and memory_limit. Returns (plan, new model, report, SpeedCheck)."""
     attempts = [first]
     if planning is not None:  # a plan made here: re-plan from timings of the replaced sites
         timed = _time_replaced_sites(plan, batch, planning["allow"])
@@ -207,7 +220,7 @@ def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, pl
             return plan, new, report, again
         attempts.append(again)
     for row in plan:
-        if row.choice not in ("direct", "pac"):
+        if row.choice != "direct" and _for_speed(row.choice):
             row.choice, row.options = "direct", {}
             row.reason = "kept Keras's own kernel: the optimized model measured slower than the original"
     new, report = _build_verified(model, plan, verify, inputs, rtol)
@@ -217,17 +230,22 @@ def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, pl
     return plan, new, report, last
 
 
+def _for_speed(name: str) -> bool:
+    return implementations.get(name).chosen_for_speed
+
+
 def _time_replaced_sites(plan: Plan, batch: int, allow):
     """{spec: {implementation: seconds}} timed here for every site whose choice is not `direct`, over its
     applicable speed candidates (pac is chosen by policy, not timed for speed)."""
     timed = {}
     for row in plan:
-        if row.choice in ("direct", "pac"):
+        if row.choice == "direct" or not _for_speed(row.choice):
             continue
         spec = row.spec if row.spec.batch else row.spec.with_input(batch=batch)
         if spec in timed or spec.height is None or spec.width is None:
             continue
-        names = [n for n, why in row.candidates.items() if why == "" and n != "pac" and (allow is None or n in allow or n == "direct")]
+        names = [n for n, why in row.candidates.items()
+                 if why == "" and _for_speed(n) and (allow is None or n in allow or n == "direct")]
         timed[spec] = profiling.time_spec(spec, allow=names)
     return timed
 

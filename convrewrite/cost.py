@@ -277,11 +277,11 @@ class CostModel:
             spec = ConvSpec.from_json(key)
             # pac is chosen by policy, never for speed, so it does not compete here
             preds = {k: self.fits[k].predict(regression_terms(implementations.get(k), spec)) for k in times
-                     if k in self.fits and k != "pac"}
+                     if k in self.fits and _for_speed(k)}
             if not preds:
                 continue
             chosen, _ = choose_by_prediction(preds)  # as the planner decides
-            best = min(v for k, v in times.items() if k != "pac")
+            best = min(v for k, v in times.items() if _for_speed(k))
             n += 1
             hits += times[chosen] <= 1.1 * best
             regret += times[chosen] - best
@@ -488,6 +488,11 @@ def _migrate_v1(data: dict, path) -> dict:
 
 REQUIRED_FINGERPRINT_KEYS = ("backend", "device_kind", "arch", "threads")
 """What a profile must say of its device for `auto` to decide whether it could describe this one."""
+
+
+def _for_speed(name: str) -> bool:
+    """Whether an implementation competes on speed (one chosen by user policy does not; see Implementation)."""
+    return name in implementations.names() and implementations.get(name).chosen_for_speed
 
 
 def _number(x) -> bool:

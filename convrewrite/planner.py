@@ -5,7 +5,7 @@ rule: `depthwise` where it applies (a grouped Conv2D with one channel per group 
 the depthwise kernel on CPU), else `direct`. With a cost model it picks the lowest predicted time.
 Users may edit a plan by hand (`plan.force("conv3", "direct")`) before applying it.
 
-Constraints (`make_plan(..., allow=, memory_limit=, rtol=, pac=)`) remove candidates before the choice;
+Constraints (`make_plan(..., allow=, memory_limit=, rtol=, policies=)`) remove candidates before the choice;
 each removed candidate keeps its reason in `PlanRow.candidates`, and the row's reason names it. The
 working-memory and error estimates they use are `estimate_workspace_bytes` and `estimate_rel_error`.
 """
@@ -71,7 +71,7 @@ class Plan:
     def __init__(self, rows: List[PlanRow], cost_model_name: Optional[str] = None):
         self.rows = list(rows)
         self.cost_model_name = cost_model_name
-        self.pac_overhead: Optional[float] = None  # predicted conv latency with PAC / without, under a budget
+        self.policy_overhead: Dict[str, float] = {}  # {impl: predicted conv latency with it / without}, under a budget
         self.cost_model_note: Optional[str] = None  # set where the profile was measured on another device
         self.trust: Optional[str] = None  # the profile's trust on the planned device (cost.TRUST_LEVELS)
         self.calibration: Optional[dict] = None  # the profile's calibration here, where it was calibrated
@@ -143,8 +143,8 @@ class Plan:
             sources = self.prediction_sources()
             if sources:
                 tail += "; predictions: " + ", ".join(f"{n} {k}" for k, n in sources.items())
-        if self.pac_overhead is not None:
-            tail += f"; PAC overhead {self.pac_overhead:.2f}x predicted"
+        for name, overhead in self.policy_overhead.items():
+            tail += f"; {implementations.get(name).label} overhead {overhead:.2f}x predicted"
         if self.constraints.get("memory_limit") is not None:
             tail += f"; memory limit {_format_bytes(self.constraints['memory_limit'])}"
         if self.constraints.get("rtol") is not None:
@@ -199,7 +199,7 @@ class Plan:
                                           "sources": self.prediction_sources()}
         return {"cost_model": self.cost_model_name, "cost_model_note": self.cost_model_note, "trust": self.trust,
                 "calibration": self.calibration, "predicted_speedup": speedup,
-                "pac_overhead": self.pac_overhead, "constraints": dict(self.constraints),
+                "policy_overhead": dict(self.policy_overhead), "constraints": dict(self.constraints),
                 "rows": [r.to_dict() for r in self.rows]}
 
     @classmethod
@@ -207,7 +207,7 @@ class Plan:
         plan = cls([PlanRow.from_dict(r) for r in d["rows"]], d.get("cost_model"))
         plan.cost_model_note = d.get("cost_model_note")
         plan.trust, plan.calibration = d.get("trust"), d.get("calibration")
-        plan.pac_overhead = d.get("pac_overhead")
+        plan.policy_overhead = dict(d.get("policy_overhead") or {})
         plan.constraints = dict(d.get("constraints") or {})
         return plan
 
@@ -219,20 +219,23 @@ class Plan:
 
 
 def rule_based_choice(spec: ConvSpec, applicable: Dict[str, str]):
-    """(choice, reason) without measurements: depthwise where it applies, else direct."""
-    if "depthwise" in applicable and applicable["depthwise"] == "":
-        return "depthwise", "rule: one channel per group runs through the depthwise kernel"
+    """(choice, reason) without measurements: the simplest implementation that applies and that runs faster
+    than Keras's own layer wherever it applies (`Implementation.rule`), else direct."""
+    for name in implementations.names():
+        rule = implementations.get(name).rule
+        if rule and applicable.get(name) == "":
+            return name, f"rule: {rule}"
     return "direct", "rule: Keras's own kernel"
 
 
 DIRECT_MARGIN = 1.1
 """A more elaborate implementation is chosen over a simpler one only if predicted at least this much
 faster: a difference within 10% is within the cost model's error, and the simpler choice then costs at
-most that. Simplicity is registry order: direct, depthwise, fft, fft-tiled, ..."""
+most that. Simplicity is each implementation's `simplicity` rank: direct, depthwise, fft, fft-tiled, ..."""
 
 
 def choose(predicted_ms: Dict[str, float], margin: float = DIRECT_MARGIN):
-    """(choice, reason): the first implementation in registry order within `margin` of the fastest."""
+    """(choice, reason): the simplest implementation (by `simplicity`) within `margin` of the fastest."""
     fastest = min(predicted_ms, key=predicted_ms.get)
     for name in implementations.names():
         if name in predicted_ms and predicted_ms[name] <= margin * predicted_ms[fastest]:
@@ -284,101 +287,16 @@ def _format_bytes(n) -> str:
 
 
 def estimate_workspace_bytes(impl_name: str, spec: ConvSpec, options: Optional[dict] = None) -> Optional[float]:
-    """Peak working memory of one call of `impl_name` on `spec` (bytes, at spec.batch or 1), estimated from
-    the implementation's cost features. It sums every large intermediate as if all were alive at once, so
-    it errs high. None where it depends on a spatial size the spec leaves unknown.
-
-    - FFT (features with fft_h/fft_w): input and output, the zero-padded real blocks that are transformed
-      (4 bytes x fft_h x fft_w per forward and inverse transform), the activation spectra twice (8 bytes
-      per bin and transform: the spectra and their transposed copy for the per-bin matmul), the cached
-      kernel spectra (spectrum_bytes), and the weights.
-    - PAC (pac_kernel_evals = batch x output pixels x taps): input and output, the padded input, the
-      distances and adaptive kernel (3 values per evaluation), two taps of guidance, and the contraction:
-      the tap slices, their stack and its K-scaled copy (3 x evaluations x Cin) for strategy 'patch', one
-      tap's x, its scaled copy and two partial sums (pixels x (2 Cin + 2 Cout)) for 'shift', the
-      (padded pixels x kh*kw*Cout) product and two sums for 'wide' (see layers/pac.py `pac_contract`).
-    Checked against the growth of the process's peak RSS over one compiled call (CPU, TF 2.21): where the
-    estimate is over ~50 MB, FFT and fft-tiled grew 0.5-0.6x of it, PAC 0.6-0.8x, direct 0.9x; below
-    that the allocator's own overhead (10-30 MB, varying run to run) dominates.
-    - anything else (direct, depthwise, implementations without such features): input + output + weights,
-      what the kernel itself reads and writes.
-    """
-    impl = implementations.get(impl_name)
-    try:
-        f = impl.features(spec)
-    except ValueError:  # features that need the spatial size (FFT plans) when the spec leaves it unknown
-        return None
-    item = max(4, _itemsize(spec.dtype))
-    b = spec.batch or 1
-    known = spec.height is not None and spec.width is not None
-    ho, wo = spec.output_hw()
-    n_in = b * (spec.height or 0) * (spec.width or 0) * spec.in_channels
-    n_out = b * (ho or 0) * (wo or 0) * spec.filters
-    kh, kw = spec.kernel
-    weights = item * kh * kw * (spec.in_channels // spec.groups) * spec.filters
-    base = item * (n_in + n_out) + weights
-    if "fft_h" in f:
-        if not known and f.get("tiles", 1) <= 1 and not n_in:
-            return None
-        transforms = f["forward_transforms"] + f["inverse_transforms"]
-        return base + 4.0 * f["fft_h"] * f["fft_w"] * transforms + 16.0 * f["bins"] * transforms + f.get("spectrum_bytes", 0.0)
-    if "pac_kernel_evals" in f:
-        if not known:
-            return None
-        from .layers.pac import choose_strategy
-
-        evals, pixels = f["pac_kernel_evals"], b * (ho or 0) * (wo or 0)
-        padded = b * (spec.height + kh) * (spec.width + kw) * spec.in_channels
-        strategy = (options or {}).get("strategy") or "auto"  # the user's pac= strategy, else auto's pick
-        if strategy == "auto":
-            strategy = choose_strategy(kh * kw, spec.in_channels, spec.filters, strides=spec.strides)
-        if strategy == "patch":
-            contraction = 3.0 * evals * spec.in_channels  # the tap slices, their stack, its K-scaled copy
-        elif strategy == "wide":
-            # the T*O-wide product per padded pixel, counted twice: measured peak RSS grew 1.5-1.7x of it
-            contraction = 2.0 * padded / spec.in_channels * kh * kw * spec.filters + 2.0 * pixels * spec.filters
-        else:
-            contraction = pixels * (2.0 * spec.in_channels + 2.0 * spec.filters)  # a tap, its scaled copy, 2 sums
-        return base + 4.0 * (3.0 * evals + padded + 2.0 * pixels * spec.in_channels + contraction)
-    return float(base)
-
-
-def _itemsize(dtype: str) -> int:
-    name = str(dtype)
-    return 8 if "64" in name else (2 if "16" in name else 4)
-
-
-FLOAT32_ROUNDOFF = 2.0 ** -24
-FFT_ERROR_SCALE = 5e-8
-FFT_ERROR_TERMS_CAP = 13.0
-"""Normwise relative error of FFT convolution vs Keras's float32 kernel <= FFT_ERROR_SCALE x log2(transform
-points) x min(log2(terms per output), FFT_ERROR_TERMS_CAP): rounding grows with the transform's depth and
-with the reduction length (taps x channels per group), which stops adding error beyond ~8k terms (32->32
-convs at k=31 and 51 measured 5e-7..9e-7). Calibrated on 30 specs x (fft, fft-tiled) (dense, grouped and
-depthwise, k 3..51, 14..224 px, 1..1024 channels per group, strides 1-2, random normal data, batch 1): the
-largest measured error was 0.65x this estimate, the median 0.16x; the README's fft_vs_direct errors (4e-7
-at k=3 .. 2.7e-6 at k=51 depthwise) are 0.1-0.4x it, and it stays below the float32 default tolerance 1e-5
-for those specs (8.4e-6 at k=51 dense, 7.2e-6 depthwise)."""
-REORDER_ERROR_FACTOR = 3.0
-"""Kernels computing the same sum in another order (depthwise for a grouped Conv2D, PAC at conversion)
-differ from Keras's by ~FLOAT32_ROUNDOFF x log2(terms); measured up to 0.45x of 3x that (depthwise k 3..51)."""
+    """Peak working memory of one call of `impl_name` on `spec` built with `options` (bytes, at spec.batch
+    or 1), as the implementation estimates it (`Implementation.workspace_bytes`); None where it depends on
+    a spatial size the spec leaves unknown."""
+    return implementations.get(impl_name).workspace_bytes(spec, options or {})
 
 
 def estimate_rel_error(impl_name: str, spec: ConvSpec) -> float:
-    """Expected normwise relative error of `impl_name` vs Keras's own layer on `spec` (float32 compute), an
-    upper estimate for random data (see FFT_ERROR_SCALE and REORDER_ERROR_FACTOR for the calibration).
-
-    direct: 0 (it is the reference). FFT (features with fft_h/fft_w): FFT_ERROR_SCALE x log2(fft_h x fft_w)
-    x min(log2(taps x Cin/groups), 13). Others (depthwise, PAC at conversion): REORDER_ERROR_FACTOR x
-    FLOAT32_ROUNDOFF x log2(taps x Cin/groups), a few 1e-7."""
-    if impl_name == "direct":
-        return 0.0
-    taps = spec.effective_kernel[0] * spec.effective_kernel[1]
-    terms = math.log2(max(taps * (spec.in_channels // spec.groups), 2))
-    f = implementations.get(impl_name).features(spec)
-    if "fft_h" in f:
-        return FFT_ERROR_SCALE * math.log2(max(f["fft_h"] * f["fft_w"], 2.0)) * min(terms, FFT_ERROR_TERMS_CAP)
-    return REORDER_ERROR_FACTOR * FLOAT32_ROUNDOFF * terms
+    """Expected normwise relative error of `impl_name` vs Keras's own layer on `spec` (float32 compute), as
+    the implementation estimates it (`Implementation.expected_error`)."""
+    return implementations.get(impl_name).expected_error(spec)
 
 
 def constraint_violation(impl_name: str, spec: ConvSpec, memory_limit: Optional[int] = None,
@@ -403,8 +321,8 @@ def constraint_violation(impl_name: str, spec: ConvSpec, memory_limit: Optional[
 
 def choose_for_spec(spec: ConvSpec, cost_model, candidates: Dict[str, str], margin: float = DIRECT_MARGIN):
     """(choice, reason, predicted ms, provenance) for one spec among `candidates` ({name: "" or why excluded}), as
-    make_plan decides for a site that no PAC policy selects: the cost model's `choose` among the allowed
-    candidates it predicts (pac never competes: it is chosen by policy), else the rule."""
+    make_plan decides for a site that no policy selects: the cost model's `choose` among the allowed
+    candidates it predicts (implementations chosen by policy never compete), else the rule."""
     predicted, provenance = {}, {}
     if cost_model is not None:
         for name, why in candidates.items():
@@ -418,7 +336,7 @@ def choose_for_spec(spec: ConvSpec, cost_model, candidates: Dict[str, str], marg
                 ms = cost_model.predict_ms(name, spec)
                 if ms is not None:
                     predicted[name], provenance[name] = ms, {"source": "given", "band": None}
-    speed = {k: v for k, v in predicted.items() if k != "pac"}
+    speed = {k: v for k, v in predicted.items() if implementations.get(k).chosen_for_speed}
     if speed:
         choice, reason = choose(speed, margin)
     else:
@@ -426,125 +344,144 @@ def choose_for_spec(spec: ConvSpec, cost_model, candidates: Dict[str, str], marg
     return choice, reason, predicted, provenance
 
 
-def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8, margin: float = DIRECT_MARGIN,
+def make_plan(model_graph, cost_model=None, allow=None, policies=None, batch: int = 8, margin: float = DIRECT_MARGIN,
               memory_limit=None, rtol: Optional[float] = None) -> Plan:
     """Choose an implementation per site of a walked model.
 
-    allow: implementation names the planner may choose (default: all registered except `pac`, which is
-    only chosen where `pac` selects a site). `direct` is always allowed: it is the fallback.
-    pac: {"layers": names | regex, "guidance": ..., "budget": 1.3 (optional), **PacConv2D options}; with a
-    budget, as many selected sites become PAC as fit in budget x the predicted conv latency (cheapest
-    overhead first), which needs a cost model.
-    cost_model: an object with `predict_ms(impl_name, spec) -> float | None`; None means rule-based.
+    allow: implementation names the planner may choose for speed (default: all registered that are
+    `chosen_for_speed`). `direct` is always allowed: it is the fallback.
+    policies: {implementation name: policy} for implementations chosen by a user policy (e.g. PAC's
+    {"layers": names | regex, "guidance": ..., "budget": 1.3 (optional), **options}; see the
+    implementation's `select_sites`); with a budget, as many selected sites take it as fit in budget x the
+    predicted conv latency (cheapest overhead first), which needs a cost model.
+    cost_model: a CostModel (predictions with provenance) or any object with `predict_ms(impl_name, spec)
+    -> float | None`; None means rule-based.
     batch: the batch size predictions (and memory estimates) are made for where the model leaves it unknown.
     memory_limit: the most working memory one convolution call may take, in bytes (int) or as a string
     like "2GB" / "1.5GiB"; candidates whose `estimate_workspace_bytes` exceeds it are excluded.
     rtol: the relative error the plan must stay within; candidates whose `estimate_rel_error` exceeds it
     are excluded (optimize verifies the result with the same rtol).
     Excluded candidates keep the reason in the row's `candidates`, and the row's reason lists them. A site
-    a PAC policy names explicitly but a constraint excludes raises PlanError; a pattern just skips it.
+    a policy names explicitly but a constraint excludes raises PlanError; a pattern just skips it.
     """
-    if allow is not None:
-        unknown = [a for a in allow if a not in implementations.names()]
-        if unknown:
-            raise PlanError(f"Unknown implementations {unknown} in allow; expected names from {implementations.names()}.")
-    limit = parse_memory_limit(memory_limit)
-    rtol = check_rtol(rtol)
-    pac_sites, pac_options, budget, pac_pattern = _pac_policy(model_graph, pac)
-    if budget is not None and cost_model is None:
-        raise PlanError("pac budget needs a cost model to predict latency; pass cost_model='auto' or a profile path.")
-
-    rows = []
-    decisions = {}  # the same spec met twice is predicted (and measured) once
+    _check_allow(allow)
+    limit, rtol = parse_memory_limit(memory_limit), check_rtol(rtol)
+    selected = _select_policy_sites(model_graph, policies or {}, cost_model)
+    rows, decisions = [], {}  # the same spec met twice is predicted (and measured) once
     for site in model_graph.sites:  # one per layer: the walk merges a layer's calls and nested paths
         spec = site.spec if site.spec.batch else site.spec.with_input(batch=batch)
-        cands, constrained = {}, {}
-        for name, (ok, why) in implementations.candidates(site.spec).items():
-            if name == "pac" and site.path not in pac_sites:
-                continue
-            if allow is not None and name not in allow and name not in ("direct", "pac"):
-                continue
-            if ok and (limit is not None or rtol is not None):
-                why = constraint_violation(name, spec, limit, rtol, pac_options if name == "pac" else None)
-                if why:
-                    constrained[name] = why
-            cands[name] = why if (not ok or name in constrained) else ""
-        left_out = ""
-        if site.path in pac_sites and cands.get("pac", "missing") != "":
-            if "pac" in constrained and pac_pattern:
-                pac_sites = pac_sites - {site.path}
-                left_out = f"; pac left out: {constrained['pac']}"
-            else:
-                raise PlanError(f"Site '{site.path}' ({site.spec.short()}) cannot become PAC: {cands.get('pac', 'pac is not registered')}.")
+        cands, constrained = _site_candidates(site, spec, allow, selected, limit, rtol)
+        left_out = _drop_excluded_policy_sites(site, cands, constrained, selected)
         key = (spec, tuple(sorted(cands.items())))
         if key not in decisions:
             decisions[key] = choose_for_spec(spec, cost_model, cands, margin)
         choice, reason, predicted, provenance = decisions[key]
-        excluded = [f"{k} ({v})" for k, v in constrained.items() if k != "pac"]
+        excluded = [f"{k} ({v})" for k, v in constrained.items() if implementations.get(k).chosen_for_speed]
         if excluded:
             reason += "; excluded: " + ", ".join(excluded)
         row = PlanRow(site.path, site.spec, choice, reason + left_out, cands, {}, dict(predicted), list(site.aliases),
                       {k: dict(v) for k, v in provenance.items()})
-        if site.path in pac_sites and budget is None:
-            row.choice, row.reason, row.options = "pac", "pac policy selected this layer", dict(pac_options)
+        for name, policy in selected.items():
+            if site.path in policy.sites and policy.budget is None:
+                row.choice, row.reason, row.options = name, f"{name} policy selected this layer", dict(policy.options)
         rows.append(row)
+    plan = _new_plan(rows, cost_model, limit, rtol)
+    for name, policy in selected.items():
+        if policy.budget is not None:
+            _apply_budget(plan, name, policy)
+    return plan
+
+
+def _check_allow(allow):
+    if allow is not None:
+        unknown = [a for a in allow if a not in implementations.names()]
+        if unknown:
+            raise PlanError(f"Unknown implementations {unknown} in allow; expected names from {implementations.names()}.")
+
+
+def _select_policy_sites(model_graph, policies: dict, cost_model) -> Dict[str, "implementations.SitePolicy"]:
+    """{implementation name: SitePolicy} for every policy given (an empty or None policy selects nothing)."""
+    selected = {}
+    for name, policy in policies.items():
+        if not policy:
+            continue
+        impl = implementations.get(name)
+        chosen = impl.select_sites(model_graph, policy)
+        if chosen.budget is not None and cost_model is None:
+            raise PlanError(f"{impl.policy_keyword or name} budget needs a cost model to predict latency; pass "
+                            f"cost_model='auto' or a profile path.")
+        selected[name] = chosen
+    return selected
+
+
+def _site_candidates(site, spec, allow, selected, limit, rtol):
+    """({name: "" or why not}, {name: why a constraint excludes it}) for one site. Implementations chosen
+    by policy are candidates only where their policy selected the site."""
+    cands, constrained = {}, {}
+    for name, (ok, why) in implementations.candidates(site.spec).items():
+        impl = implementations.get(name)
+        if not impl.chosen_for_speed and site.path not in selected.get(name, _NO_POLICY).sites:
+            continue
+        if allow is not None and impl.chosen_for_speed and name not in allow and name != "direct":
+            continue
+        if ok and (limit is not None or rtol is not None):
+            options = selected[name].options if name in selected else None
+            why = constraint_violation(name, spec, limit, rtol, options)
+            if why:
+                constrained[name] = why
+        cands[name] = why if (not ok or name in constrained) else ""
+    return cands, constrained
+
+
+def _drop_excluded_policy_sites(site, cands, constrained, selected) -> str:
+    """A policy-selected site its implementation cannot take: skipped (with a note for the row's reason)
+    where a pattern selected it and a constraint excludes it, else a PlanError."""
+    note = ""
+    for name, policy in selected.items():
+        if site.path not in policy.sites or cands.get(name, "missing") == "":
+            continue
+        if name in constrained and policy.by_pattern:
+            policy.sites = policy.sites - {site.path}
+            note += f"; {name} left out: {constrained[name]}"
+        else:
+            label = implementations.get(name).label
+            raise PlanError(f"Site '{site.path}' ({site.spec.short()}) cannot become {label}: "
+                            f"{cands.get(name, f'{name} is not registered')}.")
+    return note
+
+
+def _new_plan(rows, cost_model, limit, rtol) -> Plan:
     plan = Plan(rows, getattr(cost_model, "name", None))
     plan.cost_model_note = getattr(cost_model, "match_note", None)
     plan.trust = getattr(cost_model, "trust", None)
     cal = getattr(cost_model, "calibration", None)
     plan.calibration = cal.to_dict() if cal is not None else None
     plan.constraints = {k: v for k, v in (("memory_limit", limit), ("rtol", rtol)) if v is not None}
-    if budget is not None:
-        _apply_pac_budget(plan, pac_sites, pac_options, budget)
     return plan
 
 
-def _pac_policy(model_graph, pac):
-    """(selected site paths, PacConv2D options, budget or None, selected by pattern?) from `pac=`."""
-    if not pac:
-        return set(), {}, None, False
-    pac = dict(pac)
-    selector = pac.pop("layers", None)
-    budget = pac.pop("budget", None)
-    if selector is None:
-        raise PlanError("pac= needs 'layers': a list of layer names or a regex; none was given.")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not math.isfinite(budget) or budget < 1):
-        raise PlanError(f"Received pac budget={budget!r}; expected a latency factor >= 1 (e.g. 1.3).")
-    if isinstance(selector, str) and not model_graph.find_sites([selector]):
-        selector = re.compile(selector)
-    paths = [s.path for s in model_graph.sites]
-    if isinstance(selector, re.Pattern):
-        # A pattern selects the sites PAC can replace among those it matches (".*" means "every Conv2D").
-        found = [s for s in model_graph.find_sites(selector) if implementations.get("pac").applicable(s.spec)[0]]
-        if not found:
-            raise PlanError(f"pac layers {selector.pattern!r} match no Conv2D site PAC can replace; expected names "
-                            f"or a regex matching some of {paths}.")
-    else:
-        selector = list(selector)
-        unknown = [item for item in selector if not isinstance(item, re.Pattern) and not model_graph.find_sites([item])]
-        if unknown:  # a misspelt name must not silently leave a layer unconverted
-            raise PlanError(f"pac layers {unknown} name no conv site; expected names from {paths}.")
-        found = model_graph.find_sites(selector)
-    return {s.path for s in found}, pac, budget, isinstance(selector, re.Pattern)
-
-
-def _apply_pac_budget(plan: Plan, pac_sites, pac_options, budget: float):
-    """Convert selected sites to PAC, cheapest predicted overhead first, while the total stays in budget."""
+def _apply_budget(plan: Plan, name: str, policy):
+    """Give selected sites to `name`, cheapest predicted overhead first, while the total stays in budget."""
     base = sum(r.predicted_ms.get(r.choice, 0.0) for r in plan.rows)
-    limit = budget * base
-    total = base
-    options = []
+    limit, total, options = policy.budget * base, base, []
     for r in plan.rows:
-        if r.site in pac_sites:
-            if "pac" not in r.predicted_ms:
-                raise PlanError(f"No predicted PAC time for site '{r.site}'; the cost model has no 'pac' measurements (re-profile).")
-            options.append((r.predicted_ms["pac"] - r.predicted_ms.get(r.choice, 0.0), r))
+        if r.site in policy.sites:
+            if name not in r.predicted_ms:
+                raise PlanError(f"No predicted {implementations.get(name).label} time for site '{r.site}'; the cost "
+                                f"model has no {name!r} measurements (re-profile).")
+            options.append((r.predicted_ms[name] - r.predicted_ms.get(r.choice, 0.0), r))
     for overhead, r in sorted(options, key=lambda t: t[0]):
         if total + overhead <= limit:
             total += overhead
-            r.choice, r.options = "pac", dict(pac_options)
-            r.reason = f"pac within budget (+{overhead:.3g} ms)"
+            r.choice, r.options = name, dict(policy.options)
+            r.reason = f"{name} within budget (+{overhead:.3g} ms)"
         else:
-            r.reason = f"pac left out: +{overhead:.3g} ms would exceed the {budget:g}x budget"
-    plan.pac_overhead = total / base if base else 1.0
+            r.reason = f"{name} left out: +{overhead:.3g} ms would exceed the {policy.budget:g}x budget"
+    plan.policy_overhead[name] = total / base if base else 1.0
+
+
+class _NoPolicy:
+    sites = frozenset()
+
+
+_NO_POLICY = _NoPolicy()

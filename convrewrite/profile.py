@@ -35,10 +35,6 @@ def _within_memory_cap(name: str, spec: ConvSpec) -> bool:
     return not constraint_violation(name, spec, memory_limit=PROFILE_MEMORY_CAP)
 
 
-PROFILE_LIMITS = {"pac": lambda spec: max(spec.kernel) <= 7 and (spec.macs() or 0) <= 3e8}
-"""Where an implementation is timed at all (besides PROFILE_MEMORY_CAP). PAC is an adaptivity choice made
-on small kernels; a 51x51 PAC would take minutes (and gigabytes for its patches) to time and no plan would
-ever pick it."""
 
 
 def layer_from_spec(spec: ConvSpec, seed: int = 0):
@@ -72,9 +68,9 @@ def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.
     x = keras.ops.convert_to_tensor(np.random.default_rng(1).standard_normal(shape).astype("float32"))
     fns = {}
     for name, (ok, _) in implementations.candidates(spec, allowed=allow).items():
-        if not ok or not PROFILE_LIMITS.get(name, lambda s: True)(spec) or not _within_memory_cap(name, spec):
-            continue
         impl = implementations.get(name)
+        if not ok or not impl.profile_applicable(spec) or not _within_memory_cap(name, spec):
+            continue
         try:
             new = impl.make_layer(layer, spec)
             impl.probe_call(new, x)  # builds it

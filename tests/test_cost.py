@@ -271,7 +271,7 @@ def test_pac_budget_converts_cheapest_sites_within_budget():
     plan = convrewrite.plan(model, cost_model=_PerKernelCost(), pac={"layers": "k.*", "guidance": "self", "budget": 1.3})
     # base 4 ms, limit 5.2 ms: k1 (+0.1), k3 (+0.3), k5 (+0.5) fit (4.9 ms); k9 (+0.9) does not
     assert plan.choices() == {"k1": "pac", "k3": "pac", "k5": "pac", "k9": "direct"}
-    assert plan.pac_overhead == pytest.approx(4.9 / 4)
+    assert plan.policy_overhead["pac"] == pytest.approx(4.9 / 4)
     assert "exceed the 1.3x budget" in plan.row("k9").reason
     assert "PAC overhead 1.22x" in plan.summary()  # 4.9 / 4 = 1.225
     with pytest.raises(convrewrite.PlanError, match="cost model"):
@@ -522,9 +522,9 @@ def test_plan_dict_carries_pac_overhead_and_round_trips():
     model = keras.Model(x, keras.layers.Conv2D(4, 3, padding="same", name="k3")(y))
     plan = convrewrite.plan(model, cost_model=_PerKernelCost(), pac={"layers": "k.*", "guidance": "self", "budget": 1.3})
     d = json.loads(plan.to_json())
-    assert d["pac_overhead"] == pytest.approx(plan.pac_overhead) and d["pac_overhead"] > 1
+    assert d["policy_overhead"]["pac"] == pytest.approx(plan.policy_overhead["pac"]) and d["policy_overhead"]["pac"] > 1
     again = convrewrite.Plan.from_dict(d)
-    assert again.pac_overhead == pytest.approx(plan.pac_overhead) and again.choices() == plan.choices()
+    assert again.policy_overhead == pytest.approx(plan.policy_overhead) and again.choices() == plan.choices()
 
 
 @pytest.mark.parametrize("budget", [True, False, float("nan"), float("inf"), "1.3"])

@@ -236,7 +236,7 @@ class _Sleepy(implementations.Implementation):
 def sleepy():
     implementations.register(_Sleepy())
     yield
-    implementations._REGISTRY.pop("sleepy", None)
+    implementations.unregister("sleepy")
 
 
 class _BelievesSleepyIsFast:

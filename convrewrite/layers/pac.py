@@ -36,6 +36,7 @@ Conventions shared by every layer in this module (and by `convrewrite.reference.
 
 from __future__ import annotations
 
+import math
 import re
 
 import keras
@@ -43,7 +44,7 @@ import numpy as np
 from keras import ops
 
 from ..errors import PlanError
-from ..implementations import Implementation, canary_spec
+from ..registry import Implementation, SitePolicy, canary_spec, io_bytes, register
 from ..spec import ConvSpec
 from . import backend
 
@@ -749,6 +750,68 @@ class PacImplementation(Implementation):
     name = "pac"
     description = "pixel-adaptive convolution (PacConv2D), equal to the Conv2D at conversion"
     layer_classes = (PacConv2D,)
+    label = "PAC"
+    simplicity = 90
+    chosen_for_speed = False  # an adaptivity choice the user makes: pac={"layers": ...}
+    policy_keyword = "pac"
+
+    def profile_applicable(self, spec: ConvSpec):
+        # PAC is an adaptivity choice made on small kernels; a 51x51 PAC would take minutes (and gigabytes
+        # for its patches) to time and no plan would ever pick it.
+        return max(spec.kernel) <= 7 and (spec.macs() or 0) <= 3e8
+
+    def select_sites(self, model_graph, policy) -> SitePolicy:
+        """The sites `pac={"layers": names | regex, "budget": 1.3 (optional), **options}` selects.
+
+        A pattern selects the sites PAC can replace among those it matches (".*" means "every Conv2D"); a
+        name must name a conv site (a misspelt name must not silently leave a layer unconverted)."""
+        policy = dict(policy)
+        selector = policy.pop("layers", None)
+        budget = policy.pop("budget", None)
+        if selector is None:
+            raise PlanError("pac= needs 'layers': a list of layer names or a regex; none was given.")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not math.isfinite(budget) or budget < 1):
+            raise PlanError(f"Received pac budget={budget!r}; expected a latency factor >= 1 (e.g. 1.3).")
+        if isinstance(selector, str) and not model_graph.find_sites([selector]):
+            selector = re.compile(selector)
+        paths = [s.path for s in model_graph.sites]
+        if isinstance(selector, re.Pattern):
+            found = [s for s in model_graph.find_sites(selector) if self.applicable(s.spec)[0]]
+            if not found:
+                raise PlanError(f"pac layers {selector.pattern!r} match no Conv2D site PAC can replace; expected "
+                                f"names or a regex matching some of {paths}.")
+        else:
+            selector = list(selector)
+            unknown = [i for i in selector if not isinstance(i, re.Pattern) and not model_graph.find_sites([i])]
+            if unknown:
+                raise PlanError(f"pac layers {unknown} name no conv site; expected names from {paths}.")
+            found = model_graph.find_sites(selector)
+        return SitePolicy({s.path for s in found}, policy, budget, isinstance(selector, re.Pattern))
+
+    def workspace_bytes(self, spec: ConvSpec, options=None):
+        """Input and output, the padded input, the distances and adaptive kernel (3 values per kernel
+        evaluation = batch x output pixels x taps), two taps of guidance, and the contraction of the
+        strategy the layer will run (`options["strategy"]`, else auto's pick): the tap slices, their stack
+        and its K-scaled copy for 'patch'; one tap's x, its scaled copy and two partial sums for 'shift';
+        the (padded pixels x kh*kw*Cout) product and two sums for 'wide' (see `pac_contract`). Peak RSS
+        over one compiled call grew 0.6-0.8x of it (CPU, TF 2.21). None where the spatial size is unknown."""
+        if spec.height is None or spec.width is None:
+            return None
+        b, (ho, wo), (kh, kw) = spec.batch or 1, spec.output_hw(), spec.kernel
+        evals, pixels = self.features(spec)["pac_kernel_evals"], b * ho * wo
+        padded = b * (spec.height + kh) * (spec.width + kw) * spec.in_channels
+        strategy = (options or {}).get("strategy") or "auto"
+        if strategy == "auto":
+            strategy = choose_strategy(kh * kw, spec.in_channels, spec.filters, strides=spec.strides)
+        if strategy == "patch":
+            contraction = 3.0 * evals * spec.in_channels  # the tap slices, their stack, its K-scaled copy
+        elif strategy == "wide":
+            # the T*O-wide product per padded pixel, counted twice: measured peak RSS grew 1.5-1.7x of it
+            contraction = 2.0 * padded / spec.in_channels * kh * kw * spec.filters + 2.0 * pixels * spec.filters
+        else:
+            contraction = pixels * (2.0 * spec.in_channels + 2.0 * spec.filters)  # a tap, its scaled copy, 2 sums
+        return io_bytes(spec) + 4.0 * (3.0 * evals + padded + 2.0 * pixels * spec.in_channels + contraction)
 
     def applicable(self, spec: ConvSpec):
         if spec.kind != "conv2d":
@@ -821,3 +884,6 @@ class PacImplementation(Implementation):
         # The adaptive kernel: per output pixel and tap, a distance over the guidance and an exp.
         feats["pac_kernel_evals"] = float((spec.batch or 1) * (ho or 0) * (wo or 0) * taps)
         return feats
+
+
+register(PacImplementation())
