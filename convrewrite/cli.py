@@ -279,11 +279,9 @@ def cmd_plan(args):
     return 0
 
 
-def cmd_convert(args):
-    import convrewrite
-    from convrewrite.errors import VerificationError
-    from convrewrite.verify import random_inputs
-
+def _convert_paths(args):
+    """(input, output, extra outputs) of `convert`, checked before anything is loaded: the output a new
+    .keras file that is not the input, and no existing output replaced without --force."""
     src, out = Path(args.input), Path(args.output)
     _existing_file(args.input)
     if out.suffix != ".keras":
@@ -296,7 +294,15 @@ def cmd_convert(args):
     extras = [Path(e) for e in (args.export_savedmodel, args.report) if e]
     for extra in extras:
         _refuse_existing(extra, args.force)
+    return src, out, extras
 
+
+def cmd_convert(args):
+    import convrewrite
+    from convrewrite.errors import VerificationError
+    from convrewrite.verify import random_inputs
+
+    src, out, extras = _convert_paths(args)
     model = load_model(args.input, args.unsafe, args.custom_objects)
     try:
         fast = convrewrite.optimize(model, cost_model=_cost_model_arg(args.cost_model), allow=args.allow,
@@ -335,6 +341,12 @@ def cmd_convert(args):
             commit_one()
             args.written.append(str(path))
 
+    _print_conversion(fast, report, out, args)
+    return 0
+
+
+def _print_conversion(fast, report, out, args):
+    """What convert did: the plan, fallbacks, the verified error, the measured speed, what was written."""
     print(fast.convrewrite_plan.summary())
     for f in report.fallbacks:
         print(f"fell back: {f['site']} {f['from']} -> {f['to']} ({f['why']})")
@@ -344,7 +356,6 @@ def cmd_convert(args):
     print(fast.convrewrite_speed.describe())
     if args.report:
         print(f"wrote report {args.report}")
-    return 0
 
 
 def cmd_verify(args):

@@ -58,23 +58,22 @@ class ModelGraph:
 
     # ---- walking -------------------------------------------------------------------------------
     def _walk(self):
-        fn = self.model
-        order = 0
-        keras_nodes = []
-        for depth in sorted(fn._nodes_by_depth, reverse=True):
-            for node in fn._nodes_by_depth[depth]:
-                keras_nodes.append(node)
+        self._add_nodes_and_edges()
+        self._find_sites()
+
+    def _add_nodes_and_edges(self):
+        """One graph node per Keras node (a layer's call), keyed "layer:call index"; edges carry the
+        positions of the tensors they feed."""
+        keras_nodes = _keras.nodes_in_order(self.model)
         node_key = {}
-        for node in keras_nodes:
+        for order, node in enumerate(keras_nodes):
             op = node.operation
-            key = f"{op.name}:{op._inbound_nodes.index(node) if node in op._inbound_nodes else 0}"
+            key = f"{op.name}:{_keras.call_index(op, node)}"
             node_key[id(node)] = key
             self.graph.add_node(key, op=op, node=node, order=order, is_input=bool(node.is_input))
-            order += 1
         for node in keras_nodes:
             for position, tensor in enumerate(node.input_tensors):
-                producer, node_index, _ = tensor._keras_history
-                src = producer._inbound_nodes[node_index]
+                producer, src = _keras.producer(tensor)
                 if id(src) not in node_key:
                     raise UnsupportedModelError(
                         f"Layer '{node.operation.name}' consumes a tensor from '{producer.name}' that is not part of "
@@ -86,6 +85,9 @@ class ModelGraph:
                 else:
                     self.graph.add_edge(u, v, tensors=[position])
 
+    def _find_sites(self):
+        """Sites in graph order; a nested model's sites come from its own walk, a layer called twice is one
+        site (with `calls`), a layer met again through nesting one site with aliases."""
         seen = {}
         for key in self.ordered_nodes():
             data = self.graph.nodes[key]
@@ -191,63 +193,20 @@ class _Rebuilder:
         self.site_by_layer = {id(s.layer): s for s in mg.own_sites}
 
     def run(self):
+        """The rebuilt keras.Model: inputs recreated, every node called again in graph order (substituted
+        sites through their implementation), weights copied after the new model exists."""
         import keras
 
-        fn = self.mg.model
-        choices = {}
-        extra_edges = []
-        for site in self.mg.own_sites:
-            choice = self.substitute(site)
-            choices[id(site.layer)] = choice
-            if choice is not None:
-                impl, options = choice
-                site_key = self.mg.node_for_layer_name(site.layer.name)
-                for dep in impl.dependencies(site.spec, options):
-                    dep_key = self.mg.node_for_layer_name(dep)
-                    if dep_key is None:
-                        raise UnsupportedModelError(
-                            f"Layer '{site.path}' asks for '{dep}' but model '{self.mg.source.name}' has no input "
-                            f"or layer of that name; expected one of {sorted(self.mg.graph.nodes[k]['op'].name for k in self.mg.graph)}."
-                        )
-                    extra_edges.append((dep_key, site_key))
-
-        new_inputs = []
-        for old in fn.inputs:
-            new = keras.Input(batch_shape=tuple(old.shape), dtype=old.dtype, sparse=getattr(old, "sparse", False),
-                              name=old._keras_history.operation.name)
-            self.tensors[id(old)] = new
-            new_inputs.append(new)
-
+        choices, extra_edges = self._substitutes()
+        for old in self.mg.model.inputs:
+            self.tensors[id(old)] = keras.Input(batch_shape=tuple(old.shape), dtype=old.dtype,
+                                                sparse=getattr(old, "sparse", False), name=_keras.input_name(old))
         for key in self.mg.ordered_nodes(extra_edges):
-            data = self.mg.graph.nodes[key]
-            if data["is_input"]:
-                continue
-            node, op = data["node"], data["op"]
-            missing = [t for t in node.input_tensors if id(t) not in self.tensors]
-            if missing:
-                raise UnsupportedModelError(
-                    f"Layer '{self.mg.prefix}{op.name}' needs tensors not produced by model '{self.mg.source.name}' "
-                    f"before it; expected a Functional graph whose inputs are all model inputs."
-                )
-            args, kwargs = node.arguments.fill_in(self.tensors)
-            if id(op) in choices and choices[id(op)] is not None:
-                impl, options = choices[id(op)]
-                new_layer = self._new_site_layer(op, impl, options)
-                context = _CallContext(self, self.site_by_layer[id(op)], options, args)
-                outputs = impl.call(new_layer, args, kwargs, context)
-            else:
-                new_layer = self._new_layer(op)
-                outputs = new_layer(*args, **kwargs)
-            flat = keras.tree.flatten(outputs)
-            if len(flat) != len(node.outputs):
-                raise UnsupportedModelError(
-                    f"Layer '{self.mg.prefix}{op.name}' returned {len(flat)} tensors when rebuilt; expected {len(node.outputs)}."
-                )
-            for old_t, new_t in zip(node.outputs, flat):
-                self.tensors[id(old_t)] = new_t
-
-        inputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], fn._inputs_struct)
-        outputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], fn._outputs_struct)
+            if not self.mg.graph.nodes[key]["is_input"]:
+                self._call_again(self.mg.graph.nodes[key], choices)
+        inputs_struct, outputs_struct = _keras.io_structs(self.mg.model)
+        inputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], inputs_struct)
+        outputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], outputs_struct)
         model = keras.Model(inputs=inputs, outputs=outputs, name=self.mg.source.name)
         for impl, old, new, spec in self.transfers:
             if impl is None:
@@ -257,6 +216,50 @@ class _Rebuilder:
         if not self.mg.source.trainable:  # setting True would also unfreeze layers frozen one by one
             model.trainable = False
         return model
+
+    def _substitutes(self):
+        """({id(layer): (implementation, options) or None}, extra edges making each replacement's
+        dependencies (e.g. PAC's guidance) come before it)."""
+        choices, extra_edges = {}, []
+        for site in self.mg.own_sites:
+            choice = self.substitute(site)
+            choices[id(site.layer)] = choice
+            if choice is None:
+                continue
+            impl, options = choice
+            site_key = self.mg.node_for_layer_name(site.layer.name)
+            for dep in impl.dependencies(site.spec, options):
+                dep_key = self.mg.node_for_layer_name(dep)
+                if dep_key is None:
+                    names = sorted(self.mg.graph.nodes[k]["op"].name for k in self.mg.graph)
+                    raise UnsupportedModelError(
+                        f"Layer '{site.path}' asks for '{dep}' but model '{self.mg.source.name}' has no input "
+                        f"or layer of that name; expected one of {names}.")
+                extra_edges.append((dep_key, site_key))
+        return choices, extra_edges
+
+    def _call_again(self, data, choices):
+        """Call the node's layer (or its replacement) on the rebuilt tensors and record its outputs."""
+        import keras
+
+        node, op = data["node"], data["op"]
+        if any(id(t) not in self.tensors for t in node.input_tensors):
+            raise UnsupportedModelError(
+                f"Layer '{self.mg.prefix}{op.name}' needs tensors not produced by model '{self.mg.source.name}' "
+                f"before it; expected a Functional graph whose inputs are all model inputs.")
+        args, kwargs = _keras.fill_in(node, self.tensors)
+        if choices.get(id(op)) is not None:
+            impl, options = choices[id(op)]
+            new_layer = self._new_site_layer(op, impl, options)
+            outputs = impl.call(new_layer, args, kwargs, _CallContext(self, self.site_by_layer[id(op)], options, args))
+        else:
+            outputs = self._new_layer(op)(*args, **kwargs)
+        flat = keras.tree.flatten(outputs)
+        if len(flat) != len(node.outputs):
+            raise UnsupportedModelError(
+                f"Layer '{self.mg.prefix}{op.name}' returned {len(flat)} tensors when rebuilt; expected {len(node.outputs)}.")
+        for old_t, new_t in zip(node.outputs, flat):
+            self.tensors[id(old_t)] = new_t
 
     def _new_site_layer(self, op, impl, options):
         if id(op) not in self.cache:
@@ -384,4 +387,48 @@ def walk(model) -> ModelGraph:
 
 def input_struct(model):
     """The model's symbolic inputs in its own input structure (a tensor, list or dict of keras.KerasTensor)."""
-    return _as_functional(model)._inputs_struct
+    return _keras.io_structs(model)[0]
+
+
+class _keras:
+    """The Keras internals the walk and the rebuild need, in one place (Keras has no public API for a
+    Functional model's node graph). Checked against Keras 3.10 to 3.15; a Keras upgrade that breaks the
+    walk breaks here."""
+
+    @staticmethod
+    def functional(model):
+        """The keras.src Functional behind a Sequential or Functional model (UnsupportedModelError else)."""
+        return _as_functional(model)
+
+    @staticmethod
+    def nodes_in_order(model):
+        """Every node (layer call) of a Functional model, inputs first (Functional._nodes_by_depth)."""
+        by_depth = model._nodes_by_depth
+        return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+
+    @staticmethod
+    def call_index(op, node) -> int:
+        """Which of `op`'s calls `node` is (Operation._inbound_nodes)."""
+        return op._inbound_nodes.index(node) if node in op._inbound_nodes else 0
+
+    @staticmethod
+    def producer(tensor):
+        """(layer, node) that produced a symbolic tensor (KerasTensor._keras_history)."""
+        producer, node_index, _ = tensor._keras_history
+        return producer, producer._inbound_nodes[node_index]
+
+    @staticmethod
+    def input_name(tensor) -> str:
+        """The name of the Input layer a model input comes from."""
+        return tensor._keras_history.operation.name
+
+    @staticmethod
+    def io_structs(model):
+        """(inputs, outputs) of a model in its own nesting (Functional._inputs_struct / _outputs_struct)."""
+        fn = _as_functional(model)
+        return fn._inputs_struct, fn._outputs_struct
+
+    @staticmethod
+    def fill_in(node, tensors):
+        """(args, kwargs) of a node's call with its symbolic tensors replaced from {id(old): new}."""
+        return node.arguments.fill_in(tensors)

@@ -110,7 +110,7 @@ def _log_uniform_int(rng, lo, hi):
 def random_spec(rng, max_macs: float) -> ConvSpec:
     """One spec drawn to cover what the cost model must predict: dense, grouped-depthwise and depthwise
     convs, kernels 1..51, channels 1..1024, spatial 7..256, strides 1-2, batch 1-8."""
-    kind = rng.choice(["dense", "dense", "depthwise", "grouped"])
+    kind = rng.choice(["dense", "dense", "dw", "grouped"])  # spec families, not implementations
     k = int(rng.choice(KERNELS))
     stride = int(rng.choice([1, 1, 1, 2]))
     padding = str(rng.choice(["same", "same", "valid"]))
@@ -123,9 +123,9 @@ def random_spec(rng, max_macs: float) -> ConvSpec:
     else:
         cin = _log_uniform_int(rng, 8, 1024)
         cout, groups = cin, cin
-    spec = ConvSpec(kind="depthwise_conv2d" if kind == "depthwise" else "conv2d", in_channels=cin, filters=cout,
+    spec = ConvSpec(kind="depthwise_conv2d" if kind == "dw" else "conv2d", in_channels=cin, filters=cout,
                     kernel=(k, k), height=hw, width=hw, batch=batch, strides=(stride, stride), padding=padding,
-                    groups=groups if kind != "depthwise" else cin)
+                    groups=groups if kind != "dw" else cin)
     # TF's grouped Conv2D runs ~30x slower per MAC than a dense one: budget it accordingly.
     budget = max_macs / (30 if spec.kind == "conv2d" and spec.groups > 1 else 1)
     min_hw = k if padding == "valid" else 7

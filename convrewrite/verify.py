@@ -14,7 +14,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import implementations
-from .graph import walk
+from .graph import input_struct, walk
 
 REFERENCE_MAX_MACS = 2e8  # float64 numpy reference above this many MACs costs seconds: skip it
 
@@ -120,9 +120,7 @@ def random_inputs(model, batch: int = 2, spatial: int = 32, seed: int = 0):
             return rng.integers(0, 2, size=shape).astype(bool)
         return rng.standard_normal(shape).astype(dtype)
 
-    from .graph import _as_functional
-
-    return keras.tree.map_structure(make, _as_functional(model)._inputs_struct)
+    return keras.tree.map_structure(make, input_struct(model))
 
 
 def _numpy(x):

@@ -63,9 +63,9 @@ if HOOK == "block_import":  # an interrupt while the command is starting up
 
 if HOOK == "wrong_depthwise":  # a deliberately wrong implementation: every depthwise site falls back
     import numpy as np
-    from convrewrite import implementations
+    from convrewrite import implementations, kernels
 
-    class WrongDepthwise(implementations.Depthwise):
+    class WrongDepthwise(kernels.Depthwise):
         def transfer_weights(self, old_layer, new_layer, spec):
             super().transfer_weights(old_layer, new_layer, spec)
             new_layer.set_weights([2.0 * np.asarray(w) for w in new_layer.get_weights()])
