@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Optional, Tuple
+
+from .shapes import effective_length, output_length, pair
 
 CONV_KINDS = ("conv2d", "depthwise_conv2d")
 """Kinds the walker recognises today. Conv1D/Conv3D/SeparableConv2D/Conv2DTranspose get kinds of their own
 when an implementation for them exists; until then they are ordinary (kept) layers."""
-
-
-def _pair(value, name):
-    if isinstance(value, int):
-        value = (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f"Received {name}={value!r}; expected an int or a pair of ints.")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +47,7 @@ class ConvSpec:
         if self.kind not in CONV_KINDS:
             raise ValueError(f"Received kind={self.kind!r}; expected one of {CONV_KINDS}.")
         for name in ("kernel", "strides", "dilation"):
-            object.__setattr__(self, name, _pair(getattr(self, name), name))
-            if min(getattr(self, name)) < 1:
-                raise ValueError(f"Received {name}={getattr(self, name)!r}; expected positive ints.")
+            object.__setattr__(self, name, pair(getattr(self, name), name, "ConvSpec"))
         if self.padding not in ("same", "valid"):
             raise ValueError(f"Received padding={self.padding!r}; expected 'same' or 'valid'.")
         if self.data_format not in ("channels_last", "channels_first"):
@@ -80,7 +70,7 @@ class ConvSpec:
     @property
     def effective_kernel(self) -> Tuple[int, int]:
         """Kernel extent once dilation spreads its taps: (k - 1) * d + 1 per axis."""
-        return tuple((k - 1) * d + 1 for k, d in zip(self.kernel, self.dilation))
+        return tuple(effective_length(k, d) for k, d in zip(self.kernel, self.dilation))
 
     @property
     def is_depthwise_like(self) -> bool:
@@ -89,15 +79,8 @@ class ConvSpec:
 
     def output_hw(self) -> Tuple[Optional[int], Optional[int]]:
         """Output spatial size under TF/Keras padding rules, None where the input size is unknown."""
-        out = []
-        for n, k, s in zip((self.height, self.width), self.effective_kernel, self.strides):
-            if n is None:
-                out.append(None)
-            elif self.padding == "same":
-                out.append(math.ceil(n / s))
-            else:
-                out.append(max(math.ceil((n - k + 1) / s), 0))
-        return tuple(out)
+        return tuple(output_length(n, k, s, self.padding)
+                     for n, k, s in zip((self.height, self.width), self.effective_kernel, self.strides))
 
     def macs(self, batch: Optional[int] = None) -> Optional[int]:
         """Multiply-accumulates of the direct algorithm (None if the spatial size is unknown)."""

@@ -36,6 +36,7 @@ from keras import ops
 
 from ..errors import PlanError
 from ..registry import Implementation, canary_spec, io_bytes, reduction_terms, register
+from ..shapes import output_length, same_pads
 from ..spec import ConvSpec
 from . import backend
 
@@ -92,13 +93,9 @@ class AxisPlan:
 
 
 def _out_and_pad(n: int, k_eff: int, stride: int, padding: str):
-    """(output length, pad before) along one axis under TF/Keras rules (SAME is asymmetric: the odd pixel
-    of padding goes after, so pad_before = total // 2)."""
-    if padding == "same":
-        out = -(-n // stride)
-        total = max((out - 1) * stride + k_eff - n, 0)
-        return out, total // 2
-    return max(-(-(n - k_eff + 1) // stride), 0), 0
+    """(output length, pad before) along one axis under TF/Keras rules (see shapes.same_pads)."""
+    before = same_pads(n, k_eff, stride)[0] if padding == "same" else 0
+    return output_length(n, k_eff, stride, padding), before
 
 
 def full_axis_plan(n: int, k_eff: int, stride: int = 1, padding: str = "valid", even: bool = False) -> AxisPlan:

@@ -45,6 +45,7 @@ from keras import ops
 
 from ..errors import PlanError
 from ..registry import Implementation, SitePolicy, canary_spec, io_bytes, register
+from ..shapes import pair, same_pads
 from ..spec import ConvSpec
 from . import backend
 
@@ -106,26 +107,6 @@ def choose_strategy(kernel_taps: int, in_channels: int, filters: int, out_pixels
 
 
 # ---- shape helpers --------------------------------------------------------------------------------
-def _pair(value, name, owner, allow_zero=False):
-    if isinstance(value, int):
-        value = (value, value)
-    try:
-        value = tuple(int(v) for v in value)
-    except TypeError:
-        value = ()
-    if len(value) != 2 or any(v < (0 if allow_zero else 1) for v in value):
-        raise ValueError(f"Received invalid {name}={value!r} for {owner}; expected an int or a pair of positive ints.")
-    return value
-
-
-def _same_pads(size, eff, stride):
-    """TF's (before, after) SAME padding for one axis; size may be a Python int or a scalar tensor."""
-    out = -(-size // stride)
-    total = (out - 1) * stride + eff - size
-    total = max(total, 0) if isinstance(total, int) else ops.maximum(total, 0)
-    return total // 2, total - total // 2
-
-
 def _edge_pad(t, pads):
     """Edge-replicate t: (N, H, W, C) by pads ((top, bottom), (left, right)), sizes possibly dynamic.
 
@@ -483,7 +464,7 @@ class _PacMixin:
         strides, dilation = self.strides, self.dilation_rate
         eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
         if self.padding == "same":
-            pads = (_same_pads(h, eff[0], strides[0]), _same_pads(w, eff[1], strides[1]))
+            pads = (same_pads(h, eff[0], strides[0]), same_pads(w, eff[1], strides[1]))
             out_hw = (-(-h // strides[0]), -(-w // strides[1]))
         else:
             pads = ((0, 0), (0, 0))
@@ -684,9 +665,9 @@ class PacPool2D(_PacMixin, keras.layers.Layer):
                  kernel_type="gaussian", normalize_kernel=True, kernel_blend=None, learn_guidance_scale=False, **kwargs):
         super().__init__(**kwargs)
         owner = "PacPool2D"
-        self.pool_size = _pair(pool_size, "pool_size", owner)
-        self.strides = self.pool_size if strides is None else _pair(strides, "strides", owner)
-        self.dilation_rate = _pair(dilation_rate, "dilation_rate", owner)
+        self.pool_size = pair(pool_size, "pool_size", owner)
+        self.strides = self.pool_size if strides is None else pair(strides, "strides", owner)
+        self.dilation_rate = pair(dilation_rate, "dilation_rate", owner)
         if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
             raise ValueError(f"Received invalid padding={padding!r} for {owner}; expected 'same' or 'valid'.")
         self.padding = padding.lower()
