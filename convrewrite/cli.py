@@ -246,7 +246,7 @@ def _failed_conversion(src: Path, out: Path, failing, fallbacks, extra=None) -> 
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_profile(args):
     import convrewrite
-    from convrewrite import cost
+    from convrewrite import plotting
 
     out = Path(args.output)
     _refuse_existing(out, args.force)
@@ -262,7 +262,7 @@ def cmd_profile(args):
           f"{(v.get('within_10pct_of_best') or 0):.0%} of predicted choices within 10% of the best")
     if args.plot:
         with atomic_path(Path(args.plot), suffix=".png") as (tmp, commit):
-            cost.plot(cm, tmp)
+            plotting.plot(cm, tmp)
             commit()
         print(f"wrote {args.plot}")
     return 0

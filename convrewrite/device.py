@@ -28,7 +28,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
              "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",  # x86 (/proc/cpuinfo "flags")

@@ -31,6 +31,7 @@ from . import calibration as calib
 from . import cost, device, implementations
 from .cost import CostModel
 from .errors import ProfileError
+from .profile_format import write_json_atomically
 from .planner import constraint_violation, parse_memory_limit
 from . import profile as profiling
 from .timing import progress as progress_bar
@@ -230,7 +231,7 @@ def _read_json(path: Path) -> dict:
 
 def _write_json(path: Path, data: dict):
     try:
-        cost._write_json_atomically(path, data)
+        write_json_atomically(path, data)
     except OSError as exc:
         warnings.warn(f"Could not write the calibration cache '{path}' ({exc}); calibrating again next time.",
                       stacklevel=4)

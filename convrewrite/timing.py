@@ -68,17 +68,12 @@ def progress(items, label, enabled=True):
 
 
 def compiled(fn):
-    """`fn` compiled for the active Keras backend (tf.function on TensorFlow, jax.jit on JAX), so timings
-    measure the kernels, not Python dispatch. One compiled function per variant is the point here."""
+    """`fn` compiled for the active Keras backend (a graph function on TensorFlow), so timings measure the
+    kernels, not Python dispatch. One compiled function per variant is the point here."""
     import keras
 
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        from .layers import backend
 
-        tf.get_logger().setLevel("ERROR")  # one trace per variant is deliberate: no retracing warnings
-        return tf.function(fn)
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.jit(fn)
-    return fn
+        return backend.graph_function(fn)
+    return fn  # other backends: eager calls until their backend module exists (profiles are measured on TF)

@@ -52,7 +52,8 @@ def test_no_import_cycles_function_level_included():
     assert not cycles, f"import cycles: {cycles[:5]}"
 
 
-@pytest.mark.parametrize("module", ["planner.py", "cost.py", "profile.py", "profiles.py", "calibration.py",
+@pytest.mark.parametrize("module", ["planner.py", "cost.py", "fitting.py", "profile_format.py", "plotting.py",
+                                    "profile.py", "profiles.py", "calibration.py",
                                     "device.py", "speed.py", "api.py"])
 def test_no_implementation_named_but_direct(module):
     names = set(implementations.names()) - {"direct"}

@@ -3,9 +3,7 @@
 import hashlib
 import importlib.util
 import json
-import math
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 
 import convrewrite
-from convrewrite import cost, device, implementations, profiles
+from convrewrite import cost, device, implementations, plotting, profiles
 from convrewrite.cost import CostModel
 from convrewrite.planner import DIRECT_MARGIN
 from convrewrite.profile import grid, profile_device
@@ -248,7 +246,7 @@ def test_grids_cover_the_space():
 
 def test_plot_predicted_vs_measured(tiny_profile, tmp_path):
     pytest.importorskip("matplotlib")  # the `plot` extra; the `test` extra installs it
-    path = cost.plot(tiny_profile, tmp_path / "fit.png")
+    path = plotting.plot(tiny_profile, tmp_path / "fit.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -13,8 +13,16 @@ import tensorflow as tf
 __all__ = [
     "rfft2d", "irfft2d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
     "complex_multiply", "conj", "frame", "bits_equal",
-    "SpectrumCache", "cached_transform", "resize_bilinear", "after", "tensorflow_device_details",
+    "SpectrumCache", "cached_transform", "resize_bilinear", "after", "tensorflow_device_details", "graph_function",
 ]
+
+
+# ---- compiled calls for timing -------------------------------------------------------------------
+def graph_function(fn):
+    """`fn` as a TensorFlow graph function (traced once per input signature), with TF's retracing
+    warnings off: timing harnesses build one function per variant on purpose."""
+    tf.get_logger().setLevel("ERROR")
+    return tf.function(fn)
 
 
 # ---- device identity ------------------------------------------------------------------------------
