@@ -287,3 +287,24 @@ def test_speed_check_reports_measured_next_to_predicted():
     speed = fast.convrewrite_speed
     assert speed.predicted == pytest.approx(3.0) and speed.measured is not None and speed.rounds >= 2
     assert "measured" in speed.describe() and "predicted 3.00x" in speed.describe()
+
+
+def test_offline_cli_convert_for_another_device_never_measures(tmp_path, canary_rows, monkeypatch, capsys):
+    """`convrewrite convert --cost-model server.json --target other` on this machine: no canary, no
+    profile, no speed timing here; the output says the speed was not measured and why."""
+    from convrewrite import cli
+
+    path = _other_device_profile(canary_rows).save(tmp_path / "server.json")
+    _model().save(tmp_path / "m.keras")
+    monkeypatch.setattr(profiling, "time_spec", lambda *a, **k: pytest.fail("timed on the converting machine"))
+    monkeypatch.setattr(profiling, "profile_device", lambda *a, **k: pytest.fail("measured the converting machine"))
+    monkeypatch.setattr(convrewrite.speed, "measure", lambda *a, **k: pytest.fail("speed timed on the converting machine"))
+    monkeypatch.setenv("CONVREWRITE_CHECK_SPEED", "1")
+    code = cli.main(["convert", str(tmp_path / "m.keras"), str(tmp_path / "fast.keras"), "--cost-model", str(path),
+                     "--target", "other", "--report", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "speed: not measured (the profile is another device's" in out and "unverified" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["plan"]["trust"] == "unverified"
+    assert not list(cost.CACHE_DIR.rglob("*.json"))
