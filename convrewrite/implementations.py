@@ -5,7 +5,7 @@
     implementations.get("fft").applicable(spec)
 
 Each built-in lives beside its layers and registers itself when imported (`convrewrite/kernels.py`:
-direct and depthwise; `layers/fft.py`: fft and fft-tiled; `layers/pac.py`: pac). Adding an implementation
+direct and depthwise; `layers/fft.py`: fft and fft-tiled; `layers/pac/`: pac). Adding an implementation
 means one module with an `Implementation` subclass (see `convrewrite.registry`) that calls `register`,
 and one import line here (or, outside the package, just `register(...)`).
 """

@@ -125,10 +125,10 @@ def spec_forward(spec, x, weights, dtype=np.float64, activation=None):
     return out
 
 
-# ==== PAC: pixel-adaptive convolution (owned by convrewrite/layers/pac.py) ==========================
+# ==== PAC: pixel-adaptive convolution (owned by convrewrite/layers/pac/) ==========================
 # Independent numpy oracles for PacConv2D / PacConv2DTranspose / PacPool2D, built from the definition
 #     v'_i = sum_j K(f_i, f_j) W[p_i - p_j] v_j + b
-# with the conventions documented in convrewrite/layers/pac.py: x is zero-padded as Conv2D pads it, the
+# with the conventions documented in convrewrite/layers/pac/: x is zero-padded as Conv2D pads it, the
 # guidance is edge-padded, f_i is the guidance under the window's centre tap (kh // 2, kw // 2), and with
 # normalize_kernel only taps on real pixels count. Vectorized: sliding-window views and einsum (the
 # transpose scatters one kernel tap at a time over all pixels at once); no loop over pixels.
