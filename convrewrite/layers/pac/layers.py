@@ -208,6 +208,13 @@ class PacConv2D(_PacMixin, keras.layers.Conv2D):
     backward pass keeps every tap's slice of x, so training memory grows with kh*kw for both strategies.
     wide (same measurement, which includes its XLA compilations' memory): forward ~200 MB at k=7, ~36 MB
     at k=3 (shift ~22 MB there); forward+backward ~415 MB at k=7, ~93 MB at k=3.
+
+    Raises:
+        ValueError: groups != 1, an unknown kernel_type or strategy, or an argument Conv2D refuses.
+
+    Example:
+        >>> image = keras.Input((64, 64, 3)); features = keras.Input((64, 64, 16))
+        >>> y = PacConv2D(16, 5, padding="same")([features, image])   # image-guided 5x5 conv
     """
 
     def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None, dilation_rate=(1, 1),
@@ -260,6 +267,13 @@ class PacConv2DTranspose(_PacMixin, keras.layers.Conv2DTranspose):
     i*s, f_i of output pixel o is the guidance at o, and with normalize_kernel only taps that land on an
     input pixel count. Constant guidance gives exactly Conv2DTranspose. dilation_rate and output_padding
     are not supported (must be 1 / None). Memory as PacConv2D's at the output resolution.
+
+    Raises:
+        ValueError: dilation_rate or output_padding given, or an argument Conv2DTranspose refuses.
+
+    Example:
+        >>> low = keras.Input((16, 16, 8)); image = keras.Input((64, 64, 3))
+        >>> up = PacConv2DTranspose(8, 8, strides=4, padding="same")([low, image])   # (64, 64, 8)
     """
 
     def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None, activation=None,
@@ -336,6 +350,12 @@ class PacPool2D(_PacMixin, keras.layers.Layer):
     normalize_kernel defaults to True, making it a guidance-weighted average pool; with constant guidance
     it then equals AveragePooling2D(pool_size, strides, padding) exactly (both exclude padded taps).
     Memory: K (batch*Ho*Wo*T) plus one tap of x at a time.
+
+    Raises:
+        ValueError: a pool_size, strides or dilation_rate that is not a positive int or pair.
+
+    Example:
+        >>> pooled = PacPool2D(3, strides=1, padding="same")([features, image])   # edge-aware smoothing
     """
 
     def __init__(self, pool_size, strides=None, padding="valid", dilation_rate=(1, 1), data_format=None,
