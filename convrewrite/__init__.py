@@ -39,7 +39,7 @@ except ModuleNotFoundError as _exc:  # no backend: only the numpy reference (and
             raise AttributeError(name)
         raise ImportError(f"convrewrite.{name} {_BACKEND_ERROR}")
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "optimize", "plan", "verify", "build", "profile_device", "CostModel", "fingerprint", "device", "profiles",

@@ -118,6 +118,9 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         >>> print(fast.convrewrite_report.summary())
     """
     parse_memory_limit(memory_limit), check_rtol(rtol), profiles.check_target(target)  # fail before measuring
+    if measure and target == "other":
+        raise PlanError("measure=True times this device, but target='other' plans for another one; measure there "
+                        "(convrewrite profile, or optimize(measure=True) on that device) and pass its profile.")
     if check_speed is None:
         check_speed = os.environ.get(SPEED_CHECK_ENV, "1") != "0"
     cm, given = None, plan is not None
@@ -133,8 +136,8 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         plan = make_plan(graph, cm, allow=allow, policies=_policies(pac=pac), batch=batch, memory_limit=memory_limit,
                          rtol=rtol)
     new, report = _build_verified(model, plan, verify, inputs, rtol)
-    speed = _check_speed(model, new, plan, cm, check_speed, inputs, batch)
-    if speed.slower and speed.action == "kept":
+    speed = _check_speed(model, new, plan, check_speed, inputs, batch, target)
+    if speed.slower:
         planning = None if given else dict(allow=allow, policies=_policies(pac=pac), memory_limit=memory_limit)
         plan, new, report, speed = _recover_speed(model, plan, cm, speed, verify, inputs, rtol, batch, planning)
     if report is not None:
@@ -175,54 +178,65 @@ def _build_verified(model, plan: Plan, verify: bool, inputs, rtol):
     return new, report
 
 
-def _check_speed(model, new, plan: Plan, cm, enabled: bool, inputs, batch: int) -> speed_check.SpeedCheck:
-    """Measure `new` against `model` where that says something about the device planned for."""
+def _check_speed(model, new, plan: Plan, enabled: bool, inputs, batch: int, target: str = "auto") -> speed_check.SpeedCheck:
+    """Measure `new` against the model it should beat, where that says something about the device planned
+    for (not for target="other" or an unverified profile). The baseline is the original with only the
+    policy-chosen sites (PAC) applied: their cost is the user's choice, the speed-chosen sites' is ours."""
     total = plan.predicted_total()
     result = speed_check.SpeedCheck(predicted=total[0] / total[1] if total else None, band=plan.predicted_band())
     if not enabled:
         result.not_measured = "check_speed=False"
-    elif cm is not None and getattr(cm, "trust", "this device") == "unverified":
-        result.not_measured = "the profile is another device's, so this device's speed says nothing of it"
-    elif all(r.choice == "direct" for r in plan):
-        result.not_measured = "every site kept Keras's own kernel"
+    elif target == "other" or plan.trust == "unverified":
+        result.not_measured = ("the profile is another device's (target='other' or unverified), so this device's "
+                               "speed says nothing of it")
+    elif all(r.choice == "direct" or not _for_speed(r.choice) for r in plan):
+        result.not_measured = "no site was replaced for speed"
     else:
-        x = speed_check.model_inputs(model, batch, inputs)
+        x = speed_check.model_inputs(model, batch, None)  # at the planned batch where the shapes allow
+        x = inputs if x is None else x
         if x is None:
             result.not_measured = "the model's input size is unknown; pass inputs= to time on them"
             return result
-        measured = speed_check.measure(model, new, x)
+        policy_only = _policy_only(plan)
+        baseline = model if all(r.choice == "direct" for r in policy_only) else build(model, policy_only)
+        measured = speed_check.measure(baseline, new, x)
         result.original_s, result.optimized_s, result.rounds, result.batch = (
             measured.original_s, measured.optimized_s, measured.rounds, measured.batch)
         result.action = "kept"
-        policy = sorted({implementations.get(r.choice).label for r in plan if not _for_speed(r.choice)})
-        if policy and result.slower:
-            result.action = f"measured only: {', '.join(policy)} sites were chosen by policy, not for speed"
     return result
 
 
-def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, planning):
-    """The optimized model was measurably slower than the original: time the replaced sites on their real
-    shapes here and re-plan from those timings; if still slower (or the plan was given, so there is nothing
-    to re-plan: `planning` is None), keep Keras's own implementations. `planning`: make_plan's allow,
-    policies and memory_limit. Returns (plan, new model, report, SpeedCheck)."""
-    attempts = [first]
-    if planning is not None:  # a plan made here: re-plan from timings of the replaced sites
-        timed = _time_replaced_sites(plan, batch, planning["allow"])
-        overlay = _TimedSites(cm, timed)
-        if cm is not None and hasattr(cm, "record_tactics"):
-            cm.record_tactics(timed)  # this device's timings, reused by later plans
-        plan = make_plan(walk(model), overlay, batch=batch, rtol=rtol, **planning)
-        new, report = _build_verified(model, plan, verify, inputs, rtol)
-        again = _check_speed(model, new, plan, None, True, inputs, batch)
-        if not again.slower:
-            again.action = "re-planned from timings of the replaced sites"
-            again.history = [a.to_dict() for a in attempts]
-            return plan, new, report, again
-        attempts.append(again)
+def _policy_only(plan: Plan) -> Plan:
+    """A copy of `plan` with every speed-chosen site back on `direct` (policy-chosen sites kept)."""
+    plan = copy.deepcopy(plan)
     for row in plan:
         if row.choice != "direct" and _for_speed(row.choice):
             row.choice, row.options = "direct", {}
             row.reason = "kept Keras's own kernel: the optimized model measured slower than the original"
+    return plan
+
+
+def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, planning):
+    """The optimized model was measurably slower than its baseline: time the replaced sites on their real
+    shapes (at the measured batch) and re-plan from those timings; if still slower (or the plan was given,
+    so there is nothing to re-plan: `planning` is None), put the speed-chosen sites back on Keras's own
+    kernels. `planning`: make_plan's allow, policies and memory_limit. Returns (plan, new model, report,
+    SpeedCheck)."""
+    attempts = [first]
+    if planning is not None:  # a plan made here: re-plan from timings of the replaced sites
+        timed = _time_replaced_sites(plan, first.batch or batch, planning["allow"])
+        if cm is not None and hasattr(cm, "record_tactics"):
+            cm.record_tactics(timed)  # this device's timings, reused by later plans
+        plan = make_plan(walk(model), _TimedSites(cm, timed), batch=first.batch or batch, rtol=rtol, **planning)
+        new, report = _build_verified(model, plan, verify, inputs, rtol)
+        again = _check_speed(model, new, plan, True, inputs, first.batch or batch)
+        if not again.slower:
+            again.action = "re-planned from timings of the replaced sites" + (
+                "" if again.measured is not None else ": none is replaced for speed any more")
+            again.history = [a.to_dict() for a in attempts]
+            return plan, new, report, again
+        attempts.append(again)
+    plan = _policy_only(plan)
     new, report = _build_verified(model, plan, verify, inputs, rtol)
     last = attempts[-1]
     last.action = "kept the original implementations: the optimized model measured slower than the original"

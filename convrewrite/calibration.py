@@ -7,7 +7,9 @@ and compared with what the profile says of them (its canary timings; for profile
 its prediction):
 
 - ratio = measured here / profile's time, per canary;
-- the profile is accepted only if every canary's ratio lies within CALIBRATION_TOLERANCE (1.5x either way);
+- the profile is accepted only if every canary's ratio lies within CALIBRATION_TOLERANCE (1.5x either way),
+  widened by the profile's own error where its number is a fitted prediction rather than a timing
+  (x (1 + the fit's 90th-percentile error): a fit 40% off on its own grid cannot vouch for 1.5x);
   a canary outside it is timed once more before the profile is refused (one noisy sample on a shared
   machine must not throw away a good profile);
 - an accepted profile's predictions are scaled per implementation by the geometric mean of its canaries'
@@ -106,10 +108,12 @@ def compare(cost_model, measured: List[dict], seconds: float, device: str,
         if theirs is None:
             continue
         ratio = m["seconds"] / theirs
-        rows.append({"spec": m["spec"], "impl": m["impl"], "profile_s": theirs, "measured_s": m["seconds"], "ratio": ratio})
-        if not 1 / tolerance <= ratio <= tolerance:
+        allowed = tolerance * (1.0 + cost_model.profile_band(m["impl"], spec))
+        rows.append({"spec": m["spec"], "impl": m["impl"], "profile_s": theirs, "measured_s": m["seconds"],
+                     "ratio": ratio, "tolerance": allowed})
+        if not 1 / allowed <= ratio <= allowed:
             refused.append(f"{m['impl']} on {spec.short()}: {1e3 * m['seconds']:.3g} ms here, profile "
-                           f"{1e3 * theirs:.3g} ms ({ratio:.2f}x, tolerance {tolerance:g}x)")
+                           f"{1e3 * theirs:.3g} ms ({ratio:.2f}x, tolerance {allowed:.3g}x)")
     if not rows:
         refused.append("the profile predicts none of the canaries")
     return Calibration(rows, seconds, not refused, refused, device, tolerance)
@@ -117,8 +121,11 @@ def compare(cost_model, measured: List[dict], seconds: float, device: str,
 
 def out_of_tolerance(calibration: Calibration) -> List[Tuple[ConvSpec, str]]:
     """The (spec, implementation) pairs whose ratio is outside the tolerance: timed once more before refusing."""
-    t = calibration.tolerance
-    return [(ConvSpec.from_json(c["spec"]), c["impl"]) for c in calibration.canaries if not 1 / t <= c["ratio"] <= t]
+    def allowed(c):
+        return c.get("tolerance", calibration.tolerance)
+
+    return [(ConvSpec.from_json(c["spec"]), c["impl"]) for c in calibration.canaries
+            if not 1 / allowed(c) <= c["ratio"] <= allowed(c)]
 
 
 def replace_timings(measured: List[dict], retimed: List[dict]) -> List[dict]:

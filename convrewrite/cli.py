@@ -442,7 +442,7 @@ def _planning_args(p):
 
 
 def build_parser():
-    from convrewrite import __version__
+    from convrewrite.version import __version__
 
     parser = _Parser(
         prog="convrewrite",

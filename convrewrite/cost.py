@@ -141,14 +141,16 @@ class CostModel:
         """The predicted time of `impl_name` on `spec` with its source and error band (see Prediction), or
         None where nothing predicts it (unknown spatial size, no fit, not applicable).
 
-        Order: this device's tactic timing; the profile's own timing of the exact spec; its fit. A
-        calibrated profile's numbers are scaled by the implementation's canary ratio (measured here /
-        predicted), and their band widens by the canaries' residual error."""
+        Order: this device's tactic timing (not for an unverified profile: that plan is for another
+        device); the profile's own timing of the exact spec; its fit. A calibrated profile's numbers are
+        scaled by the implementation's canary ratio (measured here / profile), and their band widens by the
+        canaries' residual; an implementation without canaries stays unverified."""
         if spec.height is None or spec.width is None:
             return None
         spec = spec if spec.batch else spec.with_input(batch=1)
         key = _spec_key(spec)
-        tactic = self.tactics().get(key, {})
+        trust = self.trust
+        tactic = self.tactics().get(key, {}) if trust != "unverified" else {}
         if impl_name in tactic:
             return Prediction(1e3 * tactic[impl_name], "timed here", TIMING_BAND)
         profiled = self._profiled().get(key, {})
@@ -163,10 +165,9 @@ class CostModel:
                 return None
             seconds = max(fit.predict(regression_terms(impl, spec)), 1e-7)
             band, kind = fit.p90_rel_error, "fit"
-        trust = self.trust
         if trust == "this device":
             return Prediction(1e3 * seconds, "timed here" if kind == "timing" else "fitted", band)
-        if trust == "calibrated":
+        if trust == "calibrated" and self.calibration.band(impl_name) is not None:
             scale, residual = self.calibration.scale(impl_name), self.calibration.band(impl_name)
             combined = None if band is None or residual is None else math.hypot(band, residual)
             return Prediction(1e3 * seconds * scale, f"calibrated {kind}", combined)
@@ -176,6 +177,16 @@ class CostModel:
         """Seconds per call (see `prediction`)."""
         p = self.prediction(impl_name, spec)
         return None if p is None else p.ms / 1e3
+
+    def profile_band(self, impl_name: str, spec: ConvSpec) -> float:
+        """How far `profile_seconds` may be off on the profile's own device: 0 for a timing (canary or grid),
+        the fit's 90th-percentile relative error for a fitted number."""
+        key = _spec_key(spec)
+        if any(r["impl"] == impl_name and r["spec"] == key for r in self.canaries) or \
+                impl_name in self._profiled().get(key, {}):
+            return 0.0
+        fit = self.fits.get(impl_name)
+        return (fit.p90_rel_error or 0.0) if fit is not None else 0.0
 
     def profile_seconds(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
         """What the profile itself says one call takes on its own device: its canary or grid timing of the

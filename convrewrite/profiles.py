@@ -107,16 +107,21 @@ def _trusted(cm: CostModel, here: dict, target: str, source: str, warn: bool) ->
     if device.same_device(cm.fingerprint, here):
         cm.trust = "this device"
         return cm
-    if target == "other" or not device.same_class(cm.fingerprint, here):
+    if target == "other" or (target == "auto" and not device.same_class(cm.fingerprint, here)):
         _mark_unverified(cm, here, source, warn)
         return cm
-    cal = calibrate(cm, here)
-    if cal.accepted:
-        return cm
+    if device.same_class(cm.fingerprint, here):
+        cal = calibrate(cm, here)
+        if cal.accepted:
+            return cm
+        why = cal.describe()
+    else:  # target "here" with another machine class's profile: nothing of it can describe this device
+        why = "another machine class: " + "; ".join(device.differences(cm.fingerprint, here)[:2])
     if warn:
-        warnings.warn(f"Profile '{source}' does not describe this device ({cal.describe()}); measuring a quick "
-                      f"profile of this device instead (about a minute), cached in {cost.CACHE_DIR}.", stacklevel=4)
-    return _measure_here(here)
+        warnings.warn(f"Profile '{source}' does not describe this device ({why}); using this device's own profile "
+                      f"instead (measured now if there is none yet: about a minute, cached in {cost.CACHE_DIR}).",
+                      stacklevel=4)
+    return _this_device(here)
 
 
 def _mark_unverified(cm: CostModel, here: dict, source: str, warn: bool):
@@ -166,21 +171,49 @@ def _auto(here: dict) -> CostModel:
     return chosen
 
 
+def _this_device(here: dict) -> CostModel:
+    """This device's own profile: one `auto` already chose in this process, one measured earlier and cached
+    under the full fingerprint, else a quick one measured now."""
+    fid = device.fingerprint_id(here)
+    if fid in _AUTO_CACHE and _AUTO_CACHE[fid].trust == "this device":
+        return _AUTO_CACHE[fid]
+    for path in sorted(cost.CACHE_DIR.glob("*.json")) if cost.CACHE_DIR.is_dir() else []:
+        try:
+            cm = CostModel.load(path)
+        except ProfileError:
+            continue
+        if device.same_device(cm.fingerprint, here):
+            cm.read_only, cm.trust = True, "this device"
+            return cm
+    return _measure_here(here)
+
+
 def _measure_here(here: dict) -> CostModel:
     """A quick profile of this device, measured now (progress bar) and saved in the user cache under the
-    full fingerprint, where `auto` finds it as this device's next time."""
+    full fingerprint, where `auto` finds it as this device's next time (a cache that cannot be written
+    costs a warning: the profile is used in this process only)."""
     cm = profiling.profile_device(mode="quick")
-    cm.save(cost.CACHE_DIR / f"auto-{device.slug(here)}.json")
+    path = cost.CACHE_DIR / f"auto-{device.slug(here)}.json"
+    try:
+        cm.save(path)
+    except OSError as exc:
+        warnings.warn(f"Could not save this device's profile to '{path}' ({exc}); it is used in this process only "
+                      f"and measured again next time (set CONVREWRITE_CACHE to a writable folder).", stacklevel=4)
     cm.read_only = True
     cm.trust = "this device"
+    _AUTO_CACHE[device.fingerprint_id(here)] = cm
     return cm
 
 
 # ---- calibration --------------------------------------------------------------------------------
 def _profile_key(cm: CostModel) -> str:
-    """Identity of a profile's numbers (fingerprint, fits, canaries, grid), for the calibration cache."""
+    """Identity of a calibration's inputs: the profile's numbers (fingerprint, fits, canaries, grid size),
+    the canary set and tolerance this version uses, and its version; for the calibration cache."""
+    from .version import __version__
+
     body = {"fingerprint": cm.fingerprint, "fits": sorted((k, v.weights) for k, v in cm.fits.items()),
-            "canaries": cm.canaries, "n": len(cm.measurements)}
+            "canaries": cm.canaries, "n": len(cm.measurements), "tolerance": calib.CALIBRATION_TOLERANCE,
+            "canary_set": [(s.to_json(), i) for s, i in calib.canary_pairs()], "version": __version__}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -190,7 +223,8 @@ def _calibration_cache(here: dict) -> Path:
 
 def calibrate(cm: CostModel, here: Optional[dict] = None, use_cache: bool = True) -> "calib.Calibration":
     """Time the canaries here and compare them with `cm` (see calibration.py); sets `cm.calibration` and
-    `cm.trust` ("calibrated" if accepted), and `cm.match_note`. Cached per (device, profile)."""
+    `cm.trust` ("calibrated" if accepted), and `cm.match_note`. An acceptance is cached per (device,
+    profile, canary set, tolerance, convrewrite version); a refusal is not."""
     here = here or device.fingerprint()
     path, key = _calibration_cache(here), _profile_key(cm)
     cached = _read_json(path) if use_cache else {}
@@ -209,8 +243,9 @@ def calibrate(cm: CostModel, here: Optional[dict] = None, use_cache: bool = True
                             for name, s in profiling.time_spec(spec, allow=[impl], repeats=5, max_time=1.0).items()]
             measured = calib.replace_timings(measured, retimed)
             result = calib.compare(cm, measured, time.perf_counter() - start, device.fingerprint_id(here))
-        cached[key] = result.to_dict()
-        _write_json(path, cached)
+        if result.accepted:  # a refusal is checked again next time (it may have met a busy machine)
+            cached[key] = result.to_dict()
+            _write_json(path, cached)
     cm.calibration = result
     if result.accepted:
         cm.trust = "calibrated"

@@ -308,3 +308,90 @@ def test_offline_cli_convert_for_another_device_never_measures(tmp_path, canary_
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["plan"]["trust"] == "unverified"
     assert not list(cost.CACHE_DIR.rglob("*.json"))
+
+
+# ---- what a review found: target="other" everywhere, re-measuring, policy sites, uncalibrated impls ----
+def test_target_other_refuses_measure_and_skips_the_speed_check_of_a_given_plan(tmp_path, canary_rows, monkeypatch):
+    path = _other_device_profile(canary_rows).save(tmp_path / "server.json")
+    monkeypatch.setattr(profiling, "time_spec", lambda *a, **k: pytest.fail("timed on the converting machine"))
+    monkeypatch.setattr(convrewrite.speed, "measure", lambda *a, **k: pytest.fail("speed timed on the converting machine"))
+    with pytest.raises(convrewrite.PlanError, match="measure=True times this device, but target='other'"):
+        convrewrite.optimize(_model(), cost_model=str(path), target="other", measure=True)
+    before = path.read_bytes()
+    with pytest.warns(UserWarning, match="unverified"):
+        plan = convrewrite.plan(_model(), cost_model=str(path), target="other")
+    for given_target in ("other", "auto"):  # a plan made for another device stays that plan
+        fast = convrewrite.optimize(_model(), plan=plan, target=given_target, check_speed=True)
+        assert fast.convrewrite_plan.choices() == plan.choices() and fast.convrewrite_speed.measured is None
+    assert path.read_bytes() == before
+
+
+def test_an_unverified_profile_ignores_this_devices_tactic_timings(canary_rows):
+    cm = _other_device_profile(canary_rows)
+    spec = _spec(kernel=(7, 7), height=24, width=24)
+    cm.record_tactics({spec: {"direct": 9.0}}, save=False)  # this device's timing, 9 s
+    cm.trust = "unverified"
+    p = cm.prediction("direct", spec)
+    assert p.source == "unverified timing" and p.ms != 9000.0
+    cm.trust = "this device"
+    assert cm.prediction("direct", spec).source == "timed here" and cm.prediction("direct", spec).ms == 9000.0
+
+
+def test_a_refused_named_profile_is_replaced_by_this_devices_profile_once(tmp_path, canary_rows, monkeypatch):
+    path = _other_device_profile(canary_rows).save(tmp_path / "colleague.json")
+    monkeypatch.setattr(profiling, "time_spec", _fake_timer(canary_rows, 3.0, []))
+    measured = []
+
+    def quick_profile(mode="quick", **kw):
+        measured.append(mode)
+        return CostModel(device.fingerprint(), [], _other_device_profile(canary_rows).fits, name="measured here")
+
+    monkeypatch.setattr(profiling, "profile_device", quick_profile)
+    for _ in range(2):
+        monkeypatch.setattr(profiles, "_AUTO_CACHE", {})  # a new process: only the disk cache is left
+        with pytest.warns(UserWarning, match="does not describe this device"):
+            assert profiles.resolve(str(path)).name == "measured here"
+    assert measured == ["quick"]
+    # target "here" with another machine class's profile: this device's own profile, not an offline plan
+    other_class = _other_device_profile(canary_rows, threads=64).save(tmp_path / "big.json")
+    with pytest.warns(UserWarning, match="another machine class"):
+        assert profiles.resolve(str(other_class), target="here").trust == "this device"
+    assert measured == ["quick"]
+
+
+def test_calibration_allows_for_the_fit_error_of_a_profile_without_canaries(canary_rows, monkeypatch):
+    cm = _other_device_profile(canary_rows)
+    cm.canaries = []  # an old profile: calibration compares against its fit
+    for fit in cm.fits.values():
+        fit.p90_rel_error = 0.5
+    monkeypatch.setattr(profiling, "time_spec", _fake_timer(canary_rows, 1.0, []))
+    # what this device measures is 1.8x what the fit predicts for direct: within 1.5 x (1 + 0.5)
+    timed = {(r["spec"], r["impl"]): r["seconds"] for r in canary_rows}
+    monkeypatch.setattr(cm, "profile_seconds", lambda impl, spec: timed[(spec.to_json(), impl)] / 1.8
+                        if impl in cm.fits and (spec.to_json(), impl) in timed else None)
+    result = profiles.calibrate(cm, use_cache=False)
+    assert result.accepted and all(c["tolerance"] == pytest.approx(2.25) for c in result.canaries)
+    for fit in cm.fits.values():
+        fit.p90_rel_error = 0.0
+    assert not profiles.calibrate(cm, use_cache=False).accepted
+
+
+def test_an_implementation_without_canaries_stays_unverified_in_a_calibrated_profile(canary_rows):
+    cm = _other_device_profile(canary_rows)
+    spec = _spec(kernel=(7, 7), height=24, width=24)
+    direct_only = [{"spec": r["spec"], "impl": "direct", "profile_s": r["seconds"], "measured_s": r["seconds"] * 1.1,
+                    "ratio": 1.1} for r in canary_rows if r["impl"] == "direct"]
+    cm.calibration = calibration.Calibration(direct_only, 1.0, True, [], device.fingerprint_id(device.fingerprint()))
+    cm.trust = "calibrated"
+    assert cm.prediction("direct", spec).source == "calibrated timing"
+    assert cm.prediction("fft", spec).source == "unverified timing"  # no fft canary was timed here
+
+
+def test_a_policy_site_does_not_stop_the_speed_check_from_reverting_slow_sites(sleepy):
+    x = keras.Input((20, 20, 8))
+    y = keras.layers.Conv2D(8, 3, padding="same", name="p")(x)
+    model = keras.Model(x, keras.layers.Conv2D(8, 5, padding="same", name="d")(y))
+    plan = convrewrite.plan(model, cost_model=None, pac={"layers": ["p"], "guidance": "self"}).force("d", "sleepy")
+    fast = convrewrite.optimize(model, plan=plan, check_speed=True)
+    assert fast.convrewrite_plan.choices() == {"p": "pac", "d": "direct"}  # PAC kept: the user's choice
+    assert fast.convrewrite_speed.action.startswith("kept the original implementations")
