@@ -91,15 +91,26 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
             report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
             report.fallbacks = fallbacks
         if not report.passed:
-            raise VerificationError(
-                f"Optimized model '{model.name}' differs from the original beyond tolerance at "
-                f"{[c.name for c in report.checks if not c.passed]} even after falling back; the original is unchanged.\n"
-                + report.summary(),
-                report=report,
-            )
+            raise VerificationError(_failure_message(model, report), report=report)
     new.convrewrite_plan = plan
     new.convrewrite_report = report
     return new
+
+
+def _failure_message(model, report) -> str:
+    """One sentence on what failed and what was (or was not) done about it, then the report's table."""
+    failing = [c.name for c in report.checks if not c.passed]
+    if report.fallbacks:
+        done = (f"even after falling back to direct at {[f['site'] for f in report.fallbacks]}")
+    elif report.failing_sites:
+        done = "and no site fell back, since every failing site already runs Keras's own layer (direct)"
+    else:
+        done = ("and no site fell back, since every per-site check passed (the difference only shows end "
+                "to end)")
+    nonfinite = [c.name for c in report.checks if c.nonfinite_mismatches]
+    detail = f" (NaN/Inf pattern differs at {nonfinite})" if nonfinite else ""
+    return (f"Optimized model '{model.name}' differs from the original beyond tolerance at {failing}{detail} "
+            f"{done}; the original is unchanged.\n" + report.summary())
 
 
 def verify(original, new, inputs=None, rtol=None, sites=True, seed=0) -> VerificationReport:

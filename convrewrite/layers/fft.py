@@ -451,12 +451,71 @@ class _FFTConvMixin:
         return backend.cached_transform(kernel, self._spectrum_cache, compute)
 
     def call(self, inputs, training=None):
+        """The FFT result where it provably equals Keras's, else Keras's own computation for this call.
+
+        The transform mixes every input value into every frequency, so one NaN or Inf in the input would
+        fill the whole output with NaN (Keras: only the outputs whose window sees it), and values near the
+        dtype's range overflow inside the transform where the direct sum does not. One reduction,
+        max |x|, decides per call (see `_fft_is_exact`): finite and in range -> FFT; otherwise the
+        direct convolution of the Keras base class, which gives Keras's result bit for bit (NaN and Inf
+        where Keras puts them, Keras's error for an input smaller than the kernel)."""
+        h, w = self._spatial(inputs.shape)
+        if self._smaller_than_kernel(h, w):
+            return super().call(inputs)  # Keras's own handling (an error), not an empty FFT result
         x = ops.cast(inputs, "float32")
-        h, w = self._spatial(x.shape)
+        kernel, bias = self._float32_weights()
+        return ops.cond(self._fft_is_exact(x, kernel, bias, h, w),
+                        lambda: self._fft_call(x, kernel, bias, training),
+                        lambda: ops.cast(super(_FFTConvMixin, self).call(inputs), self.compute_dtype))
+
+    def _smaller_than_kernel(self, h, w):
+        """True when a VALID input is known (statically) to be smaller than the (dilated) kernel."""
+        if self.padding != "valid":
+            return False
+        eh, ew = _effective(self.kernel_size, self.dilation_rate)
+        return (h is not None and h < eh) or (w is not None and w < ew)
+
+    def _fft_is_exact(self, x, kernel, bias, h, w):
+        """Scalar bool: this call's FFT result equals the direct one to float rounding.
+
+        Let m = max |x| and L = the largest L1 norm of one output channel's kernel taps (the most any output
+        or partial sum can grow per unit of input). Every direct partial sum is bounded by m * L + max |b|,
+        and every value inside the transforms by (P Q)^2 m L (forward: P Q m per bin; per-bin products:
+        times L; unnormalized inverse: times P Q). The FFT path is taken only when
+          * m and L are finite (a NaN or Inf anywhere makes m NaN or Inf, and comparisons with NaN are False),
+          * (P Q)^2 m L stays below float32's max / 4 (no overflow inside the transforms),
+          * m L + max |b| stays below the compute dtype's max / 4 (so Keras's own sums cannot overflow either:
+            under float16 the direct layer saturates to Inf above 65504 where float32 FFTs would not),
+          * m L is 0 or above 2^-100 (so nothing the transforms compute is subnormal and flushed to zero),
+          * under VALID padding with a spatial size unknown until now, the input is at least the kernel.
+        Cost: one pass over x (the transform itself makes several) and one over the kernel."""
+        groups, cg, cout = self._grouping()
+        grouped = ops.reshape(kernel, tuple(self.kernel_size) + (cg, cout))
+        m = ops.max(ops.abs(x))
+        lip = ops.max(ops.sum(ops.abs(grouped), axis=(0, 1, 2)))
+        scale = m * lip
+        out_bound = scale if bias is None else scale + ops.max(ops.abs(bias))  # NaN/Inf bias: not finite
+        plan = self._plan_for(h, w)
+        p, q = plan.fft_shape
+        f32_max = 3.4028234663852886e38
+        compute_max = _dtype_max(self.compute_dtype)
+        ok = ops.logical_and(scale * float(p * q) ** 2 < f32_max / 4, out_bound < compute_max / 4)
+        ok = ops.logical_and(ok, ops.logical_or(scale == 0, scale > 2.0 ** -100))
+        if self.padding == "valid" and (h is None or w is None):
+            eh, ew = _effective(self.kernel_size, self.dilation_rate)
+            hh, ww = self._spatial(ops.shape(x))
+            ok = ops.logical_and(ok, ops.logical_and(hh >= eh, ww >= ew))
+        return ok
+
+    def _plan_for(self, h, w):
         plan = self._fft_plan
         if plan is None or (not plan.tiled and (h, w) != self._built_hw):
             plan = self._make_plan(h, w)  # called on another size than built for: correct, uncached
-        kernel, bias = self._float32_weights()
+        return plan
+
+    def _fft_call(self, x, kernel, bias, training):
+        h, w = self._spatial(x.shape)
+        plan = self._plan_for(h, w)
         spectrum = self._spectrum(kernel, plan, training)
         groups, cg, _ = self._grouping()
         if plan.tiled:
@@ -523,6 +582,12 @@ class _FFTConvMixin:
         config = super().get_config()
         config["tile_size"] = list(self.tile_size) if isinstance(self.tile_size, tuple) else self.tile_size
         return config
+
+
+def _dtype_max(dtype) -> float:
+    """Largest finite value of a float dtype name (float32's for anything unknown)."""
+    return {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float64": 1.7976931348623157e308}.get(
+        str(dtype), 3.4028234663852886e38)
 
 
 def _effective(kernel, dilation):
