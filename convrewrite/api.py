@@ -8,6 +8,7 @@ from . import cost, implementations
 from .errors import VerificationError
 from .graph import walk
 from .planner import Plan, check_rtol, make_plan, parse_memory_limit
+from .spec import keras_class
 from .verify import VerificationReport, verify as _verify
 
 
@@ -41,8 +42,11 @@ def build(model, plan: Plan):
 
     def substitute(site):
         row = rows.get(site.path)
-        if row is None or row.choice == "direct":
+        if row is None:
             return None
+        if row.choice == "direct":
+            # Keras's own layer stays as it is; a replacement layer (re-planning an optimized model) goes back
+            return None if type(site.layer) is keras_class(site.layer) else (implementations.get("direct"), {})
         return implementations.get(row.choice), dict(row.options)
 
     return graph.rebuild(substitute)

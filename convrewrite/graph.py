@@ -176,14 +176,15 @@ class ModelGraph:
         (re-created from config). Every other layer is re-created from its config; every weight is copied
         by value, so the new model shares no variables with the original. Shared layers stay shared.
         """
-        return _Rebuilder(self, substitute).run()
+        return _Rebuilder(self, substitute, top=True).run()
 
 
 class _Rebuilder:
     """One rebuild of one ModelGraph (nested models get a rebuilder of their own, cached per model)."""
 
-    def __init__(self, mg: ModelGraph, substitute, cache=None):
+    def __init__(self, mg: ModelGraph, substitute, cache=None, top=False):
         self.mg = mg
+        self.top = top  # the outermost model: a RewrittenModel that reads/writes the original's weight files
         self.substitute = substitute
         self.cache = {} if cache is None else cache  # id(old layer) -> new layer, across nesting
         self.transfers = []  # (implementation or None, old, new, spec)
@@ -248,7 +249,13 @@ class _Rebuilder:
 
         inputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], fn._inputs_struct)
         outputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], fn._outputs_struct)
-        model = keras.Model(inputs=inputs, outputs=outputs, name=self.mg.source.name)
+        if self.top:
+            from .weights import RewrittenModel, weight_layout
+
+            model = RewrittenModel(inputs=inputs, outputs=outputs, name=self.mg.source.name,
+                                   convrewrite_weight_layout=weight_layout(self.mg.source))
+        else:
+            model = keras.Model(inputs=inputs, outputs=outputs, name=self.mg.source.name)
         for impl, old, new, spec in self.transfers:
             if impl is None:
                 _copy_weights(old, new)
@@ -320,7 +327,13 @@ def recreate(op, path: str = ""):
         # The layer already lives in this process, so re-creating it is not a deserialization risk
         # (Lambda layers refuse safe mode otherwise).
         with serialization_lib.SafeModeScope(False):
-            return type(op).from_config(live_config(op))
+            config = live_config(op)
+            new = type(op).from_config(config)
+        if "name" not in config and getattr(new, "name", None) != getattr(op, "name", None):
+            # A custom layer whose get_config() leaves out `name` would come back auto-named ("x_1"): keep the
+            # original's name, which the plan, the verification report and weight files address it by.
+            new.name = op.name
+        return new
     except Exception as exc:  # noqa: BLE001 - any failure means the layer cannot be copied faithfully
         if not getattr(op, "weights", None) and not _is_model(op):
             return op

@@ -122,8 +122,13 @@ class Direct(Implementation):
         return True, ""
 
     def make_layer(self, layer, spec, **options):
-        from .graph import recreate
+        from .graph import live_config, recreate
+        from .spec import keras_class
 
+        cls = keras_class(layer)
+        if cls is not None and type(layer) is not cls:  # a replacement layer (e.g. FFT) back to Keras's own
+            extra = type(layer).__dict__.get("convrewrite_extra_config", ())
+            return cls.from_config({k: v for k, v in live_config(layer).items() if k not in extra})
         return recreate(layer)
 
     def features(self, spec):

@@ -280,3 +280,48 @@ def test_unknown_spatial_size():
     model = keras.Model(x, keras.layers.Conv2D(6, 3, groups=3, padding="same", name="g")(x))
     assert walk(model).sites[0].spec.height is None
     optimize_and_check(model)
+
+
+class _NameLessConfig(keras.layers.Layer):
+    """A custom layer whose get_config() leaves `name` out."""
+
+    def __init__(self, units=3):
+        super().__init__()
+        self.units = units
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1], self.units))
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.w)
+
+    def get_config(self):
+        return {"units": self.units}
+
+
+def test_custom_layer_whose_config_lacks_name_keeps_its_name():
+    """Issue 15 reproduction: such a layer came back auto-named ("..._1") in the optimized model."""
+    x = keras.Input((8, 8, 2))
+    h = keras.layers.Conv2D(4, 3, name="c")(x)
+    model = keras.Model(x, _NameLessConfig(3)(h))
+    fast = convrewrite.optimize(model, cost_model=None)
+    assert [layer.name for layer in fast.layers] == [layer.name for layer in model.layers]
+
+
+def test_an_optimized_model_can_be_re_planned():
+    """Issue 15 reproduction: the FFT layers of an optimized model were no longer sites, so optimizing it
+    again could not change its mind. They are sites of their own kind, and `direct` turns them back into
+    Keras's layers."""
+    x = keras.Input((16, 16, 3))
+    h = keras.layers.Conv2D(4, 9, padding="same", name="a")(x)
+    h = keras.layers.DepthwiseConv2D(7, padding="same", name="d")(h)
+    model = keras.Model(x, h)
+    fast = convrewrite.optimize(model, plan=convrewrite.plan(model, cost_model=None).force("a", "fft").force("d", "fft"))
+    plan = convrewrite.plan(fast, cost_model=None)
+    assert [r.site for r in plan] == ["a", "d"] and plan.row("d").spec.kind == "depthwise_conv2d"
+    again = convrewrite.optimize(fast, plan=plan.force("a", "direct").force("d", "fft-tiled", tile_size=5))
+    kinds = {layer.name: type(layer).__name__ for layer in again.layers}
+    assert kinds["a"] == "Conv2D" and kinds["d"] == "FFTDepthwiseConv2D" and again.get_layer("d").tile_size == (5, 5)
+    data = np.random.default_rng(0).standard_normal((1, 16, 16, 3)).astype("float32")
+    want = np.asarray(model(data))
+    assert np.abs(np.asarray(again(data)) - want).max() <= 1e-5 * np.abs(want).max()

@@ -605,6 +605,9 @@ class FFTConv2D(_FFTConvMixin, keras.layers.Conv2D):
     x: (batch, H, W, Cin) (or channels_first) -> same as Conv2D. Computes in float32 under any policy.
     """
 
+    convrewrite_keras_class = keras.layers.Conv2D  # a conv site: an optimized model can be re-planned
+    convrewrite_extra_config = ("tile_size",)  # config keys the Keras class does not take
+
     def __init__(self, *args, tile_size=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_fft(tile_size)
@@ -621,6 +624,9 @@ class FFTDepthwiseConv2D(_FFTConvMixin, keras.layers.DepthwiseConv2D):
     Same arguments and weights as DepthwiseConv2D (kernel (kh, kw, C, depth_multiplier), bias
     (C * depth_multiplier,)), plus `tile_size` as in FFTConv2D. Output channel c * M + m, as Keras.
     """
+
+    convrewrite_keras_class = keras.layers.DepthwiseConv2D
+    convrewrite_extra_config = ("tile_size",)
 
     def __init__(self, *args, tile_size=None, **kwargs):
         super().__init__(*args, **kwargs)
