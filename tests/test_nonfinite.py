@@ -294,3 +294,22 @@ def test_property_optimized_models_match_keras_pattern_for_pattern():
             where = f"case {case}: {forced} {kinds}"
             assert nonfinite_mismatches(got, want) == 0, where
             assert relative_error(got, want) <= 1e-4, where
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, "huge"])
+def test_pac_replacements_follow_keras_pattern_for_pattern(rng, value):
+    """PAC layers at conversion compute the convolution tap by tap, so non-finite values spread exactly to
+    the windows that see them, as in Keras."""
+    inp = keras.Input((12, 12, 3))
+    h = keras.layers.Conv2D(4, 5, padding="same", name="a")(inp)
+    h = keras.layers.Conv2D(2, 3, padding="valid", name="b")(h)
+    m = keras.Model(inp, h)
+    fast = convrewrite.optimize(m, cost_model=None, pac={"layers": ["a", "b"]})
+    assert {type(layer).__name__ for layer in fast.layers} >= {"PacConv2D"}
+    x = rng.standard_normal((2, 12, 12, 3)).astype("float32")
+    if value == "huge":
+        x = (x / np.abs(x).max() * 3e38).astype("float32")
+    else:
+        x[0, 4, 4, 1] = value
+    with np.errstate(all="ignore"):
+        assert _same_pattern(np.asarray(fast(x)), np.asarray(m(x))) <= 1e-4
