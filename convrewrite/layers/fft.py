@@ -438,17 +438,22 @@ class _FFTConvMixin:
         return kernel, bias
 
     def _spectrum(self, kernel, plan, training):
+        """(kernel spectrum for `plan`, L) where L is the largest L1 norm of one output channel's kernel taps
+        (see `_fft_is_exact`); both cached per kernel value outside training."""
         groups, cg, cout = self._grouping()
         kernel = ops.reshape(kernel, tuple(self.kernel_size) + (cg, cout))
 
         def compute(k):
             return kernel_spectrum(k, plan, groups, self.dilation_rate)
 
+        def bound(k):
+            return ops.max(ops.sum(ops.abs(k), axis=(0, 1, 2)))
+
         cacheable = self._spectrum_cache is not None and plan.spectrum_key() == self._fft_plan.spectrum_key()
         if training or not cacheable:
             # Training: the kernel changes every step, so caching would only add writes.
-            return compute(kernel)
-        return backend.cached_transform(kernel, self._spectrum_cache, compute)
+            return compute(kernel), bound(kernel)
+        return backend.cached_transform(kernel, self._spectrum_cache, compute, aux=bound)
 
     def call(self, inputs, training=None):
         """The FFT result where it provably equals Keras's, else Keras's own computation for this call.
@@ -456,7 +461,7 @@ class _FFTConvMixin:
         The transform mixes every input value into every frequency, so one NaN or Inf in the input would
         fill the whole output with NaN (Keras: only the outputs whose window sees it), and values near the
         dtype's range overflow inside the transform where the direct sum does not. One reduction,
-        max |x|, decides per call (see `_fft_is_exact`): finite and in range -> FFT; otherwise the
+        ||x||_2, decides per call (see `_fft_is_exact`): finite and in range -> FFT; otherwise the
         direct convolution of the Keras base class, which gives Keras's result bit for bit (NaN and Inf
         where Keras puts them, Keras's error for an input smaller than the kernel)."""
         h, w = self._spatial(inputs.shape)
@@ -464,8 +469,12 @@ class _FFTConvMixin:
             return super().call(inputs)  # Keras's own handling (an error), not an empty FFT result
         x = ops.cast(inputs, "float32")
         kernel, bias = self._float32_weights()
-        return ops.cond(self._fft_is_exact(x, kernel, bias, h, w),
-                        lambda: self._fft_call(x, kernel, bias, training),
+        plan = self._plan_for(h, w)
+        spectrum, lip = self._spectrum(kernel, plan, training)
+        # The FFT runs inside the branch, not beside the cond: a result computed from a NaN/Inf/overflowing
+        # input would, even unused, pass NaN into the weights' gradients (0 * Inf in its backward pass).
+        return ops.cond(self._fft_is_exact(x, lip, bias, plan),
+                        lambda: self._fft_call(x, spectrum, bias, plan),
                         lambda: ops.cast(super(_FFTConvMixin, self).call(inputs), self.compute_dtype))
 
     def _smaller_than_kernel(self, h, w):
@@ -475,32 +484,34 @@ class _FFTConvMixin:
         eh, ew = _effective(self.kernel_size, self.dilation_rate)
         return (h is not None and h < eh) or (w is not None and w < ew)
 
-    def _fft_is_exact(self, x, kernel, bias, h, w):
+    def _fft_is_exact(self, x, lip, bias, plan):
         """Scalar bool: this call's FFT result equals the direct one to float rounding.
 
-        Let m = max |x| and L = the largest L1 norm of one output channel's kernel taps (the most any output
-        or partial sum can grow per unit of input). Every direct partial sum is bounded by m * L + max |b|,
-        and every value inside the transforms by (P Q)^2 m L (forward: P Q m per bin; per-bin products:
-        times L; unnormalized inverse: times P Q). The FFT path is taken only when
-          * m and L are finite (a NaN or Inf anywhere makes m NaN or Inf, and comparisons with NaN are False),
-          * (P Q)^2 m L stays below float32's max / 4 (no overflow inside the transforms),
-          * m L + max |b| stays below the compute dtype's max / 4 (so Keras's own sums cannot overflow either:
-            under float16 the direct layer saturates to Inf above 65504 where float32 FFTs would not),
-          * m L is 0 or above 2^-100 (so nothing the transforms compute is subnormal and flushed to zero),
+        Let n = ||x||_2 (one pass over x; n >= max |x|) and L = `lip`, the largest L1 norm of one output
+        channel's kernel taps (the most any output or partial sum grows per unit of input; cached with the
+        kernel spectrum). Every value inside the transforms is bounded by (P Q)^2 n L (forward: P Q max|x| per
+        bin; per-bin products: times L; unnormalized inverse: times P Q). The FFT path is taken only when
+          * n and L are finite: a NaN or Inf anywhere in x or the kernel makes them NaN or Inf (and comparisons
+            with NaN are False); so does |x| above ~1.8e19, whose square overflows (such calls go direct too),
+          * (P Q)^2 n L stays below float32's max / 4 (no overflow inside the transforms),
+          * n L is above 2^-40: nothing the transforms compute comes near float32's subnormal range (an
+            all-zero or tiny input or kernel takes the direct path, exact and as fast as Keras),
+          * under a float16 compute dtype, max |x| L + max |b| stays below 65504 / 4, so Keras's own float16
+            sums cannot overflow where the float32 transforms would not (this costs a second pass, max/min),
           * under VALID padding with a spatial size unknown until now, the input is at least the kernel.
-        Cost: one pass over x (the transform itself makes several) and one over the kernel."""
-        groups, cg, cout = self._grouping()
-        grouped = ops.reshape(kernel, tuple(self.kernel_size) + (cg, cout))
-        m = ops.max(ops.abs(x))
-        lip = ops.max(ops.sum(ops.abs(grouped), axis=(0, 1, 2)))
-        scale = m * lip
-        out_bound = scale if bias is None else scale + ops.max(ops.abs(bias))  # NaN/Inf bias: not finite
-        plan = self._plan_for(h, w)
+        Otherwise the call runs Keras's direct convolution."""
+        # (A NaN/Inf bias needs no check: added after the convolution, it makes its whole channel NaN/Inf in
+        # both computations alike.)
+        scale = backend.l2_norm(x) * lip
         p, q = plan.fft_shape
         f32_max = 3.4028234663852886e38
+        ok = ops.logical_and(scale < f32_max / 4 / float(p * q) ** 2, scale > 2.0 ** -40)
         compute_max = _dtype_max(self.compute_dtype)
-        ok = ops.logical_and(scale * float(p * q) ** 2 < f32_max / 4, out_bound < compute_max / 4)
-        ok = ops.logical_and(ok, ops.logical_or(scale == 0, scale > 2.0 ** -100))
+        if compute_max < f32_max:  # float16: Keras's sums saturate at 65504
+            m = ops.maximum(ops.max(x), -ops.min(x))
+            out_bound = m * lip if bias is None else m * lip + ops.max(ops.abs(bias))
+            ok = ops.logical_and(ok, out_bound < compute_max / 4)
+        h, w = self._spatial(x.shape)
         if self.padding == "valid" and (h is None or w is None):
             eh, ew = _effective(self.kernel_size, self.dilation_rate)
             hh, ww = self._spatial(ops.shape(x))
@@ -513,10 +524,8 @@ class _FFTConvMixin:
             plan = self._make_plan(h, w)  # called on another size than built for: correct, uncached
         return plan
 
-    def _fft_call(self, x, kernel, bias, training):
-        h, w = self._spatial(x.shape)
-        plan = self._plan_for(h, w)
-        spectrum = self._spectrum(kernel, plan, training)
+    def _fft_call(self, x, spectrum, bias, plan):
+        """The FFT computation alone: x float32 in the layer's layout -> output (bias, activation applied)."""
         groups, cg, _ = self._grouping()
         if plan.tiled:
             y = self._tiled(x, spectrum, plan, groups, cg)
