@@ -27,7 +27,8 @@ class Site:
     """One convolution layer of the model (a shared layer is one site, whatever its call count).
 
     path: the layer's name prefixed by the names of the models that enclose it ("backbone/conv3").
-    spec: described from the layer's first call. aliases: the layer's other paths, when it is called both
+    spec: described from the layer's first call; specs: one per distinct input shape it is called with (a
+    layer shared at several sizes is planned with all of them). aliases: the layer's other paths, when it is called both
     in a model and in a model nested in it (one site all the same: it is replaced once, still shared).
     """
 
@@ -36,6 +37,11 @@ class Site:
     spec: ConvSpec
     calls: int = 1
     aliases: List[str] = dataclasses.field(default_factory=list)  # other paths of the same layer (nesting)
+    specs: List[ConvSpec] = dataclasses.field(default_factory=list)  # every distinct call's spec, first first
+
+    def __post_init__(self):
+        if not self.specs:
+            self.specs = [self.spec]
 
     @property
     def name(self) -> str:
@@ -96,7 +102,11 @@ class ModelGraph:
             self.layers[path] = op
             if id(op) in seen:
                 if isinstance(seen[id(op)], Site):
-                    seen[id(op)].calls += 1
+                    site = seen[id(op)]
+                    site.calls += 1
+                    spec = spec_from_layer(op, tuple(node.input_tensors[0].shape))
+                    if spec not in site.specs:
+                        site.specs.append(spec)
                 continue
             if _is_model(op):
                 child = ModelGraph(op, prefix=path + "/")
@@ -122,6 +132,7 @@ class ModelGraph:
                     if path != existing.path and path not in existing.aliases:
                         existing.aliases.append(path)
                 existing.calls += site.calls
+                existing.specs.extend(s for s in site.specs if s not in existing.specs)
                 return existing
         self.sites.append(site)
         return site

@@ -370,6 +370,18 @@ def choose_for_spec(spec: ConvSpec, cost_model, candidates: Dict[str, str], marg
     return choice, reason, predicted
 
 
+class _AllCalls:
+    """A cost model predicting one site's calls at all its input sizes: the sum over `specs` (None if any is
+    unknown), whatever spec it is asked about."""
+
+    def __init__(self, cost_model, specs):
+        self.cost_model, self.specs = cost_model, specs
+
+    def predict_ms(self, impl_name, spec):
+        times = [self.cost_model.predict_ms(impl_name, s) for s in self.specs]
+        return None if any(t is None for t in times) else float(sum(times))
+
+
 def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8, margin: float = DIRECT_MARGIN,
               memory_limit=None, rtol: Optional[float] = None) -> Plan:
     """Choose an implementation per site of a walked model.
@@ -401,15 +413,22 @@ def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8
     rows = []
     decisions = {}  # the same spec met twice is predicted (and measured) once
     for site in model_graph.sites:  # one per layer: the walk merges a layer's calls and nested paths
-        spec = site.spec if site.spec.batch else site.spec.with_input(batch=batch)
+        # a layer shared at several input sizes: every size must allow the choice, and predictions add up
+        specs = [s if s.batch else s.with_input(batch=batch) for s in getattr(site, "specs", None) or [site.spec]]
+        spec = specs[0]
         cands, constrained = {}, {}
         for name, (ok, why) in implementations.candidates(site.spec).items():
             if name == "pac" and site.path not in pac_sites:
                 continue
             if allow is not None and name not in allow and name not in ("direct", "pac"):
                 continue
+            for other in specs[1:]:
+                if ok:
+                    ok, why = implementations.get(name).applicable(other)
+                    why = why if ok else f"at the call on {other.short()}: {why}"
             if ok and (limit is not None or rtol is not None):
-                why = constraint_violation(name, spec, limit, rtol, pac_options if name == "pac" else None)
+                for each in specs:
+                    why = why or constraint_violation(name, each, limit, rtol, pac_options if name == "pac" else None)
                 if why:
                     constrained[name] = why
             cands[name] = why if (not ok or name in constrained) else ""
@@ -420,9 +439,10 @@ def make_plan(model_graph, cost_model=None, allow=None, pac=None, batch: int = 8
                 left_out = f"; pac left out: {constrained['pac']}"
             else:
                 raise PlanError(f"Site '{site.path}' ({site.spec.short()}) cannot become PAC: {cands.get('pac', 'pac is not registered')}.")
-        key = (spec, tuple(sorted(cands.items())))
+        key = (tuple(specs), tuple(sorted(cands.items())))
         if key not in decisions:
-            decisions[key] = choose_for_spec(spec, cost_model, cands, margin)
+            model = cost_model if len(specs) == 1 or cost_model is None else _AllCalls(cost_model, specs)
+            decisions[key] = choose_for_spec(spec, model, cands, margin)
         choice, reason, predicted = decisions[key]
         excluded = [f"{k} ({v})" for k, v in constrained.items() if k != "pac"]
         if excluded:

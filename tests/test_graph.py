@@ -325,3 +325,30 @@ def test_an_optimized_model_can_be_re_planned():
     data = np.random.default_rng(0).standard_normal((1, 16, 16, 3)).astype("float32")
     want = np.asarray(model(data))
     assert np.abs(np.asarray(again(data)) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+class _HeightCost:
+    """A stand-in cost model: ms = spatial height (so sums over calls are visible)."""
+
+    name = "height"
+
+    def predict_ms(self, impl_name, spec):
+        return None if spec.height is None else float(spec.height) * (1.0 if impl_name == "direct" else 2.0)
+
+
+def test_a_layer_shared_at_two_input_sizes_is_planned_with_both():
+    """Issue 15 reproduction: a layer shared at two input sizes was planned and predicted for its first call
+    only. Now the site lists both specs, a candidate must apply at both, and predictions add up."""
+    conv = keras.layers.Conv2D(4, 9, padding="same", name="shared")
+    small, large = keras.Input((16, 16, 3), name="small"), keras.Input((None, None, 3), name="large")
+    model = keras.Model([small, large], [conv(small), conv(large)])
+    site = walk(model).sites[0]
+    assert sorted(str(s.height) for s in site.specs) == ["16", "None"] and site.calls == 2
+    plan = convrewrite.plan(model, cost_model=None)
+    assert plan.row("shared").candidates["fft"] != ""  # full FFT needs a known size at every call
+    assert plan.row("shared").candidates["fft-tiled"] == ""
+    a, b = keras.Input((16, 16, 3)), keras.Input((32, 32, 3))
+    conv2 = keras.layers.Conv2D(4, 9, padding="same", name="shared2")
+    two = keras.Model([a, b], [conv2(a), conv2(b)])
+    row = convrewrite.plan(two, cost_model=_HeightCost()).row("shared2")
+    assert row.predicted_ms["direct"] == 16.0 + 32.0
