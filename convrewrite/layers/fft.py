@@ -471,8 +471,8 @@ class _FFTConvMixin:
         kernel, bias = self._float32_weights()
         plan = self._plan_for(h, w)
         spectrum, lip = self._spectrum(kernel, plan, training)
-        # The FFT runs inside the branch, not beside the cond: a result computed from a NaN/Inf/overflowing
-        # input would, even unused, pass NaN into the weights' gradients (0 * Inf in its backward pass).
+        # The FFT runs inside its branch, not beside the cond: a call routed to Keras's branch does not compute
+        # it at all, and nothing computed from a NaN/Inf/overflowing input is left in the graph for gradients.
         return ops.cond(self._fft_is_exact(x, lip, bias, plan),
                         lambda: self._fft_call(x, spectrum, bias, plan),
                         lambda: ops.cast(super(_FFTConvMixin, self).call(inputs), self.compute_dtype))
