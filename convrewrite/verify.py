@@ -129,6 +129,10 @@ class VerificationReport:
             note = f" ({c.nonfinite_mismatches} positions with a different NaN/Inf pattern)" if c.nonfinite_mismatches else ""
             lines.append(f"{label:<40} {c.implementation:<12} {c.rel_error:>10.2e} {ref:>10} {c.tolerance:>8.0e}  "
                          f"{'ok' if c.passed else 'FAIL'}{note}")
+        kinds = sorted({c.inputs for c in self.checks})
+        if kinds:
+            lines.append("inputs: " + ", ".join({"given": "the given inputs (each site: what it sees on them)",
+                                                 "random": "random normal"}.get(k, k) for k in kinds))
         for f in self.fallbacks:
             lines.append(f"fell back: {f['site']} {f['from']} -> {f['to']} ({f['why']})")
         lines.append("PASSED" if self.passed else f"FAILED: {[c.name for c in self.checks if not c.passed]}")

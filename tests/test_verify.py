@@ -47,6 +47,7 @@ def test_verify_same_model_with_nan_inputs_passes(rng):
     report = convrewrite.verify(m, m, inputs=_nan_input(rng))
     assert report.passed, report.summary()
     assert {c.inputs for c in report.checks} == {"given"}
+    assert "inputs: the given inputs" in report.summary()
 
 
 def test_optimize_direct_with_nan_inputs_does_not_raise(rng):
