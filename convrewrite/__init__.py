@@ -10,7 +10,8 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from . import reference  # noqa: I001  pure numpy: usable without TensorFlow
-from .errors import ConvRewriteError, PlanError, ProfileError, UnsupportedModelError, VerificationError
+from .errors import (ConvRewriteError, PlanError, ProfileError, UnsupportedModelError, VerificationError,
+                     WeightFileError)
 from .spec import ConvSpec
 
 try:
@@ -27,6 +28,7 @@ try:
     from .planner import Plan, PlanRow
     from .profile import profile_device
     from .verify import VerificationReport
+    from .weights import RewrittenModel, transfer_weights
 except ModuleNotFoundError as _exc:  # no backend: only the numpy reference (and ConvSpec) work
     if (_exc.name or "").split(".")[0] not in ("tensorflow", "jax", "torch"):
         raise
@@ -43,7 +45,9 @@ from .version import __version__  # noqa: E402
 
 __all__ = [
     "optimize", "plan", "verify", "build", "profile_device", "CostModel", "fingerprint", "device", "profiles",
+    "transfer_weights", "RewrittenModel",
     "layers", "reference", "implementations",
     "Plan", "PlanRow", "ConvSpec", "VerificationReport",
     "ConvRewriteError", "PlanError", "ProfileError", "UnsupportedModelError", "VerificationError",
+    "WeightFileError",
 ]

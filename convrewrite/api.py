@@ -11,6 +11,7 @@ from .errors import PlanError, VerificationError
 from .graph import walk
 from .planner import Plan, check_rtol, make_plan, parse_memory_limit
 from . import profile as profiling
+from .spec import keras_class
 from .verify import VerificationReport, verify as _verify
 
 SPEED_CHECK_ENV = "CONVREWRITE_CHECK_SPEED"
@@ -76,8 +77,11 @@ def build(model, plan: Plan):
 
     def substitute(site):
         row = rows.get(site.path)
-        if row is None or row.choice == "direct":
+        if row is None:
             return None
+        if row.choice == "direct":
+            # Keras's own layer stays as it is; a replacement layer (re-planning an optimized model) goes back
+            return None if type(site.layer) is keras_class(site.layer) else (implementations.get("direct"), {})
         return implementations.get(row.choice), dict(row.options)
 
     return graph.rebuild(substitute)
@@ -169,13 +173,24 @@ def _build_verified(model, plan: Plan, verify: bool, inputs, rtol):
         report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
         report.fallbacks = fallbacks
     if not report.passed:
-        raise VerificationError(
-            f"Optimized model '{model.name}' differs from the original beyond tolerance at "
-            f"{[c.name for c in report.checks if not c.passed]} even after falling back; the original is unchanged.\n"
-            + report.summary(),
-            report=report,
-        )
+        raise VerificationError(_failure_message(model, report), report=report)
     return new, report
+
+
+def _failure_message(model, report) -> str:
+    """One sentence on what failed and what was (or was not) done about it, then the report's table."""
+    failing = [c.name for c in report.checks if not c.passed]
+    if report.fallbacks:
+        done = (f"even after falling back to direct at {[f['site'] for f in report.fallbacks]}")
+    elif report.failing_sites:
+        done = "and no site fell back, since every failing site already runs Keras's own layer (direct)"
+    else:
+        done = ("and no site fell back, since every per-site check passed (the difference only shows end "
+                "to end)")
+    nonfinite = [c.name for c in report.checks if c.nonfinite_mismatches]
+    detail = f" (NaN/Inf pattern differs at {nonfinite})" if nonfinite else ""
+    return (f"Optimized model '{model.name}' differs from the original beyond tolerance at {failing}{detail} "
+            f"{done}; the original is unchanged.\n" + report.summary())
 
 
 def _check_speed(model, new, plan: Plan, enabled: bool, inputs, batch: int, target: str = "auto") -> speed_check.SpeedCheck:

@@ -25,3 +25,7 @@ class VerificationError(ConvRewriteError):
 
 class PlanError(ConvRewriteError):
     """A plan names an unknown site or implementation, or one that does not apply."""
+
+
+class WeightFileError(ConvRewriteError):
+    """A weight file (or a source model) does not fit the model its weights are loaded into."""

@@ -27,7 +27,8 @@ class Site:
     """One convolution layer of the model (a shared layer is one site, whatever its call count).
 
     path: the layer's name prefixed by the names of the models that enclose it ("backbone/conv3").
-    spec: described from the layer's first call. aliases: the layer's other paths, when it is called both
+    spec: described from the layer's first call; specs: one per distinct input shape it is called with (a
+    layer shared at several sizes is planned with all of them). aliases: the layer's other paths, when it is called both
     in a model and in a model nested in it (one site all the same: it is replaced once, still shared).
     """
 
@@ -36,6 +37,11 @@ class Site:
     spec: ConvSpec
     calls: int = 1
     aliases: List[str] = dataclasses.field(default_factory=list)  # other paths of the same layer (nesting)
+    specs: List[ConvSpec] = dataclasses.field(default_factory=list)  # every distinct call's spec, first first
+
+    def __post_init__(self):
+        if not self.specs:
+            self.specs = [self.spec]
 
     @property
     def name(self) -> str:
@@ -98,7 +104,11 @@ class ModelGraph:
             self.layers[path] = op
             if id(op) in seen:
                 if isinstance(seen[id(op)], Site):
-                    seen[id(op)].calls += 1
+                    site = seen[id(op)]
+                    site.calls += 1
+                    spec = spec_from_layer(op, tuple(node.input_tensors[0].shape))
+                    if spec not in site.specs:
+                        site.specs.append(spec)
                 continue
             if _is_model(op):
                 child = ModelGraph(op, prefix=path + "/")
@@ -124,6 +134,7 @@ class ModelGraph:
                     if path != existing.path and path not in existing.aliases:
                         existing.aliases.append(path)
                 existing.calls += site.calls
+                existing.specs.extend(s for s in site.specs if s not in existing.specs)
                 return existing
         self.sites.append(site)
         return site
@@ -178,14 +189,15 @@ class ModelGraph:
         (re-created from config). Every other layer is re-created from its config; every weight is copied
         by value, so the new model shares no variables with the original. Shared layers stay shared.
         """
-        return _Rebuilder(self, substitute).run()
+        return _Rebuilder(self, substitute, top=True).run()
 
 
 class _Rebuilder:
     """One rebuild of one ModelGraph (nested models get a rebuilder of their own, cached per model)."""
 
-    def __init__(self, mg: ModelGraph, substitute, cache=None):
+    def __init__(self, mg: ModelGraph, substitute, cache=None, top=False):
         self.mg = mg
+        self.top = top  # the outermost model: a RewrittenModel that reads/writes the original's weight files
         self.substitute = substitute
         self.cache = {} if cache is None else cache  # id(old layer) -> new layer, across nesting
         self.transfers = []  # (implementation or None, old, new, spec)
@@ -207,7 +219,13 @@ class _Rebuilder:
         inputs_struct, outputs_struct = _keras.io_structs(self.mg.model)
         inputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], inputs_struct)
         outputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], outputs_struct)
-        model = keras.Model(inputs=inputs, outputs=outputs, name=self.mg.source.name)
+        if self.top:
+            from .weights import RewrittenModel, weight_layout
+
+            model = RewrittenModel(inputs=inputs, outputs=outputs, name=self.mg.source.name,
+                                   convrewrite_weight_layout=weight_layout(self.mg.source))
+        else:
+            model = keras.Model(inputs=inputs, outputs=outputs, name=self.mg.source.name)
         for impl, old, new, spec in self.transfers:
             if impl is None:
                 _copy_weights(old, new)
@@ -323,7 +341,13 @@ def recreate(op, path: str = ""):
         # The layer already lives in this process, so re-creating it is not a deserialization risk
         # (Lambda layers refuse safe mode otherwise).
         with serialization_lib.SafeModeScope(False):
-            return type(op).from_config(live_config(op))
+            config = live_config(op)
+            new = type(op).from_config(config)
+        if "name" not in config and getattr(new, "name", None) != getattr(op, "name", None):
+            # A custom layer whose get_config() leaves out `name` would come back auto-named ("x_1"): keep the
+            # original's name, which the plan, the verification report and weight files address it by.
+            new.name = op.name
+        return new
     except Exception as exc:  # noqa: BLE001 - any failure means the layer cannot be copied faithfully
         if not getattr(op, "weights", None) and not _is_model(op):
             return op

@@ -369,12 +369,14 @@ def make_plan(model_graph, cost_model=None, allow=None, policies=None, batch: in
     selected = _select_policy_sites(model_graph, policies or {}, cost_model)
     rows, decisions = [], {}  # the same spec met twice is predicted (and measured) once
     for site in model_graph.sites:  # one per layer: the walk merges a layer's calls and nested paths
-        spec = site.spec if site.spec.batch else site.spec.with_input(batch=batch)
-        cands, constrained = _site_candidates(site, spec, allow, selected, limit, rtol)
+        # a layer shared at several input sizes: every size must allow the choice, and predictions add up
+        specs = [s if s.batch else s.with_input(batch=batch) for s in getattr(site, "specs", None) or [site.spec]]
+        cands, constrained = _site_candidates(site, specs, allow, selected, limit, rtol)
         left_out = _drop_excluded_policy_sites(site, cands, constrained, selected)
-        key = (spec, tuple(sorted(cands.items())))
+        key = (tuple(specs), tuple(sorted(cands.items())))
         if key not in decisions:
-            decisions[key] = choose_for_spec(spec, cost_model, cands, margin)
+            model = cost_model if len(specs) == 1 or cost_model is None else _AllCalls(cost_model, specs)
+            decisions[key] = choose_for_spec(specs[0], model, cands, margin)
         choice, reason, predicted, provenance = decisions[key]
         excluded = [f"{k} ({v})" for k, v in constrained.items() if implementations.get(k).chosen_for_speed]
         if excluded:
@@ -414,9 +416,10 @@ def _select_policy_sites(model_graph, policies: dict, cost_model) -> Dict[str, "
     return selected
 
 
-def _site_candidates(site, spec, allow, selected, limit, rtol):
-    """({name: "" or why not}, {name: why a constraint excludes it}) for one site. Implementations chosen
-    by policy are candidates only where their policy selected the site."""
+def _site_candidates(site, specs, allow, selected, limit, rtol):
+    """({name: "" or why not}, {name: why a constraint excludes it}) for one site, called at `specs` (one
+    per distinct input size): a candidate must apply and meet the constraints at every one. Implementations
+    chosen by policy are candidates only where their policy selected the site."""
     cands, constrained = {}, {}
     for name, (ok, why) in implementations.candidates(site.spec).items():
         impl = implementations.get(name)
@@ -424,9 +427,14 @@ def _site_candidates(site, spec, allow, selected, limit, rtol):
             continue
         if allow is not None and impl.chosen_for_speed and name not in allow and name != "direct":
             continue
+        for other in specs[1:]:
+            if ok:
+                ok, why = impl.applicable(other)
+                why = why if ok else f"at the call on {other.short()}: {why}"
         if ok and (limit is not None or rtol is not None):
             options = selected[name].options if name in selected else None
-            why = constraint_violation(name, spec, limit, rtol, options)
+            for each in specs:
+                why = why or constraint_violation(name, each, limit, rtol, options)
             if why:
                 constrained[name] = why
         cands[name] = why if (not ok or name in constrained) else ""
@@ -478,6 +486,31 @@ def _apply_budget(plan: Plan, name: str, policy):
         else:
             r.reason = f"{name} left out: +{overhead:.3g} ms would exceed the {policy.budget:g}x budget"
     plan.policy_overhead[name] = total / base if base else 1.0
+
+
+class _AllCalls:
+    """A cost model predicting one site's calls at all its input sizes: the sum over `specs` (None if any
+    is unknown), whatever spec it is asked about; the band is the widest of the calls'."""
+
+    def __init__(self, cost_model, specs):
+        self.cost_model, self.specs = cost_model, specs
+
+    def prediction(self, impl_name, spec):
+        from .cost import Prediction
+
+        if not hasattr(self.cost_model, "prediction"):
+            ms = self.predict_ms(impl_name, spec)
+            return None if ms is None else Prediction(ms, "given", None)
+        parts = [self.cost_model.prediction(impl_name, s) for s in self.specs]
+        if any(p is None for p in parts):
+            return None
+        bands = [p.band for p in parts]
+        return Prediction(float(sum(p.ms for p in parts)), parts[0].source,
+                          None if any(b is None for b in bands) else max(bands))
+
+    def predict_ms(self, impl_name, spec):
+        times = [self.cost_model.predict_ms(impl_name, s) for s in self.specs]
+        return None if any(t is None for t in times) else float(sum(times))
 
 
 class _NoPolicy:

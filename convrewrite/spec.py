@@ -133,13 +133,24 @@ class ConvSpec:
         return f"{tag} {k} {s}{d} {self.padding} {self.in_channels}->{self.filters} @{hw}"
 
 
-def is_conv_site(layer) -> bool:
-    """True for the layer types the walker describes as sites.
+def keras_class(layer):
+    """The Keras class whose computation `layer` is known to perform, or None.
 
-    Exact types only: a subclass may override call(), so it is not known to compute a plain conv."""
+    Conv2D and DepthwiseConv2D themselves (exact types only: a subclass may override call(), so it is not
+    known to compute a plain conv), and convrewrite's own replacement layers, which name the Keras class they
+    compute in a `convrewrite_keras_class` attribute of their own class (not inherited, for the same reason):
+    so an optimized model's FFT layers are sites too, and optimizing it again can re-plan them."""
     import keras
 
-    return type(layer) in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+    t = type(layer)
+    if t in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D):
+        return t
+    return t.__dict__.get("convrewrite_keras_class")
+
+
+def is_conv_site(layer) -> bool:
+    """True for the layer types the walker describes as sites (see `keras_class`)."""
+    return keras_class(layer) is not None
 
 
 def spec_from_layer(layer, input_shape) -> ConvSpec:
@@ -181,7 +192,7 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
         dtype=dtype,
         data_format=data_format,
     )
-    if type(layer) is keras.layers.DepthwiseConv2D:
+    if keras_class(layer) is keras.layers.DepthwiseConv2D:
         m = int(config["depth_multiplier"])
         return ConvSpec(kind="depthwise_conv2d", filters=int(cin) * m, groups=int(cin), depth_multiplier=m, **common)
     return ConvSpec(kind="conv2d", filters=int(config["filters"]), groups=int(config.get("groups", 1)), **common)

@@ -31,16 +31,50 @@ def default_tolerance(dtype_name: str) -> float:
     return 1e-5
 
 
+def nonfinite_mismatches(actual, expected) -> int:
+    """How many positions differ in kind between the two: NaN vs not NaN, +Inf vs not +Inf, -Inf vs not -Inf.
+
+    Two results are only equivalent when their non-finite values land in the same places with the same
+    kind; shapes that differ count as every position."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        return max(actual.size, expected.size, 1)
+    bad = ((np.isnan(actual) != np.isnan(expected))
+           | ((actual == np.inf) != (expected == np.inf))
+           | ((actual == -np.inf) != (expected == -np.inf)))
+    return int(np.count_nonzero(bad))
+
+
 def relative_error(actual, expected) -> float:
+    """Normwise relative error of the finite parts: max |actual - expected| / max |expected| over the
+    positions where both are finite; inf when the shapes differ or the non-finite patterns do (NaN where
+    NaN, +Inf where +Inf, -Inf where -Inf is required; see `nonfinite_mismatches`)."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     if actual.shape != expected.shape:
         return float("inf")
     if not expected.size:
         return 0.0
-    scale = float(np.max(np.abs(expected)))
-    err = float(np.max(np.abs(actual - expected)))
+    if nonfinite_mismatches(actual, expected):
+        return float("inf")
+    finite = np.isfinite(expected)
+    if not finite.any():
+        return 0.0
+    a, e = actual[finite], expected[finite]
+    scale = float(np.max(np.abs(e)))
+    err = float(np.max(np.abs(a - e)))
     return err / scale if scale > 0 else err
+
+
+def max_abs_difference(actual, expected) -> float:
+    """max |actual - expected| over the positions where both are finite (inf for different shapes)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        return float("inf")
+    both = np.isfinite(actual) & np.isfinite(expected)
+    return float(np.max(np.abs(actual[both] - expected[both]))) if both.any() else 0.0
 
 
 @dataclasses.dataclass
@@ -56,6 +90,8 @@ class Check:
     implementation: str = ""
     rel_error_new_vs_reference: Optional[float] = None
     rel_error_original_vs_reference: Optional[float] = None
+    nonfinite_mismatches: int = 0  # positions whose NaN / +Inf / -Inf pattern differs (then rel_error is inf)
+    inputs: str = "random"  # "random" (a fresh normal sample) or "given" (what the site saw on the user's inputs)
 
 
 @dataclasses.dataclass
@@ -92,8 +128,13 @@ class VerificationReport:
         for c in self.checks:
             ref = "-" if c.rel_error_new_vs_reference is None else f"{c.rel_error_new_vs_reference:.2e}"
             label = f"{c.kind}:{c.name}"
+            note = f" ({c.nonfinite_mismatches} positions with a different NaN/Inf pattern)" if c.nonfinite_mismatches else ""
             lines.append(f"{label:<40} {c.implementation:<12} {c.rel_error:>10.2e} {ref:>10} {c.tolerance:>8.0e}  "
-                         f"{'ok' if c.passed else 'FAIL'}")
+                         f"{'ok' if c.passed else 'FAIL'}{note}")
+        kinds = sorted({c.inputs for c in self.checks})
+        if kinds:
+            lines.append("inputs: " + ", ".join({"given": "the given inputs (each site: what it sees on them)",
+                                                 "random": "random normal"}.get(k, k) for k in kinds))
         for f in self.fallbacks:
             lines.append(f"fell back: {f['site']} {f['from']} -> {f['to']} ({f['why']})")
         lines.append("PASSED" if self.passed else f"FAILED: {[c.name for c in self.checks if not c.passed]}")
@@ -129,27 +170,80 @@ def _numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32") if "16" in str(x.dtype) else x))
 
 
+def _native(x):
+    """x as a numpy array of its own dtype (float16 stays float16: a site is fed what it saw)."""
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def site_inputs(model, inputs) -> dict:
+    """{site path: the input tensor (numpy) that site's layer receives on its first call when `model` runs
+    on `inputs`} for every conv site, nested models included.
+
+    Built from sub-models of the model's own graph (inputs -> each site's input tensor), so it is exactly
+    what the site sees in that run; nested models are entered with what they receive."""
+    out = {}
+    _capture(walk(model), inputs, out)
+    return out
+
+
+def _capture(mg, inputs, out):
+    import keras
+
+    targets = []  # (site path or child graph, [KerasTensor, ...])
+    for site in mg.own_sites:
+        node = mg.graph.nodes[mg.node_for_layer_name(site.layer.name)]["node"]
+        targets.append((site.path, [node.input_tensors[0]]))
+    for child in mg.children.values():
+        node = mg.graph.nodes[mg.node_for_layer_name(child.source.name)]["node"]
+        targets.append((child, list(node.input_tensors)))
+    if not targets:
+        return
+    flat = [t for _, tensors in targets for t in tensors]
+    probe = keras.Model(mg.model._inputs_struct, flat, name=f"{mg.model.name}_site_inputs")
+    values = keras.tree.flatten(probe(inputs, training=False))
+    i = 0
+    for target, tensors in targets:
+        got = values[i:i + len(tensors)]
+        i += len(tensors)
+        if isinstance(target, str):
+            out.setdefault(target, _native(got[0]))
+        else:
+            _capture(target, got[0] if len(got) == 1 else got, out)
+
+
 def check_site(site, new_layer, seed: int = 0, spatial: int = 16, batch: int = 2, rtol=None, reference=True,
-               implementation=None) -> Check:
-    """Compare a replacement layer with the original on a fresh random input of the site's shape."""
+               implementation=None, x=None) -> Check:
+    """Compare a replacement layer with the original on `x` (what the site saw on the user's inputs), or,
+    when x is None, on a fresh random normal input of the site's shape."""
     spec = site.spec
-    rng = np.random.default_rng(seed)
-    h = spec.height or spatial
-    w = spec.width or spatial
-    b = spec.batch or batch
-    shape = (b, spec.in_channels, h, w) if spec.data_format == "channels_first" else (b, h, w, spec.in_channels)
-    x = rng.standard_normal(shape).astype("float32")
+    given = x is not None
+    if not given:
+        rng = np.random.default_rng(seed)
+        h = spec.height or spatial
+        w = spec.width or spatial
+        b = spec.batch or batch
+        shape = (b, spec.in_channels, h, w) if spec.data_format == "channels_first" else (b, h, w, spec.in_channels)
+        x = rng.standard_normal(shape).astype("float32")
     impl = implementations.for_layer(new_layer)
     old = _numpy(site.layer(x))
     new = _numpy(impl.probe_call(new_layer, x))
     tol = default_tolerance(spec.dtype) if rtol is None else rtol
     err = relative_error(new, old)
-    check = Check(site.path, "site", err, float(np.max(np.abs(new - old))) if new.shape == old.shape else float("inf"),
-                  tol, bool(err <= tol), implementation or impl.name)
+    check = Check(site.path, "site", err, max_abs_difference(new, old), tol, bool(err <= tol),
+                  implementation or impl.name, nonfinite_mismatches=nonfinite_mismatches(new, old),
+                  inputs="given" if given else "random")
+    if spec.data_format == "channels_first":
+        b, h, w = x.shape[0], x.shape[2], x.shape[3]
+    else:
+        b, h, w = x.shape[0], x.shape[1], x.shape[2]
     if reference and (spec.with_input(b, h, w).macs() or 0) <= REFERENCE_MAX_MACS:
         from .reference import spec_forward
 
-        ref = spec_forward(spec, x, site.layer.get_weights(), activation=getattr(site.layer, "activation", None))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs give NaN/Inf, as they should
+            ref = spec_forward(spec, np.asarray(x, np.float32), site.layer.get_weights(),
+                               activation=getattr(site.layer, "activation", None))
         check.rel_error_new_vs_reference = relative_error(new, ref)
         check.rel_error_original_vs_reference = relative_error(old, ref)
     return check
@@ -160,22 +254,29 @@ def verify(original, new, inputs=None, rtol=None, sites=True, seed: int = 0, bat
     """Compare two models: every output end to end, and (if `sites`) every conv site in isolation.
 
     inputs: arrays in the model's input structure; default random normal (batch 2, unknown sizes 32).
+    Given, the per-site checks use them too: each site is fed what it receives when `original` runs on
+    them (see `site_inputs`); otherwise each site gets a random normal input of its own shape.
     rtol: tolerance; default by compute dtype (1e-5 float32, 1e-2 float16, 3e-2 bfloat16).
     plan: the Plan `new` was built from, to name each site's implementation in the report.
+    Equivalent means: the same shapes, NaN / +Inf / -Inf at the same positions, and the finite parts
+    within `rtol` in normwise relative error (see `relative_error`).
     """
     import keras
 
     checks = []
     if sites:
         new_layers = walk(new).layers
+        seen = site_inputs(original, inputs) if inputs is not None else {}
         for site in walk(original).all_sites():
             new_layer = new_layers.get(site.path)
             if new_layer is None:
                 checks.append(Check(site.path, "site", float("inf"), float("inf"), 0.0, False, "missing"))
                 continue
             chosen = plan.choices().get(site.path) if plan is not None else None
-            checks.append(check_site(site, new_layer, seed=seed, rtol=rtol, reference=reference, implementation=chosen))
-    if inputs is None:
+            checks.append(check_site(site, new_layer, seed=seed, rtol=rtol, reference=reference, implementation=chosen,
+                                     x=seen.get(site.path)))
+    given = inputs is not None
+    if not given:
         inputs = random_inputs(original, batch=batch, seed=seed)
     expected = keras.tree.flatten(original(inputs, training=False))
     actual = keras.tree.flatten(new(inputs, training=False))
@@ -187,8 +288,8 @@ def verify(original, new, inputs=None, rtol=None, sites=True, seed: int = 0, bat
         e, a = _numpy(e), _numpy(a)
         err = relative_error(a, e)
         name = names[i] if i < len(names) else f"output_{i}"
-        checks.append(Check(name, "output", err, float(np.max(np.abs(a - e))) if a.shape == e.shape else float("inf"),
-                            tol, bool(err <= tol)))
+        checks.append(Check(name, "output", err, max_abs_difference(a, e), tol, bool(err <= tol),
+                            nonfinite_mismatches=nonfinite_mismatches(a, e), inputs="given" if given else "random"))
     if len(expected) != len(actual):
         checks.append(Check("output count", "output", float("inf"), float("inf"), tol, False))
     return VerificationReport(checks)

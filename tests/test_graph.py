@@ -280,3 +280,75 @@ def test_unknown_spatial_size():
     model = keras.Model(x, keras.layers.Conv2D(6, 3, groups=3, padding="same", name="g")(x))
     assert walk(model).sites[0].spec.height is None
     optimize_and_check(model)
+
+
+class _NameLessConfig(keras.layers.Layer):
+    """A custom layer whose get_config() leaves `name` out."""
+
+    def __init__(self, units=3):
+        super().__init__()
+        self.units = units
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1], self.units))
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.w)
+
+    def get_config(self):
+        return {"units": self.units}
+
+
+def test_custom_layer_whose_config_lacks_name_keeps_its_name():
+    """Issue 15 reproduction: such a layer came back auto-named ("..._1") in the optimized model."""
+    x = keras.Input((8, 8, 2))
+    h = keras.layers.Conv2D(4, 3, name="c")(x)
+    model = keras.Model(x, _NameLessConfig(3)(h))
+    fast = convrewrite.optimize(model, cost_model=None)
+    assert [layer.name for layer in fast.layers] == [layer.name for layer in model.layers]
+
+
+def test_an_optimized_model_can_be_re_planned():
+    """Issue 15 reproduction: the FFT layers of an optimized model were no longer sites, so optimizing it
+    again could not change its mind. They are sites of their own kind, and `direct` turns them back into
+    Keras's layers."""
+    x = keras.Input((16, 16, 3))
+    h = keras.layers.Conv2D(4, 9, padding="same", name="a")(x)
+    h = keras.layers.DepthwiseConv2D(7, padding="same", name="d")(h)
+    model = keras.Model(x, h)
+    fast = convrewrite.optimize(model, plan=convrewrite.plan(model, cost_model=None).force("a", "fft").force("d", "fft"))
+    plan = convrewrite.plan(fast, cost_model=None)
+    assert [r.site for r in plan] == ["a", "d"] and plan.row("d").spec.kind == "depthwise_conv2d"
+    again = convrewrite.optimize(fast, plan=plan.force("a", "direct").force("d", "fft-tiled", tile_size=5))
+    kinds = {layer.name: type(layer).__name__ for layer in again.layers}
+    assert kinds["a"] == "Conv2D" and kinds["d"] == "FFTDepthwiseConv2D" and again.get_layer("d").tile_size == (5, 5)
+    data = np.random.default_rng(0).standard_normal((1, 16, 16, 3)).astype("float32")
+    want = np.asarray(model(data))
+    assert np.abs(np.asarray(again(data)) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+class _HeightCost:
+    """A stand-in cost model: ms = spatial height (so sums over calls are visible)."""
+
+    name = "height"
+
+    def predict_ms(self, impl_name, spec):
+        return None if spec.height is None else float(spec.height) * (1.0 if impl_name == "direct" else 2.0)
+
+
+def test_a_layer_shared_at_two_input_sizes_is_planned_with_both():
+    """Issue 15 reproduction: a layer shared at two input sizes was planned and predicted for its first call
+    only. Now the site lists both specs, a candidate must apply at both, and predictions add up."""
+    conv = keras.layers.Conv2D(4, 9, padding="same", name="shared")
+    small, large = keras.Input((16, 16, 3), name="small"), keras.Input((None, None, 3), name="large")
+    model = keras.Model([small, large], [conv(small), conv(large)])
+    site = walk(model).sites[0]
+    assert sorted(str(s.height) for s in site.specs) == ["16", "None"] and site.calls == 2
+    plan = convrewrite.plan(model, cost_model=None)
+    assert plan.row("shared").candidates["fft"] != ""  # full FFT needs a known size at every call
+    assert plan.row("shared").candidates["fft-tiled"] == ""
+    a, b = keras.Input((16, 16, 3)), keras.Input((32, 32, 3))
+    conv2 = keras.layers.Conv2D(4, 9, padding="same", name="shared2")
+    two = keras.Model([a, b], [conv2(a), conv2(b)])
+    row = convrewrite.plan(two, cost_model=_HeightCost()).row("shared2")
+    assert row.predicted_ms["direct"] == 16.0 + 32.0

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 __all__ = [
     "rfft2d", "irfft2d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
-    "complex_multiply", "conj", "frame", "bits_equal",
+    "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
     "SpectrumCache", "cached_transform", "resize_bilinear", "after", "tensorflow_device_details", "graph_function",
 ]
 
@@ -54,6 +54,13 @@ def rfft2d(x, fft_length):
 def irfft2d(x, fft_length):
     """Inverse of `rfft2d`: x: (..., P, Q // 2 + 1) complex64 -> (..., P, Q) float32."""
     return tf.signal.irfft2d(x, fft_length=[int(fft_length[0]), int(fft_length[1])])
+
+
+def l2_norm(x):
+    """sqrt(sum(x^2)) over all of x as a float32 scalar, in one pass without temporaries (NaN if x holds a NaN,
+    Inf if it holds an Inf or if the sum of squares overflows, i.e. some |x| > ~1.8e19). An upper bound on
+    max |x| at the cost of one read of x, the cheapest guard a per-call check can have."""
+    return tf.math.reduce_euclidean_norm(x)
 
 
 def conj(x):
@@ -142,12 +149,13 @@ class SpectrumCache(tf.Module):
             self.key = tf.Variable(tf.zeros(key_shape, tf.float32), trainable=False, name="key")
             self.value = tf.Variable(tf.zeros(value_shape, value_dtype), trainable=False, name="value")
             self.valid = tf.Variable(False, trainable=False, name="valid")
+            self.aux = tf.Variable(0.0, trainable=False, name="aux")  # a scalar derived with value (see cached_transform)
 
     def invalidate(self):
         self.valid.assign(False)
 
 
-def cached_transform(kernel, cache: SpectrumCache, compute):
+def cached_transform(kernel, cache: SpectrumCache, compute, aux=None):
     """compute(kernel), taken from `cache` when `kernel` is bit-identical to the kernel cached last.
 
     kernel: float32 tensor (the layer's current kernel value); compute: a differentiable function of
@@ -158,6 +166,9 @@ def cached_transform(kernel, cache: SpectrumCache, compute):
 
     Gradients flow to `kernel` as if compute(kernel) had been evaluated: the backward pass recomputes
     compute's vector-Jacobian product, so a GradientTape around an inference-mode call still trains.
+
+    aux: optionally a function of the kernel giving a float32 scalar (no gradient), cached beside the transform
+    under the same key; then (transform, aux scalar) is returned.
     """
     kernel = tf.convert_to_tensor(kernel, tf.float32)
 
@@ -165,7 +176,10 @@ def cached_transform(kernel, cache: SpectrumCache, compute):
     def lookup(k):
         def refresh():
             value = compute(k)
-            with tf.control_dependencies([cache.value.assign(value), cache.key.assign(k), cache.valid.assign(True)]):
+            updates = [cache.value.assign(value), cache.key.assign(k), cache.valid.assign(True)]
+            if aux is not None:
+                updates.append(cache.aux.assign(tf.cast(aux(k), tf.float32)))
+            with tf.control_dependencies(updates):
                 return tf.identity(value)
 
         hit = tf.logical_and(cache.valid, bits_equal(k, cache.key))
@@ -179,7 +193,11 @@ def cached_transform(kernel, cache: SpectrumCache, compute):
 
         return value, grad
 
-    return lookup(kernel)
+    value = lookup(kernel)
+    if aux is None:
+        return value
+    with tf.control_dependencies([value]):  # read after a refresh has stored it
+        return value, tf.identity(cache.aux.read_value())
 
 
 # ---- PAC: run-time resize and op ordering ---------------------------------------------------------

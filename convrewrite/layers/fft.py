@@ -435,26 +435,94 @@ class _FFTConvMixin:
         return kernel, bias
 
     def _spectrum(self, kernel, plan, training):
+        """(kernel spectrum for `plan`, L) where L is the largest L1 norm of one output channel's kernel taps
+        (see `_fft_is_exact`); both cached per kernel value outside training."""
         groups, cg, cout = self._grouping()
         kernel = ops.reshape(kernel, tuple(self.kernel_size) + (cg, cout))
 
         def compute(k):
             return kernel_spectrum(k, plan, groups, self.dilation_rate)
 
+        def bound(k):
+            return ops.max(ops.sum(ops.abs(k), axis=(0, 1, 2)))
+
         cacheable = self._spectrum_cache is not None and plan.spectrum_key() == self._fft_plan.spectrum_key()
         if training or not cacheable:
             # Training: the kernel changes every step, so caching would only add writes.
-            return compute(kernel)
-        return backend.cached_transform(kernel, self._spectrum_cache, compute)
+            return compute(kernel), bound(kernel)
+        return backend.cached_transform(kernel, self._spectrum_cache, compute, aux=bound)
 
     def call(self, inputs, training=None):
+        """The FFT result where it provably equals Keras's, else Keras's own computation for this call.
+
+        The transform mixes every input value into every frequency, so one NaN or Inf in the input would
+        fill the whole output with NaN (Keras: only the outputs whose window sees it), and values near the
+        dtype's range overflow inside the transform where the direct sum does not. One reduction,
+        ||x||_2, decides per call (see `_fft_is_exact`): finite and in range -> FFT; otherwise the
+        direct convolution of the Keras base class, which gives Keras's result bit for bit (NaN and Inf
+        where Keras puts them, Keras's error for an input smaller than the kernel)."""
+        h, w = self._spatial(inputs.shape)
+        if self._smaller_than_kernel(h, w):
+            return super().call(inputs)  # Keras's own handling (an error), not an empty FFT result
         x = ops.cast(inputs, "float32")
+        kernel, bias = self._float32_weights()
+        plan = self._plan_for(h, w)
+        spectrum, lip = self._spectrum(kernel, plan, training)
+        # The FFT runs inside its branch, not beside the cond: a call routed to Keras's branch does not compute
+        # it at all, and nothing computed from a NaN/Inf/overflowing input is left in the graph for gradients.
+        return ops.cond(self._fft_is_exact(x, lip, bias, plan),
+                        lambda: self._fft_call(x, spectrum, bias, plan),
+                        lambda: ops.cast(super(_FFTConvMixin, self).call(inputs), self.compute_dtype))
+
+    def _smaller_than_kernel(self, h, w):
+        """True when a VALID input is known (statically) to be smaller than the (dilated) kernel."""
+        if self.padding != "valid":
+            return False
+        eh, ew = _effective(self.kernel_size, self.dilation_rate)
+        return (h is not None and h < eh) or (w is not None and w < ew)
+
+    def _fft_is_exact(self, x, lip, bias, plan):
+        """Scalar bool: this call's FFT result equals the direct one to float rounding.
+
+        Let n = ||x||_2 (one pass over x; n >= max |x|) and L = `lip`, the largest L1 norm of one output
+        channel's kernel taps (the most any output or partial sum grows per unit of input; cached with the
+        kernel spectrum). Every value inside the transforms is bounded by (P Q)^2 n L (forward: P Q max|x| per
+        bin; per-bin products: times L; unnormalized inverse: times P Q). The FFT path is taken only when
+          * n and L are finite: a NaN or Inf anywhere in x or the kernel makes them NaN or Inf (and comparisons
+            with NaN are False); so does |x| above ~1.8e19, whose square overflows (such calls go direct too),
+          * (P Q)^2 n L stays below float32's max / 4 (no overflow inside the transforms),
+          * n L is above 2^-40: nothing the transforms compute comes near float32's subnormal range (an
+            all-zero or tiny input or kernel takes the direct path, exact and as fast as Keras),
+          * under a float16 compute dtype, max |x| L + max |b| stays below 65504 / 4, so Keras's own float16
+            sums cannot overflow where the float32 transforms would not (this costs a second pass, max/min),
+          * under VALID padding with a spatial size unknown until now, the input is at least the kernel.
+        Otherwise the call runs Keras's direct convolution."""
+        # (A NaN/Inf bias needs no check: added after the convolution, it makes its whole channel NaN/Inf in
+        # both computations alike.)
+        scale = backend.l2_norm(x) * lip
+        p, q = plan.fft_shape
+        f32_max = 3.4028234663852886e38
+        ok = ops.logical_and(scale < f32_max / 4 / float(p * q) ** 2, scale > 2.0 ** -40)
+        compute_max = _dtype_max(self.compute_dtype)
+        if compute_max < 1e30:  # float16: Keras's sums saturate at 65504 (bfloat16's range is float32's)
+            m = ops.maximum(ops.max(x), -ops.min(x))
+            out_bound = m * lip if bias is None else m * lip + ops.max(ops.abs(bias))
+            ok = ops.logical_and(ok, out_bound < compute_max / 4)
         h, w = self._spatial(x.shape)
+        if self.padding == "valid" and (h is None or w is None):
+            eh, ew = _effective(self.kernel_size, self.dilation_rate)
+            hh, ww = self._spatial(ops.shape(x))
+            ok = ops.logical_and(ok, ops.logical_and(hh >= eh, ww >= ew))
+        return ok
+
+    def _plan_for(self, h, w):
         plan = self._fft_plan
         if plan is None or (not plan.tiled and (h, w) != self._built_hw):
             plan = self._make_plan(h, w)  # called on another size than built for: correct, uncached
-        kernel, bias = self._float32_weights()
-        spectrum = self._spectrum(kernel, plan, training)
+        return plan
+
+    def _fft_call(self, x, spectrum, bias, plan):
+        """The FFT computation alone: x float32 in the layer's layout -> output (bias, activation applied)."""
         groups, cg, _ = self._grouping()
         if plan.tiled:
             y = self._tiled(x, spectrum, plan, groups, cg)
@@ -522,6 +590,12 @@ class _FFTConvMixin:
         return config
 
 
+def _dtype_max(dtype) -> float:
+    """Largest finite value of a float dtype name (float32's for anything unknown)."""
+    return {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float64": 1.7976931348623157e308}.get(
+        str(dtype), 3.4028234663852886e38)
+
+
 def _effective(kernel, dilation):
     return tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
 
@@ -536,6 +610,9 @@ class FFTConv2D(_FFTConvMixin, keras.layers.Conv2D):
         overlap-save tiling (spectra then depend on the tile, not on the image).
     x: (batch, H, W, Cin) (or channels_first) -> same as Conv2D. Computes in float32 under any policy.
     """
+
+    convrewrite_keras_class = keras.layers.Conv2D  # a conv site: an optimized model can be re-planned
+    convrewrite_extra_config = ("tile_size",)  # config keys the Keras class does not take
 
     def __init__(self, *args, tile_size=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -553,6 +630,9 @@ class FFTDepthwiseConv2D(_FFTConvMixin, keras.layers.DepthwiseConv2D):
     Same arguments and weights as DepthwiseConv2D (kernel (kh, kw, C, depth_multiplier), bias
     (C * depth_multiplier,)), plus `tile_size` as in FFTConv2D. Output channel c * M + m, as Keras.
     """
+
+    convrewrite_keras_class = keras.layers.DepthwiseConv2D
+    convrewrite_extra_config = ("tile_size",)
 
     def __init__(self, *args, tile_size=None, **kwargs):
         super().__init__(*args, **kwargs)
