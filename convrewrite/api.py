@@ -13,6 +13,7 @@ from .planner import Plan, check_rtol, make_plan, parse_memory_limit
 from . import profile as profiling
 from .spec import keras_class
 from .verify import VerificationReport, verify as _verify
+from .weights import RewrittenModel, weight_layout
 
 SPEED_CHECK_ENV = "CONVREWRITE_CHECK_SPEED"
 """Set to "0" to make check_speed=None mean off (the test suite does, except where it tests the check)."""
@@ -84,7 +85,12 @@ def build(model, plan: Plan):
             return None if type(site.layer) is keras_class(site.layer) else (implementations.get("direct"), {})
         return implementations.get(row.choice), dict(row.options)
 
-    return graph.rebuild(substitute)
+    layout = weight_layout(model)  # the optimized model reads and writes the original's weight files
+
+    def model_class(**kwargs):
+        return RewrittenModel(convrewrite_weight_layout=layout, **kwargs)
+
+    return graph.rebuild(substitute, model_class=model_class)
 
 
 def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, verify=True, inputs=None,

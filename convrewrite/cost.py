@@ -35,7 +35,7 @@ import numpy as np
 from . import device, implementations
 from .errors import ProfileError
 from .fitting import ImplFit, fill_error_bands, fit_all, held_out_quality, known_terms, regression_terms
-from .planner import choose as choose_by_prediction
+from .choice import choose as choose_by_prediction
 from .profile_format import (FORMAT, TACTICS_FORMAT, VERSION, check_profile, migrate_v1, read_tactic_file,
                              write_json_atomically)
 from .spec import ConvSpec

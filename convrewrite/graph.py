@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import networkx as nx
 
+from . import keras_internals as _keras
 from .errors import UnsupportedModelError
 from .spec import ConvSpec, is_conv_site, spec_from_layer
 
@@ -182,22 +183,24 @@ class ModelGraph:
         return out
 
     # ---- rebuilding ----------------------------------------------------------------------------
-    def rebuild(self, substitute: Callable[[Site], Optional[Tuple[object, dict]]]):
+    def rebuild(self, substitute: Callable[[Site], Optional[Tuple[object, dict]]], model_class=None):
         """A new Functional model where each site is built by `substitute(site)`.
 
         substitute returns (Implementation, options) for a site, or None to keep it as it is
         (re-created from config). Every other layer is re-created from its config; every weight is copied
         by value, so the new model shares no variables with the original. Shared layers stay shared.
+        model_class: a callable (inputs=, outputs=, name=) -> keras.Model for the outermost model (e.g. one
+        that reads and writes the original's weight files); keras.Model by default.
         """
-        return _Rebuilder(self, substitute, top=True).run()
+        return _Rebuilder(self, substitute, model_class=model_class).run()
 
 
 class _Rebuilder:
     """One rebuild of one ModelGraph (nested models get a rebuilder of their own, cached per model)."""
 
-    def __init__(self, mg: ModelGraph, substitute, cache=None, top=False):
+    def __init__(self, mg: ModelGraph, substitute, cache=None, model_class=None):
         self.mg = mg
-        self.top = top  # the outermost model: a RewrittenModel that reads/writes the original's weight files
+        self.model_class = model_class  # builds the outermost model; nested ones are plain keras.Model
         self.substitute = substitute
         self.cache = {} if cache is None else cache  # id(old layer) -> new layer, across nesting
         self.transfers = []  # (implementation or None, old, new, spec)
@@ -219,13 +222,7 @@ class _Rebuilder:
         inputs_struct, outputs_struct = _keras.io_structs(self.mg.model)
         inputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], inputs_struct)
         outputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], outputs_struct)
-        if self.top:
-            from .weights import RewrittenModel, weight_layout
-
-            model = RewrittenModel(inputs=inputs, outputs=outputs, name=self.mg.source.name,
-                                   convrewrite_weight_layout=weight_layout(self.mg.source))
-        else:
-            model = keras.Model(inputs=inputs, outputs=outputs, name=self.mg.source.name)
+        model = (self.model_class or keras.Model)(inputs=inputs, outputs=outputs, name=self.mg.source.name)
         for impl, old, new, spec in self.transfers:
             if impl is None:
                 _copy_weights(old, new)
@@ -335,12 +332,10 @@ def recreate(op, path: str = ""):
     A layer that cannot be re-created but holds no weights (a custom stateless layer without
     get_config) is kept as it is: the new model calls the same object, which shares no state with it.
     One that holds weights cannot be shared without sharing variables, so it raises."""
-    from keras.src.saving import serialization_lib
-
     try:
         # The layer already lives in this process, so re-creating it is not a deserialization risk
         # (Lambda layers refuse safe mode otherwise).
-        with serialization_lib.SafeModeScope(False):
+        with _keras.unsafe_deserialization():
             config = live_config(op)
             new = type(op).from_config(config)
         if "name" not in config and getattr(new, "name", None) != getattr(op, "name", None):
@@ -384,17 +379,16 @@ def _is_model(op) -> bool:
 
 def _as_functional(model):
     import keras
-    from keras.src.models.functional import Functional
 
     if isinstance(model, keras.Sequential):
-        functional = getattr(model, "_functional", None)
+        functional = _keras.sequential_functional(model)
         if functional is None:
             raise UnsupportedModelError(
                 f"Sequential model '{model.name}' has no known input shape; expected it to start with "
                 f"keras.Input(...) or to be built (model.build(input_shape)) before optimizing."
             )
         return functional
-    if isinstance(model, Functional):
+    if isinstance(model, _keras.functional_class()):
         return model
     if isinstance(model, keras.Model):
         raise UnsupportedModelError(
@@ -411,48 +405,4 @@ def walk(model) -> ModelGraph:
 
 def input_struct(model):
     """The model's symbolic inputs in its own input structure (a tensor, list or dict of keras.KerasTensor)."""
-    return _keras.io_structs(model)[0]
-
-
-class _keras:
-    """The Keras internals the walk and the rebuild need, in one place (Keras has no public API for a
-    Functional model's node graph). Checked against Keras 3.10 to 3.15; a Keras upgrade that breaks the
-    walk breaks here."""
-
-    @staticmethod
-    def functional(model):
-        """The keras.src Functional behind a Sequential or Functional model (UnsupportedModelError else)."""
-        return _as_functional(model)
-
-    @staticmethod
-    def nodes_in_order(model):
-        """Every node (layer call) of a Functional model, inputs first (Functional._nodes_by_depth)."""
-        by_depth = model._nodes_by_depth
-        return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
-
-    @staticmethod
-    def call_index(op, node) -> int:
-        """Which of `op`'s calls `node` is (Operation._inbound_nodes)."""
-        return op._inbound_nodes.index(node) if node in op._inbound_nodes else 0
-
-    @staticmethod
-    def producer(tensor):
-        """(layer, node) that produced a symbolic tensor (KerasTensor._keras_history)."""
-        producer, node_index, _ = tensor._keras_history
-        return producer, producer._inbound_nodes[node_index]
-
-    @staticmethod
-    def input_name(tensor) -> str:
-        """The name of the Input layer a model input comes from."""
-        return tensor._keras_history.operation.name
-
-    @staticmethod
-    def io_structs(model):
-        """(inputs, outputs) of a model in its own nesting (Functional._inputs_struct / _outputs_struct)."""
-        fn = _as_functional(model)
-        return fn._inputs_struct, fn._outputs_struct
-
-    @staticmethod
-    def fill_in(node, tensors):
-        """(args, kwargs) of a node's call with its symbolic tensors replaced from {id(old): new}."""
-        return node.arguments.fill_in(tensors)
+    return _keras.io_structs(_as_functional(model))[0]

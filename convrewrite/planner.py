@@ -19,6 +19,8 @@ import re
 from typing import Dict, List, Optional
 
 from . import implementations
+from .choice import DIRECT_MARGIN, choose  # noqa: F401  (re-exported: the planner's rule)
+from .cost import Prediction
 from .errors import PlanError
 from .spec import ConvSpec
 
@@ -226,23 +228,6 @@ def rule_based_choice(spec: ConvSpec, applicable: Dict[str, str]):
         if rule and applicable.get(name) == "":
             return name, f"rule: {rule}"
     return "direct", "rule: Keras's own kernel"
-
-
-DIRECT_MARGIN = 1.1
-"""A more elaborate implementation is chosen over a simpler one only if predicted at least this much
-faster: a difference within 10% is within the cost model's error, and the simpler choice then costs at
-most that. Simplicity is each implementation's `simplicity` rank: direct, depthwise, fft, fft-tiled, ..."""
-
-
-def choose(predicted_ms: Dict[str, float], margin: float = DIRECT_MARGIN):
-    """(choice, reason): the simplest implementation (by `simplicity`) within `margin` of the fastest."""
-    fastest = min(predicted_ms, key=predicted_ms.get)
-    for name in implementations.names():
-        if name in predicted_ms and predicted_ms[name] <= margin * predicted_ms[fastest]:
-            if name == fastest:
-                return name, "lowest predicted time"
-            return name, f"within {margin:g}x of {fastest}'s predicted time, and simpler"
-    return fastest, "lowest predicted time"
 
 
 # ---- constraint estimates -------------------------------------------------------------------------
@@ -496,8 +481,6 @@ class _AllCalls:
         self.cost_model, self.specs = cost_model, specs
 
     def prediction(self, impl_name, spec):
-        from .cost import Prediction
-
         if not hasattr(self.cost_model, "prediction"):
             ms = self.predict_ms(impl_name, spec)
             return None if ms is None else Prediction(ms, "given", None)

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from . import implementations
+from . import implementations, keras_internals
 from .graph import input_struct, walk
 
 REFERENCE_MAX_MACS = 2e8  # float64 numpy reference above this many MACs costs seconds: skip it
@@ -201,7 +201,7 @@ def _capture(mg, inputs, out):
     if not targets:
         return
     flat = [t for _, tensors in targets for t in tensors]
-    probe = keras.Model(mg.model._inputs_struct, flat, name=f"{mg.model.name}_site_inputs")
+    probe = keras.Model(keras_internals.io_structs(mg.model)[0], flat, name=f"{mg.model.name}_site_inputs")
     values = keras.tree.flatten(probe(inputs, training=False))
     i = 0
     for target, tensors in targets:

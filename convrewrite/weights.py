@@ -24,6 +24,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from . import keras_internals
 from .errors import WeightFileError
 
 __all__ = ["RewrittenModel", "WeightFileError", "transfer_weights", "weight_layout"]
@@ -43,14 +44,12 @@ def _keras_h5_paths(model, prefix: str = "", out=None, visited=None) -> Dict[int
     Sequential model: each layer is filed under the snake-cased name of its class, numbered per class in
     the order of `model.layers` (the number is taken even by a layer already filed elsewhere)."""
     import keras
-    from keras.src.saving.saving_lib import _get_unique_name
-    from keras.src.utils import naming
 
     out = {} if out is None else out
     visited = set() if visited is None else visited
     used = {}
     for layer in model.layers:
-        key = _get_unique_name(naming.to_snake_case(type(layer).__name__), used)
+        key = keras_internals.weights_file_key(layer, used)
         if id(layer) in visited:
             continue
         visited.add(id(layer))
@@ -147,8 +146,6 @@ def _not_in_original_layout(model, entry, layer, count):
 
 def save_weights(model, filepath, overwrite=True):
     """Write `model`'s weights in the layout of the model it was built from (see the module docstring)."""
-    from keras.src.saving import saving_lib
-    from keras.src.utils import io_utils
 
     filepath = os.fspath(filepath)
     if not filepath.endswith(".weights.h5"):
@@ -157,17 +154,17 @@ def save_weights(model, filepath, overwrite=True):
             f"'.weights.h5' (sharded files are not supported: save the whole model with model.save('m.keras')).")
     if not model.built:
         raise ValueError(f"Model '{model.name}' is not built; expected a built model before save_weights.")
-    if os.path.exists(filepath) and not overwrite and not io_utils.ask_to_proceed_with_overwrite(filepath):
+    if os.path.exists(filepath) and not overwrite and not keras_internals.confirm_overwrite(filepath):
         return
     entries = _layer_entries(model)
-    store = saving_lib.H5IOStore(filepath, mode="w")
+    store = keras_internals.h5_store(filepath, "w")
     try:
         visited = set()
         for entry, layer in entries:
             variables = _own_variables(layer)
             shapes = [tuple(s) for s in entry["shapes"]]
             if [tuple(v.shape) for v in variables] == shapes:
-                saving_lib._save_state(layer, store, None, entry["h5"], visited)
+                keras_internals.save_layer_state(layer, store, entry["h5"], visited)
                 continue
             if len(variables) != len(shapes):
                 raise WeightFileError(_not_in_original_layout(model, entry, layer, len(variables)))
@@ -184,7 +181,6 @@ def save_weights(model, filepath, overwrite=True):
 def load_weights(model, filepath, skip_mismatch=False):
     """Read a weight file in the layout of the model `model` was built from: every layer's variables are read
     and checked first, and only when all fit are they assigned (never a partial load)."""
-    from keras.src.saving import saving_lib
 
     filepath = os.fspath(filepath)
     if skip_mismatch:
@@ -198,7 +194,7 @@ def load_weights(model, filepath, skip_mismatch=False):
             f"keras.models.load_model and copy with convrewrite.transfer_weights(loaded, model)).")
     if not os.path.exists(filepath):
         raise WeightFileError(f"Weight file '{filepath}' does not exist; expected a path to a '.weights.h5' file.")
-    store = saving_lib.H5IOStore(filepath, mode="r")
+    store = keras_internals.h5_store(filepath, "r")
     try:
         staged = []
         for entry, layer in _layer_entries(model):
@@ -227,7 +223,7 @@ def load_weights(model, filepath, skip_mismatch=False):
             staged.append((entry, layer, values, [tuple(v.shape) for v in variables] == [tuple(s) for s in entry["shapes"]]))
         for entry, layer, values, same_shapes in staged:
             if same_shapes:  # Keras's own loader: also restores sub-objects' state (e.g. a Dropout's seed)
-                saving_lib._load_state(layer, store, None, entry["h5"], visited_saveables=set())
+                keras_internals.load_layer_state(layer, store, entry["h5"])
             else:
                 layer.load_own_variables({str(i): v for i, v in enumerate(values)})
     finally:
@@ -274,9 +270,7 @@ def transfer_weights(source, target):
 
 
 def _functional_base():
-    from keras.src.models.functional import Functional
-
-    return Functional
+    return keras_internals.functional_class()
 
 
 def _make_model_class():

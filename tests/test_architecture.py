@@ -134,3 +134,20 @@ def test_a_third_party_implementation_is_planned_built_verified_and_timed(mirror
     assert {"direct", "mirrored"} <= set(timed)
     chosen = convrewrite.plan(model, cost_model=cm, batch=2).row("c")
     assert chosen.provenance["mirrored"]["source"] == "timed here"
+
+
+def test_private_keras_apis_only_in_the_adapter():
+    """keras.src imports and private Keras attributes live in keras_internals.py alone."""
+    private = ("keras.src", "_keras_history", "_nodes_by_depth", "_inbound_nodes", "_inputs_struct",
+               "_outputs_struct", "_functional")
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "keras_internals.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                found += [(path.name, node.lineno, n) for n in names if n.startswith("keras.src")]
+            elif isinstance(node, ast.Attribute) and node.attr in private:
+                found.append((path.name, node.lineno, node.attr))
+    assert not found, f"private Keras APIs outside keras_internals.py: {found}"

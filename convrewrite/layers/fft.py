@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 import keras
 from keras import ops
 
+from .. import keras_internals
 from ..errors import PlanError
 from ..registry import Implementation, canary_spec, io_bytes, reduction_terms, register
 from ..shapes import output_length, same_pads
@@ -429,7 +430,7 @@ class _FFTConvMixin:
     def _float32_weights(self):
         # Read the float32 variables themselves, not the float16 copies a mixed-precision policy's autocast
         # would hand out: the transform is computed in float32 whatever the compute dtype.
-        with keras.src.backend.AutocastScope(None):
+        with keras_internals.autocast_disabled():
             kernel = ops.cast(self.kernel, "float32")
             bias = ops.cast(self.bias, "float32") if self.use_bias else None
         return kernel, bias
