@@ -521,7 +521,7 @@ def _pac_policy(model_graph, pac):
             raise PlanError(f"pac layers {selector.pattern!r} match no Conv2D site PAC can replace; expected names "
                             f"or a regex matching some of {paths}.")
     else:
-        selector = list(selector)
+        selector = [selector] if isinstance(selector, str) else list(selector)  # one name, not its letters
         unknown = [item for item in selector if not isinstance(item, re.Pattern) and not model_graph.find_sites([item])]
         if unknown:  # a misspelt name must not silently leave a layer unconverted
             raise PlanError(f"pac layers {unknown} name no conv site; expected names from {paths}.")
