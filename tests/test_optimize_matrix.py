@@ -6,7 +6,7 @@ with a numpy forward pass written here from `convrewrite.reference`'s conv oracl
 `reference.spec_forward`, which the verifier itself uses). A cell also checks that nothing fell back: a
 replacement that verify rejected would otherwise be replaced by `direct` and pass silently.
 
-By default a seeded sample of the cells runs (every implementation at least twice); set
+By default every composite model runs with every implementation, plus a seeded sample of single-layer cells; set
 CONVREWRITE_FULL_MATRIX=1 to run all of them.
 """
 
@@ -158,13 +158,13 @@ APPLIES = {"depthwise": ["dw_grouped_nobias", "dw_dilated", "cf_grouped"], "fft"
 
 
 def _sample():
-    """A seeded sample: each implementation on 3 single-layer configurations it applies to and one composite."""
+    """The default: every composite model (where wiring goes wrong) with every implementation, and a seeded
+    sample of 3 single-layer configurations each implementation applies to."""
     r = random.Random(16)
-    chosen = set()
+    chosen = {(m, impl) for m in ("nested", "shared", "multi_io") for impl in IMPLS}
     for impl in IMPLS:
         for m in r.sample(APPLIES[impl], 3):
             chosen.add((m, impl))
-        chosen.add((r.choice(["nested", "shared", "multi_io"]), impl))
     return chosen
 
 
