@@ -1,7 +1,8 @@
 """README behaviours that had no test: the numpy reference without TensorFlow, PAC guidance named by a layer,
 a registered custom layer rebuilt, an FFT rewrite of a channels_first model through optimize, and CLI options
 (run in-process through `convrewrite.cli.main`, so no TensorFlow start-up per call): verify --sites/--json,
-convert --pac, an existing report or SavedModel folder refused without --force, exit 1 for an unexpected error
+convert --pac, convert --measure reaching optimize, an existing report or SavedModel folder refused without
+--force, exit 1 for an unexpected error
 and its traceback with --debug, profile --quick/--full."""
 
 import json
@@ -224,3 +225,20 @@ def test_cli_profile_quick_and_full(flags, mode, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:  # argparse's exit: the process ends with the usage code
         main(["profile", "--quick", "--full"])
     assert info.value.code == EXIT_CODES["usage"] and "not allowed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,measure", [([], False), (["--measure"], True)])
+def test_cli_convert_measure_reaches_optimize(flags, measure, saved, monkeypatch):
+    """--measure asks optimize to time the model's own shapes (the timing itself belongs to the cost-model
+    tests; here it is replaced by a rule-based plan so that nothing is timed)."""
+    seen = []
+    real = convrewrite.optimize
+
+    def spy(model, **kwargs):
+        seen.append(kwargs.get("measure"))
+        return real(model, **{**kwargs, "measure": False, "cost_model": None, "check_speed": False})
+
+    monkeypatch.setattr(convrewrite, "optimize", spy)
+    out = saved / "m.keras"
+    assert main(["convert", str(saved / "seq.keras"), str(out), "--cost-model", "rules", *flags]) == 0
+    assert seen == [measure] and out.exists()
