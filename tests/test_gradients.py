@@ -185,7 +185,7 @@ def _numeric_check(layer, inputs, rng, n_entries=3, eps=1e-6):
                 f[idx] = orig + step
                 var.assign(f.reshape(var.shape))
                 vals.append(float(loss()))
-            var.assign(np.where(np.arange(flat.size) == idx, orig, flat).reshape(var.shape))
+            var.assign(flat.reshape(var.shape))  # restored
             numeric = (vals[0] - vals[1]) / (2 * eps)
             assert abs(grad.reshape(-1)[idx] - numeric) <= 1e-6 * scale + 1e-7, (name, idx, grad.reshape(-1)[idx], numeric)
         checked.append(name)

@@ -2,8 +2,7 @@
 a registered custom layer rebuilt, an FFT rewrite of a channels_first model through optimize, and CLI options
 (run in-process through `convrewrite.cli.main`, so no TensorFlow start-up per call): verify --sites/--json,
 convert --pac, convert --measure reaching optimize, an existing report or SavedModel folder refused without
---force, exit 1 for an unexpected error
-and its traceback with --debug, profile --quick/--full."""
+--force, exit 1 for an unexpected error and its traceback with --debug, profile --quick/--full."""
 
 import json
 import subprocess
