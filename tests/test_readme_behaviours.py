@@ -51,9 +51,16 @@ def test_reference_works_without_tensorflow():
             assert "TensorFlow" in str(exc)
         else:
             raise AssertionError("optimize without a backend should raise ImportError")
+        assert convrewrite.__file__.startswith(sys.argv[1]), convrewrite.__file__
         print("ok", y.shape)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    import os
+    from pathlib import Path
+
+    root = str(Path(convrewrite.__file__).resolve().parents[1])  # this checkout's package, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))}
+    out = subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ok (2, 5, 4, 2)" in out.stdout
 
