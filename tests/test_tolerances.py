@@ -88,7 +88,7 @@ def test_rtol_is_the_verification_tolerance(monkeypatch):
 def test_verify_reports_hand_computed_normwise_errors(monkeypatch, rng):
     a = keras.Input((9, 8, 4), name="a")
     y = keras.layers.Conv2D(8, 3, groups=4, padding="same", use_bias=False, name="g")(a)
-    model = keras.Model(a, {"out": y, "plus": keras.layers.Add()([y, keras.layers.Conv2D(8, 1, name="p")(a)])})
+    model = keras.Model(a, {"out": y, "plus": keras.layers.Add(name="add")([y, keras.layers.Conv2D(8, 1, name="p")(a)])})
     for v in model.weights:
         v.assign(rng.standard_normal(tuple(v.shape)).astype("float32"))
     delta = 3e-4
