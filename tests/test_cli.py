@@ -209,7 +209,7 @@ def test_convert_two_inputs_with_shipped_profile_and_legacy_h5(models):
                               "[np.random.default_rng(2).standard_normal((2, 10, 10, c)).astype('float32') for c in (3, 2)]")
     r = _run(["convert", "legacy.h5", "from_h5.keras", "--cost-model", "rules"], models)
     assert r.returncode == 0, r.stderr
-    _assert_loads_and_matches(models, "seq.keras", "from_h5.keras", "np.ones((1, 12, 12, 4), 'float32')")
+    _assert_loads_and_matches(models, "seq.keras", "from_h5.keras", "np.random.default_rng(4).standard_normal((2, 12, 12, 4)).astype('float32')")
 
 
 def test_convert_application_and_plan_json(models):

@@ -518,7 +518,11 @@ def test_mixed_precision(rng):
             exact = reference.spec_forward(spec_from_layer(conv, x.shape), x.astype(np.float16).astype(np.float32),
                                            conv.get_weights())
             assert rel_error(got, ref_model(x)) <= 1e-2
-            assert rel_error(got, exact) <= rel_error(ref_model(x), exact) * 1.5 + 1e-3
+            assert rel_error(got, exact) <= rel_error(ref_model(x), exact)
+            # the closer: its float16 output is float64's correctly rounded almost everywhere (measured
+            # >= 99.6%), Keras's float16 arithmetic only at ~60% of the outputs
+            rounded = exact.astype(np.float16)
+            assert np.mean(got == rounded) >= 0.99 > np.mean(np.asarray(ref_model(x)) == rounded)
     finally:
         keras.config.set_dtype_policy(previous)
 

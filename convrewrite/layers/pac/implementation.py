@@ -68,7 +68,7 @@ class PacImplementation(Implementation):
                 raise PlanError(f"pac layers {selector.pattern!r} match no Conv2D site PAC can replace; expected "
                                 f"names or a regex matching some of {paths}.")
         else:
-            selector = list(selector)
+            selector = [selector] if isinstance(selector, str) else list(selector)  # one name, not its letters
             unknown = [i for i in selector if not isinstance(i, re.Pattern) and not model_graph.find_sites([i])]
             if unknown:
                 raise PlanError(f"pac layers {unknown} name no conv site; expected names from {paths}.")
