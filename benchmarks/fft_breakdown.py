@@ -33,7 +33,7 @@ def steps(kind, shape, k, filters):
     fft.build(shape)
     fft.set_weights(ref.get_weights())
     fft(x)  # fills the spectrum cache and the plan
-    p, q = fft.fft_plan.fft_shape
+    p, q = fft.fft_layout.fft_shape
     b, c, o = shape[0], shape[-1], (filters or shape[-1])
     bins = p * (q // 2 + 1)
     xt = tf.transpose(x, [0, 3, 1, 2])

@@ -76,7 +76,7 @@ def run_case(kind, shape, k, filters, reps, warmup, tile_size=None):
             f(x).numpy()
             t.append(time.perf_counter() - t0)
             c.append(time.process_time() - c0)
-    plan = new.fft_plan
+    plan = new.fft_layout
     mode = f"tiled {plan.rows.tile}x{plan.cols.tile}" if plan.tiled else "full"
     cpu_ratio = statistics.median(c_ref) / statistics.median(c_new)
     return median_ms(t_ref), median_ms(t_new), err, f"{plan.fft_shape[0]}x{plan.fft_shape[1]} {mode}", cpu_ratio

@@ -45,7 +45,7 @@ def variants(kind, shape, k, filters, tile):
     layer.build(shape)
     layer.set_weights(ref.get_weights())
     layer(x)  # builds the plan and fills the spectrum cache
-    plan = layer.fft_plan
+    plan = layer.fft_layout
 
     def unguarded():
         kernel, bias = layer._float32_weights()

@@ -40,9 +40,9 @@ def test_fast_lengths():
 def test_full_plans_use_odd_lengths_too():
     """Full-image plans take any fast length on both axes: fewer bins (the per-bin products and the
     transposes scale with them) at the same transform speed; tiled plans keep even column lengths."""
-    plan = fft.plan_fft(64, 64, (21, 21), padding="same", tile_size="full")
+    plan = fft.choose_fft_layout(64, 64, (21, 21), padding="same", tile_size="full")
     assert plan.fft_shape == (75, 75) and plan.bins == 75 * 38
-    assert fft.plan_fft(64, 64, (21, 21), padding="same", tile_size=30).fft_shape[1] % 2 == 0
+    assert fft.choose_fft_layout(64, 64, (21, 21), padding="same", tile_size=30).fft_shape[1] % 2 == 0
 
 
 def test_complex_views_and_real_block_matmul(rng):
@@ -95,31 +95,31 @@ def test_full_axis_plan_never_aliases(padding):
             for s in (1, 2, 3):
                 if padding == "valid" and k > n:
                     continue
-                plan = fft.full_axis_plan(n, k, s, padding)
+                plan = fft.full_axis_layout(n, k, s, padding)
                 assert fft.is_fast_length(plan.fft) and plan.fft >= n
                 got, want = _circular_valid(n, k, s, padding, plan)
                 assert got.shape == want.shape
                 np.testing.assert_allclose(got, want, atol=1e-9)
     # SAME needs n + pad, not the n + k - 1 of a linear convolution; VALID needs just n.
-    assert fft.full_axis_plan(64, 21, 1, "same").fft == fft.next_fast_length(74)
-    assert fft.full_axis_plan(64, 21, 1, "valid").fft == 64
+    assert fft.full_axis_layout(64, 21, 1, "same").fft == fft.next_fast_length(74)
+    assert fft.full_axis_layout(64, 21, 1, "valid").fft == 64
 
 
 def test_tiled_axis_plan_and_auto_choice():
-    a = fft.tiled_axis_plan(21, 30)
+    a = fft.tiled_axis_layout(21, 30)
     assert a.fft == fft.next_fast_length(50) and a.tile == a.fft - 20 and a.tile >= 30
     with pytest.raises(ValueError, match="tile_size=0"):
-        fft.tiled_axis_plan(3, 0)
+        fft.tiled_axis_layout(3, 0)
     # Spectra depend on the tile, not on the image.
-    small = fft.plan_fft(64, 64, (9, 9), tile_size=16)
-    large = fft.plan_fft(512, 512, (9, 9), tile_size=16)
+    small = fft.choose_fft_layout(64, 64, (9, 9), tile_size=16)
+    large = fft.choose_fft_layout(512, 512, (9, 9), tile_size=16)
     assert small.fft_shape == large.fft_shape
     # Automatic: full for a small image, tiled for a huge one or an unknown size.
-    assert not fft.plan_fft(32, 32, (7, 7), padding="same").tiled
-    assert fft.plan_fft(1024, 1024, (5, 5), padding="same").tiled
-    assert fft.plan_fft(None, None, (5, 5)).tiled
+    assert not fft.choose_fft_layout(32, 32, (7, 7), padding="same").tiled
+    assert fft.choose_fft_layout(1024, 1024, (5, 5), padding="same").tiled
+    assert fft.choose_fft_layout(None, None, (5, 5)).tiled
     with pytest.raises(ValueError, match="tile_size='full'"):
-        fft.plan_fft(None, 8, (3, 3), tile_size="full")
+        fft.choose_fft_layout(None, 8, (3, 3), tile_size="full")
 
 
 # ---- equivalence over random configurations -------------------------------------------------------
@@ -293,7 +293,7 @@ def test_unknown_spatial_size(rng):
     layer = FFTConv2D(**conv.get_config())
     model = keras.Model(inp, layer(inp))
     layer.set_weights(conv.get_weights())
-    assert layer.fft_plan.tiled
+    assert layer.fft_layout.tiled
     for h, w in ((9, 13), (40, 23), (1, 2)):
         x = rng.standard_normal((2, h, w, 3)).astype("float32")
         assert rel_error(model.predict(x, verbose=0), ref_model.predict(x, verbose=0)) <= TOL

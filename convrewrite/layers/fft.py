@@ -13,7 +13,7 @@ How a call runs (x: (batch, H, W, Cin), one transform size (P, Q) per layer):
   3. irfft2d, keep every stride-th output, bias, activation, back to the layer's layout.
 Cross-correlation (what TF calls convolution) is multiplication by the conjugate kernel spectrum, and TF's
 SAME padding is not materialized: the kernel is circularly shifted by the top/left pad instead, which
-leaves every output in place and lets the transform be smaller (see `full_axis_plan`).
+leaves every output in place and lets the transform be smaller (see `full_axis_layout`).
 
 Two modes:
   * full image: one transform covers the whole (padded) image; spectra are (P, Q) with P >= H.
@@ -43,8 +43,8 @@ from . import backend
 
 __all__ = [
     "FFTConv2D", "FFTDepthwiseConv2D", "FFTImplementation", "FFTTiledImplementation",
-    "is_fast_length", "next_fast_length", "full_axis_plan", "tiled_axis_plan", "default_tile", "FFTPlan",
-    "plan_fft", "fft_cost_features",
+    "is_fast_length", "next_fast_length", "full_axis_layout", "tiled_axis_layout", "default_tile", "FFTLayout",
+    "choose_fft_layout", "fft_cost_features",
 ]
 
 FAST_PRIMES = (2, 3, 5, 7)
@@ -62,7 +62,7 @@ def is_fast_length(n: int, primes=FAST_PRIMES) -> bool:
 
 
 def next_fast_length(n: int, primes=FAST_PRIMES, even: bool = False) -> int:
-    """Smallest fast length >= n (>= 1); even=True also requires it to be even (tiled plans' columns).
+    """Smallest fast length >= n (>= 1); even=True also requires it to be even (tiled layouts' columns).
 
     Why not n itself: a 74-point transform (2 * 37) costs more than an 80-point one; 7-smooth lengths are
     dense enough (at most a few percent above n for n > 50) that rounding up is always cheaper."""
@@ -73,7 +73,7 @@ def next_fast_length(n: int, primes=FAST_PRIMES, even: bool = False) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class AxisPlan:
+class AxisLayout:
     """One spatial axis of an FFT convolution.
 
     fft: transform length. pad_before: TF's top/left padding (SAME) or 0. out: output length (strided).
@@ -99,7 +99,7 @@ def _out_and_pad(n: int, k_eff: int, stride: int, padding: str):
     return output_length(n, k_eff, stride, padding), before
 
 
-def full_axis_plan(n: int, k_eff: int, stride: int = 1, padding: str = "valid", even: bool = False) -> AxisPlan:
+def full_axis_layout(n: int, k_eff: int, stride: int = 1, padding: str = "valid", even: bool = False) -> AxisLayout:
     """Transform size for one axis of a full-image FFT correlation of an n-long input with a k_eff-long kernel.
 
     The input is not padded: it sits at [0, n) of the length-P transform, and the kernel is circularly
@@ -112,7 +112,7 @@ def full_axis_plan(n: int, k_eff: int, stride: int = 1, padding: str = "valid", 
     out, pb = _out_and_pad(n, k_eff, stride, padding)
     span = max((out - 1) * stride + 1, 0)
     need = max(n + pb, span + k_eff - 1 - pb, k_eff, n, 1)
-    return AxisPlan(fft=next_fast_length(need, even=even), pad_before=pb, out=out, stride=stride, kernel=k_eff)
+    return AxisLayout(fft=next_fast_length(need, even=even), pad_before=pb, out=out, stride=stride, kernel=k_eff)
 
 
 def default_tile(k_eff: int) -> int:
@@ -121,8 +121,8 @@ def default_tile(k_eff: int) -> int:
     return next_fast_length(max(32, 3 * k_eff), even=True) - k_eff + 1
 
 
-def tiled_axis_plan(k_eff: int, tile: int, stride: int = 1, padding: str = "valid", n: Optional[int] = None,
-                    even: bool = False) -> AxisPlan:
+def tiled_axis_layout(k_eff: int, tile: int, stride: int = 1, padding: str = "valid", n: Optional[int] = None,
+                    even: bool = False) -> AxisLayout:
     """Overlap-save along one axis: tiles of `tile` stride-1 outputs, read from tile + k_eff - 1 inputs.
 
     The transform is the next fast length >= tile + k_eff - 1 and the tile grows to fill it (the extra
@@ -132,15 +132,15 @@ def tiled_axis_plan(k_eff: int, tile: int, stride: int = 1, padding: str = "vali
         raise ValueError(f"Received tile_size={tile}; expected a positive int.")
     fft = next_fast_length(tile + k_eff - 1, even=even)
     out, pb = (None, None) if n is None else _out_and_pad(n, k_eff, stride, padding)
-    return AxisPlan(fft=fft, pad_before=pb, out=out, stride=stride, kernel=k_eff, tile=fft - k_eff + 1)
+    return AxisLayout(fft=fft, pad_before=pb, out=out, stride=stride, kernel=k_eff, tile=fft - k_eff + 1)
 
 
 @dataclasses.dataclass(frozen=True)
-class FFTPlan:
-    """Both axes of an FFT convolution, plus the mode. Equal plans share kernel spectra."""
+class FFTLayout:
+    """Both axes of an FFT convolution, plus the mode. Equal layouts share kernel spectra."""
 
-    rows: AxisPlan
-    cols: AxisPlan
+    rows: AxisLayout
+    cols: AxisLayout
 
     @property
     def tiled(self) -> bool:
@@ -166,8 +166,8 @@ def _tile_pair(tile_size):
     return tuple(tile_size)
 
 
-def plan_fft(height, width, kernel_eff, strides=(1, 1), padding="valid", tile_size=None) -> FFTPlan:
-    """Choose the FFT plan for an input of height x width (None: unknown until run time).
+def choose_fft_layout(height, width, kernel_eff, strides=(1, 1), padding="valid", tile_size=None) -> FFTLayout:
+    """Choose the FFT layout for an input of height x width (None: unknown until run time).
 
     tile_size: "full" (one transform per image; needs a known size), an int or (th, tw) (overlap-save
     tiles of that many outputs, rounded up to fill a fast transform), or None: tiled when the size is
@@ -184,16 +184,16 @@ def plan_fft(height, width, kernel_eff, strides=(1, 1), padding="valid", tile_si
         # Any fast length, odd ones included, on both axes: the per-bin products and the transposes scale
         # with the bins P * (Q // 2 + 1), and TF's real FFTs measured as fast at 75 as at 80 (74 needed for
         # a 21x21 SAME kernel on 64x64: 2850 bins instead of 3075).
-        return FFTPlan(full_axis_plan(height, kh, sh, padding), full_axis_plan(width, kw, sw, padding))
+        return FFTLayout(full_axis_layout(height, kh, sh, padding), full_axis_layout(width, kw, sw, padding))
     if tile_size is not None:
         th, tw = _tile_pair(tile_size)
-        return FFTPlan(tiled_axis_plan(kh, th, sh, padding, height),
-                       tiled_axis_plan(kw, tw, sw, padding, width, even=True))
-    tiled = FFTPlan(tiled_axis_plan(kh, default_tile(kh), sh, padding, height),
-                    tiled_axis_plan(kw, default_tile(kw), sw, padding, width, even=True))
+        return FFTLayout(tiled_axis_layout(kh, th, sh, padding, height),
+                       tiled_axis_layout(kw, tw, sw, padding, width, even=True))
+    tiled = FFTLayout(tiled_axis_layout(kh, default_tile(kh), sh, padding, height),
+                    tiled_axis_layout(kw, default_tile(kw), sw, padding, width, even=True))
     if height is None or width is None:
         return tiled
-    full = plan_fft(height, width, kernel_eff, strides, padding, "full")
+    full = choose_fft_layout(height, width, kernel_eff, strides, padding, "full")
     # Tiling pays (k - 1) overlap per tile and more transforms; it is only chosen when the estimated work
     # is clearly lower (large images), since full-image spectra are computed once and cached anyway.
     if _transform_work(tiled) < 0.75 * _transform_work(full):
@@ -201,17 +201,17 @@ def plan_fft(height, width, kernel_eff, strides=(1, 1), padding="valid", tile_si
     return full
 
 
-def _tiles(axis: AxisPlan) -> int:
+def _tiles(axis: AxisLayout) -> int:
     if axis.tile is None:
         return 1
     return max(-(-(axis.span or 1) // axis.tile), 1)
 
 
-def _transform_work(plan: FFTPlan) -> float:
+def _transform_work(layout: FFTLayout) -> float:
     """Relative cost per (channel) image: transforms of all tiles plus the per-bin products."""
-    p, q = plan.fft_shape
-    n = _tiles(plan.rows) * _tiles(plan.cols)
-    return n * (p * q * math.log2(max(p * q, 2)) + 4.0 * plan.bins)
+    p, q = layout.fft_shape
+    n = _tiles(layout.rows) * _tiles(layout.cols)
+    return n * (p * q * math.log2(max(p * q, 2)) + 4.0 * layout.bins)
 
 
 # ---- cost features --------------------------------------------------------------------------------
@@ -227,14 +227,14 @@ def fft_cost_features(spec: ConvSpec, tile_size=None) -> dict:
     strided_waste: stride-1 outputs computed per output kept (strides are applied after the inverse).
     """
     h, w = spec.height, spec.width
-    plan = plan_fft(h, w, spec.effective_kernel, spec.strides, spec.padding, tile_size)
+    layout = choose_fft_layout(h, w, spec.effective_kernel, spec.strides, spec.padding, tile_size)
     b = spec.batch or 1
-    tiles = _tiles(plan.rows) * _tiles(plan.cols) if (h is not None and w is not None) else 1
-    p, q = plan.fft_shape
+    tiles = _tiles(layout.rows) * _tiles(layout.cols) if (h is not None and w is not None) else 1
+    p, q = layout.fft_shape
     groups = spec.groups
     cg = spec.in_channels // groups
     og = spec.filters // groups
-    bins = plan.bins
+    bins = layout.bins
     fwd = b * tiles * spec.in_channels
     inv = b * tiles * spec.filters
     one = 2.5 * p * q * math.log2(max(p * q, 2))
@@ -242,7 +242,7 @@ def fft_cost_features(spec: ConvSpec, tile_size=None) -> dict:
     ho, wo = spec.output_hw()
     n_in = b * (h or 0) * (w or 0) * spec.in_channels
     n_out = b * (ho or 0) * (wo or 0) * spec.filters
-    spans = (plan.rows.span or 1) * (plan.cols.span or 1)
+    spans = (layout.rows.span or 1) * (layout.cols.span or 1)
     return {
         "macs": float(spec.macs() or 0),
         "fft_h": float(p),
@@ -284,7 +284,7 @@ def _dilate(kernel, dilation):
     return kernel
 
 
-def kernel_spectrum(kernel, plan: FFTPlan, groups: int, dilation=(1, 1)):
+def kernel_spectrum(kernel, layout: FFTLayout, groups: int, dilation=(1, 1)):
     """Conjugate spectrum of a grouped kernel, laid out for the per-bin products.
 
     kernel: (kh, kw, Cg, Cout) float32 (a depthwise (kh, kw, C, M) kernel is passed as (kh, kw, 1, C*M)
@@ -294,37 +294,37 @@ def kernel_spectrum(kernel, plan: FFTPlan, groups: int, dilation=(1, 1)):
     """
     kernel = _dilate(kernel, dilation)
     kh, kw, cg, cout = kernel.shape
-    p, q = plan.fft_shape
+    p, q = layout.fft_shape
     k = ops.transpose(kernel, (2, 3, 0, 1))  # (Cg, Cout, kh, kw)
     k = ops.pad(k, [(0, 0), (0, 0), (0, p - kh), (0, q - kw)])
-    if not plan.tiled and (plan.rows.pad_before or plan.cols.pad_before):
+    if not layout.tiled and (layout.rows.pad_before or layout.cols.pad_before):
         # SAME padding folded into the kernel: output i must read input i - pad_before + u.
-        k = ops.roll(k, shift=(-plan.rows.pad_before, -plan.cols.pad_before), axis=(2, 3))
+        k = ops.roll(k, shift=(-layout.rows.pad_before, -layout.cols.pad_before), axis=(2, 3))
     spec = backend.conj(backend.rfft2d(k, (p, q)))  # (Cg, Cout, P, Q//2+1)
     og = cout // groups
     if cg == 1:
-        return ops.reshape(spec, (groups, og, plan.bins))
-    spec = ops.reshape(spec, (cg, groups, og, plan.bins))
+        return ops.reshape(spec, (groups, og, layout.bins))
+    spec = ops.reshape(spec, (cg, groups, og, layout.bins))
     return backend.real_block(ops.transpose(spec, (3, 1, 0, 2)))  # (bins, G, 2 Cg, 2 Og)
 
 
-def spectral_correlate(x, spectrum, plan: FFTPlan, groups: int, cg: int):
+def spectral_correlate(x, spectrum, layout: FFTLayout, groups: int, cg: int):
     """Stride-1 correlation of a batch of single-image blocks with a cached kernel spectrum.
 
     x: (B, Cin, h, w) float32 with h <= P, w <= Q. spectrum: from `kernel_spectrum` (real block form
     (bins, G, 2 Cg, 2 Og) when cg > 1, complex (G, Og, bins) when cg == 1).
     Returns (B, Cout, P, Q) float32; outputs are at [0, span) on each axis.
     """
-    p, q = plan.fft_shape
+    p, q = layout.fft_shape
     xf = backend.rfft2d(x, (p, q))  # (B, Cin, P, Q//2+1)
     if cg == 1:
         # Depthwise-like: each output channel sees one input channel, so the per-bin "matmul" is an
         # outer product; a broadcast multiply produces exactly the output, nothing larger.
-        xf = ops.reshape(xf, (-1, groups, 1, plan.bins))
+        xf = ops.reshape(xf, (-1, groups, 1, layout.bins))
         yf = backend.complex_multiply(xf, spectrum)  # (B, G, Og, bins)
     else:
         # One batched matmul over (bins, groups): (B x Cg) @ (Cg x Og) per bin.
-        xf = ops.reshape(xf, (-1, groups, cg, plan.bins))
+        xf = ops.reshape(xf, (-1, groups, cg, layout.bins))
         xf = ops.transpose(xf, (3, 1, 0, 2))  # (bins, G, B, Cg)
         yf = backend.real_block_matmul(xf, spectrum)  # (bins, G, B, Og)
         yf = ops.transpose(yf, (2, 1, 3, 0))  # (B, G, Og, bins)
@@ -337,7 +337,7 @@ def _ceil_div(a, b):
     return (a + b - 1) // b
 
 
-def _dynamic_axis(n, axis: AxisPlan, padding: str):
+def _dynamic_axis(n, axis: AxisLayout, padding: str):
     """(out, pad_before, span, tiles) along an axis whose length n may be a scalar tensor."""
     k, s = axis.kernel, axis.stride
     if isinstance(n, int):
@@ -367,7 +367,7 @@ class _FFTConvMixin:
                 )
             tile_size = pair
         self.tile_size = tile_size
-        self._fft_plan = None
+        self._fft_layout = None
         self._built_hw = None
         self._spectrum_cache = None
 
@@ -384,8 +384,8 @@ class _FFTConvMixin:
     def _grouped_kernel(self, kernel):
         return kernel
 
-    def _make_plan(self, height, width):
-        return plan_fft(height, width, _effective(self.kernel_size, self.dilation_rate), self.strides,
+    def _make_layout(self, height, width):
+        return choose_fft_layout(height, width, _effective(self.kernel_size, self.dilation_rate), self.strides,
                         self.padding, self.tile_size)
 
     def build(self, input_shape):
@@ -393,13 +393,13 @@ class _FFTConvMixin:
         h, w = self._spatial(input_shape)
         self._built_hw = (h, w)
         try:
-            self._fft_plan = self._make_plan(h, w)
+            self._fft_layout = self._make_layout(h, w)
         except ValueError as exc:
             raise ValueError(f"{type(self).__name__} '{self.name}': {exc}") from None
         groups, cg, cout = self._grouping()
         kh, kw = self.kernel_size
         self._spectrum_cache = backend.SpectrumCache(
-            (kh, kw, cg, cout), self.fft_bins_shape(self._fft_plan), "complex64" if cg == 1 else "float32",
+            (kh, kw, cg, cout), self.fft_bins_shape(self._fft_layout), "complex64" if cg == 1 else "float32",
             name=f"{self.name}_spectrum_cache",
         )
 
@@ -415,17 +415,17 @@ class _FFTConvMixin:
             children.pop("_spectrum_cache", None)
         return children
 
-    def fft_bins_shape(self, plan):
+    def fft_bins_shape(self, layout):
         """Shape of the cached kernel spectrum (see `kernel_spectrum`)."""
         groups, cg, cout = self._grouping()
         if cg == 1:
-            return (groups, cout // groups, plan.bins)
-        return (plan.bins, groups, 2 * cg, 2 * (cout // groups))
+            return (groups, cout // groups, layout.bins)
+        return (layout.bins, groups, 2 * cg, 2 * (cout // groups))
 
     @property
-    def fft_plan(self) -> Optional[FFTPlan]:
-        """The plan chosen at build (None before build)."""
-        return self._fft_plan
+    def fft_layout(self) -> Optional[FFTLayout]:
+        """The layout chosen at build (None before build)."""
+        return self._fft_layout
 
     def _float32_weights(self):
         # Read the float32 variables themselves, not the float16 copies a mixed-precision policy's autocast
@@ -435,19 +435,19 @@ class _FFTConvMixin:
             bias = ops.cast(self.bias, "float32") if self.use_bias else None
         return kernel, bias
 
-    def _spectrum(self, kernel, plan, training):
-        """(kernel spectrum for `plan`, L) where L is the largest L1 norm of one output channel's kernel taps
+    def _spectrum(self, kernel, layout, training):
+        """(kernel spectrum for `layout`, L) where L is the largest L1 norm of one output channel's kernel taps
         (see `_fft_is_exact`); both cached per kernel value outside training."""
         groups, cg, cout = self._grouping()
         kernel = ops.reshape(kernel, tuple(self.kernel_size) + (cg, cout))
 
         def compute(k):
-            return kernel_spectrum(k, plan, groups, self.dilation_rate)
+            return kernel_spectrum(k, layout, groups, self.dilation_rate)
 
         def bound(k):
             return ops.max(ops.sum(ops.abs(k), axis=(0, 1, 2)))
 
-        cacheable = self._spectrum_cache is not None and plan.spectrum_key() == self._fft_plan.spectrum_key()
+        cacheable = self._spectrum_cache is not None and layout.spectrum_key() == self._fft_layout.spectrum_key()
         if training or not cacheable:
             # Training: the kernel changes every step, so caching would only add writes.
             return compute(kernel), bound(kernel)
@@ -467,12 +467,12 @@ class _FFTConvMixin:
             return super().call(inputs)  # Keras's own handling (an error), not an empty FFT result
         x = ops.cast(inputs, "float32")
         kernel, bias = self._float32_weights()
-        plan = self._plan_for(h, w)
-        spectrum, lip = self._spectrum(kernel, plan, training)
+        layout = self._layout_for(h, w)
+        spectrum, lip = self._spectrum(kernel, layout, training)
         # The FFT runs inside its branch, not beside the cond: a call routed to Keras's branch does not compute
         # it at all, and nothing computed from a NaN/Inf/overflowing input is left in the graph for gradients.
-        return ops.cond(self._fft_is_exact(x, lip, bias, plan),
-                        lambda: self._fft_call(x, spectrum, bias, plan),
+        return ops.cond(self._fft_is_exact(x, lip, bias, layout),
+                        lambda: self._fft_call(x, spectrum, bias, layout),
                         lambda: ops.cast(super(_FFTConvMixin, self).call(inputs), self.compute_dtype))
 
     def _smaller_than_kernel(self, h, w):
@@ -482,7 +482,7 @@ class _FFTConvMixin:
         eh, ew = _effective(self.kernel_size, self.dilation_rate)
         return (h is not None and h < eh) or (w is not None and w < ew)
 
-    def _fft_is_exact(self, x, lip, bias, plan):
+    def _fft_is_exact(self, x, lip, bias, layout):
         """Scalar bool: this call's FFT result equals the direct one to float rounding.
 
         Let n = ||x||_2 (one pass over x; n >= max |x|) and L = `lip`, the largest L1 norm of one output
@@ -501,7 +501,7 @@ class _FFTConvMixin:
         # (A NaN/Inf bias needs no check: added after the convolution, it makes its whole channel NaN/Inf in
         # both computations alike.)
         scale = backend.l2_norm(x) * lip
-        p, q = plan.fft_shape
+        p, q = layout.fft_shape
         f32_max = 3.4028234663852886e38
         ok = ops.logical_and(scale < f32_max / 4 / float(p * q) ** 2, scale > 2.0 ** -40)
         compute_max = _dtype_max(self.compute_dtype)
@@ -516,19 +516,19 @@ class _FFTConvMixin:
             ok = ops.logical_and(ok, ops.logical_and(hh >= eh, ww >= ew))
         return ok
 
-    def _plan_for(self, h, w):
-        plan = self._fft_plan
-        if plan is None or (not plan.tiled and (h, w) != self._built_hw):
-            plan = self._make_plan(h, w)  # called on another size than built for: correct, uncached
-        return plan
+    def _layout_for(self, h, w):
+        layout = self._fft_layout
+        if layout is None or (not layout.tiled and (h, w) != self._built_hw):
+            layout = self._make_layout(h, w)  # called on another size than built for: correct, uncached
+        return layout
 
-    def _fft_call(self, x, spectrum, bias, plan):
+    def _fft_call(self, x, spectrum, bias, layout):
         """The FFT computation alone: x float32 in the layer's layout -> output (bias, activation applied)."""
         groups, cg, _ = self._grouping()
-        if plan.tiled:
-            y = self._tiled(x, spectrum, plan, groups, cg)
+        if layout.tiled:
+            y = self._tiled(x, spectrum, layout, groups, cg)
         else:
-            y = self._full(x, spectrum, plan, groups, cg)
+            y = self._full(x, spectrum, layout, groups, cg)
         if bias is not None:
             shape = (1, -1, 1, 1) if self.data_format == "channels_first" else (1, 1, 1, -1)
             y = y + ops.reshape(bias, shape)
@@ -537,25 +537,25 @@ class _FFTConvMixin:
             y = self.activation(y)
         return y
 
-    def _full(self, x, spectrum, plan, groups, cg):
+    def _full(self, x, spectrum, layout, groups, cg):
         """x: (N, H, W, Cin) or (N, Cin, H, W) float32, one transform per image."""
         last = self.data_format == "channels_last"
         if last:
             x = ops.transpose(x, (0, 3, 1, 2))
-        y = spectral_correlate(x, spectrum, plan, groups, cg)
-        r, c = plan.rows, plan.cols
+        y = spectral_correlate(x, spectrum, layout, groups, cg)
+        r, c = layout.rows, layout.cols
         y = y[:, :, : r.span : r.stride, : c.span : c.stride]
         return ops.transpose(y, (0, 2, 3, 1)) if last else y
 
-    def _tiled(self, x, spectrum, plan, groups, cg):
+    def _tiled(self, x, spectrum, layout, groups, cg):
         """Overlap-save: x is cut into overlapping (P, Q) blocks, each giving a (Th, Tw) block of outputs."""
         last = self.data_format == "channels_last"
         hax, wax = (1, 2) if last else (2, 3)
         shape = ops.shape(x)
-        geo = [_dynamic_axis(shape[ax], a, self.padding) for ax, a in ((hax, plan.rows), (wax, plan.cols))]
+        geo = [_dynamic_axis(shape[ax], a, self.padding) for ax, a in ((hax, layout.rows), (wax, layout.cols))]
         pads = [(0, 0)] * 4
         needs = []
-        for ax, n, (out, pb, span, tiles), a in zip((hax, wax), (shape[hax], shape[wax]), geo, (plan.rows, plan.cols)):
+        for ax, n, (out, pb, span, tiles), a in zip((hax, wax), (shape[hax], shape[wax]), geo, (layout.rows, layout.cols)):
             need = tiles * a.tile + a.kernel - 1  # padded inputs the `tiles` frames read
             needs.append(need)
             pads[ax] = (pb, ops.maximum(need - pb - n, 0))
@@ -564,8 +564,8 @@ class _FFTConvMixin:
         # no kept output reads), which would give frame() extra windows: cut them off first, so that
         # frame() returns exactly `tiles` windows per axis.
         x = x[:, : needs[0], : needs[1], :] if last else x[:, :, : needs[0], : needs[1]]
-        x = backend.frame(x, plan.rows.fft, plan.rows.tile, axis=hax)  # rows axis -> (tiles_h, P)
-        x = backend.frame(x, plan.cols.fft, plan.cols.tile, axis=wax + 1)  # cols axis -> (tiles_w, Q)
+        x = backend.frame(x, layout.rows.fft, layout.rows.tile, axis=hax)  # rows axis -> (tiles_h, P)
+        x = backend.frame(x, layout.cols.fft, layout.cols.tile, axis=wax + 1)  # cols axis -> (tiles_w, Q)
         if last:  # (N, th, P, tw, Q, C) -> (N, th, tw, C, P, Q)
             x = ops.transpose(x, (0, 1, 3, 5, 2, 4))
         else:  # (N, C, th, P, tw, Q) -> (N, th, tw, C, P, Q)
@@ -573,17 +573,17 @@ class _FFTConvMixin:
         n_batch = shape[0]
         th, tw = geo[0][3], geo[1][3]
         cin = x.shape[3]
-        x = ops.reshape(x, (-1, cin, plan.rows.fft, plan.cols.fft))
-        y = spectral_correlate(x, spectrum, plan, groups, cg)
-        ti, tj = plan.rows.tile, plan.cols.tile
+        x = ops.reshape(x, (-1, cin, layout.rows.fft, layout.cols.fft))
+        y = spectral_correlate(x, spectrum, layout, groups, cg)
+        ti, tj = layout.rows.tile, layout.cols.tile
         y = y[:, :, :ti, :tj]
         cout = y.shape[1]
         y = ops.reshape(y, (n_batch, th, tw, cout, ti, tj))
         if last:
             y = ops.reshape(ops.transpose(y, (0, 1, 4, 2, 5, 3)), (n_batch, th * ti, tw * tj, cout))
-            return y[:, : geo[0][2] : plan.rows.stride, : geo[1][2] : plan.cols.stride, :]
+            return y[:, : geo[0][2] : layout.rows.stride, : geo[1][2] : layout.cols.stride, :]
         y = ops.reshape(ops.transpose(y, (0, 3, 1, 4, 2, 5)), (n_batch, cout, th * ti, tw * tj))
-        return y[:, :, : geo[0][2] : plan.rows.stride, : geo[1][2] : plan.cols.stride]
+        return y[:, :, : geo[0][2] : layout.rows.stride, : geo[1][2] : layout.cols.stride]
 
     def get_config(self):
         config = super().get_config()
@@ -713,7 +713,7 @@ class FFTImplementation(Implementation):
         of it where it is over ~50 MB, CPU, TF 2.21). None where the spatial size is unknown."""
         try:
             f = self.features(spec, **(options or {}))
-        except ValueError:  # the transform plan needs the spatial size the spec leaves unknown
+        except ValueError:  # the transform layout needs the spatial size the spec leaves unknown
             return None
         if (spec.height is None or spec.width is None) and f.get("tiles", 1) <= 1:
             return None
