@@ -610,6 +610,15 @@ class FFTConv2D(_FFTConvMixin, keras.layers.Conv2D):
       tile_size: None (automatic), "full" (one transform per image), or an int / (th, tw) output tile for
         overlap-save tiling (spectra then depend on the tile, not on the image).
     x: (batch, H, W, Cin) (or channels_first) -> same as Conv2D. Computes in float32 under any policy.
+    Calls whose input holds NaN/Inf or values large enough to overflow the transforms run through Keras's
+    own Conv2D computation instead, so they give exactly Keras's result (see the README's guarantees).
+
+    Raises:
+        ValueError: an argument Conv2D refuses, or a tile_size that is not None, "full" or positive ints.
+
+    Example:
+        >>> layer = FFTConv2D(32, 21, padding="same")        # a 21x21 conv through FFTs
+        >>> fast = FFTConv2D.from_config({**keras.layers.Conv2D(32, 21).get_config(), "tile_size": 32})
     """
 
     convrewrite_keras_class = keras.layers.Conv2D  # a conv site: an optimized model can be re-planned
@@ -630,6 +639,12 @@ class FFTDepthwiseConv2D(_FFTConvMixin, keras.layers.DepthwiseConv2D):
 
     Same arguments and weights as DepthwiseConv2D (kernel (kh, kw, C, depth_multiplier), bias
     (C * depth_multiplier,)), plus `tile_size` as in FFTConv2D. Output channel c * M + m, as Keras.
+
+    Raises:
+        ValueError: an argument DepthwiseConv2D refuses, or a bad tile_size.
+
+    Example:
+        >>> layer = FFTDepthwiseConv2D(31, padding="same")    # a 31x31 depthwise conv through FFTs
     """
 
     convrewrite_keras_class = keras.layers.DepthwiseConv2D
