@@ -146,6 +146,7 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         plan = make_plan(graph, cm, allow=allow, policies=_policies(pac=pac), batch=batch, memory_limit=memory_limit,
                          rtol=rtol)
     new, report = _build_verified(model, plan, verify, inputs, rtol)
+    plan.current = _current_implementations(model)  # what each site runs now: the speed check's baseline
     speed = _check_speed(model, new, plan, check_speed, inputs, batch, target)
     if speed.slower:
         planning = None if given else dict(allow=allow, policies=_policies(pac=pac), memory_limit=memory_limit)
@@ -210,16 +211,18 @@ def _check_speed(model, new, plan: Plan, enabled: bool, inputs, batch: int, targ
     elif target == "other" or plan.trust == "unverified":
         result.not_measured = ("the profile is another device's (target='other' or unverified), so this device's "
                                "speed says nothing of it")
-    elif all(r.choice == "direct" or not _for_speed(r.choice) for r in plan):
+    elif not _replaced_for_speed(plan):
         result.not_measured = "no site was replaced for speed"
     else:
-        x = speed_check.model_inputs(model, batch, None)  # at the planned batch where the shapes allow
-        x = inputs if x is None else x
+        # random finite data at the planned batch (or shaped like `inputs` where a size is unknown): the
+        # user's values may hold NaN/Inf, which route FFT layers through Keras's branch, so timing them
+        # would measure that branch
+        x = speed_check.model_inputs(model, batch, None, like=inputs)
         if x is None:
-            result.not_measured = "the model's input size is unknown; pass inputs= to time on them"
+            result.not_measured = "the model's input size is unknown; pass inputs= to time on data of their shape"
             return result
         policy_only = _policy_only(plan)
-        baseline = model if all(r.choice == "direct" for r in policy_only) else build(model, policy_only)
+        baseline = model if not _replaced_for_speed(policy_only) and not _policy_sites(plan) else build(model, policy_only)
         measured = speed_check.measure(baseline, new, x)
         result.original_s, result.optimized_s, result.rounds, result.batch = (
             measured.original_s, measured.optimized_s, measured.rounds, measured.batch)
@@ -227,13 +230,36 @@ def _check_speed(model, new, plan: Plan, enabled: bool, inputs, batch: int, targ
     return result
 
 
+def _current_implementations(model) -> dict:
+    """{site path: (implementation name, options)} of what each site of `model` runs now: `direct` for
+    Keras's own layers, the implementation that made a replacement layer (re-optimizing an optimized model)."""
+    out = {}
+    for site in walk(model).sites:
+        impl = implementations.for_layer(site.layer)
+        for path in [site.path, *site.aliases]:
+            out[path] = (impl.name, impl.options_of(site.layer))
+    return out
+
+
+def _replaced_for_speed(plan: Plan) -> list:
+    """Rows whose choice changes what the site runs now, for speed (policy choices aside)."""
+    current = getattr(plan, "current", {})
+    return [r for r in plan if _for_speed(r.choice) and r.choice != current.get(r.site, ("direct", {}))[0]]
+
+
+def _policy_sites(plan: Plan) -> list:
+    return [r for r in plan if not _for_speed(r.choice)]
+
+
 def _policy_only(plan: Plan) -> Plan:
-    """A copy of `plan` with every speed-chosen site back on `direct` (policy-chosen sites kept)."""
+    """A copy of `plan` with every speed-chosen site back on what it runs now (Keras's own layer, or the
+    replacement a re-optimized model already had); policy-chosen sites kept."""
+    current = getattr(plan, "current", {})
     plan = copy.deepcopy(plan)
-    for row in plan:
-        if row.choice != "direct" and _for_speed(row.choice):
-            row.choice, row.options = "direct", {}
-            row.reason = "kept Keras's own kernel: the optimized model measured slower than the original"
+    for row in _replaced_for_speed(plan):
+        row.choice, options = current.get(row.site, ("direct", {}))
+        row.options = dict(options)
+        row.reason = "kept what the site ran: the optimized model measured slower than the original"
     return plan
 
 
@@ -248,8 +274,10 @@ def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, pl
         timed = _time_replaced_sites(plan, first.batch or batch, planning["allow"])
         if cm is not None and hasattr(cm, "record_tactics"):
             cm.record_tactics(timed)  # this device's timings, reused by later plans
+        current = plan.current
         plan = make_plan(walk(model), _TimedSites(cm, timed), batch=first.batch or batch, rtol=rtol, **planning)
         new, report = _build_verified(model, plan, verify, inputs, rtol)
+        plan.current = current
         again = _check_speed(model, new, plan, True, inputs, first.batch or batch)
         if not again.slower:
             again.action = "re-planned from timings of the replaced sites" + (
@@ -257,8 +285,10 @@ def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, pl
             again.history = [a.to_dict() for a in attempts]
             return plan, new, report, again
         attempts.append(again)
+    current = plan.current
     plan = _policy_only(plan)
     new, report = _build_verified(model, plan, verify, inputs, rtol)
+    plan.current = current
     last = attempts[-1]
     last.action = "kept the original implementations: the optimized model measured slower than the original"
     last.history = [a.to_dict() for a in attempts[:-1]]

@@ -131,6 +131,11 @@ class Implementation:
         another device's profile then stay unverified)."""
         return []
 
+    def options_of(self, layer) -> dict:
+        """The options that rebuild `layer` (one this implementation made) as it is, e.g. an FFT layer's
+        tile size: how a re-optimized model's site is kept unchanged."""
+        return {}
+
     def profile_applicable(self, spec: ConvSpec) -> bool:
         """Whether the profiler times this implementation on `spec` at all (besides its memory cap)."""
         return True

@@ -70,26 +70,28 @@ class SpeedCheck:
         return {**dataclasses.asdict(self), "measured": self.measured}
 
 
-def model_inputs(model, batch: int, inputs=None):
-    """The inputs to time on: `inputs` as given, else random normal ones at the model's input shapes with
-    `batch`; None where a non-batch dimension is unknown (nothing sensible to time on)."""
+def model_inputs(model, batch: int, inputs=None, like=None):
+    """The inputs to time on: `inputs` as given; else random normal (finite) data at the model's input
+    shapes with `batch`; where a non-batch size is unknown, random data shaped like `like` (e.g. the user's
+    verification inputs, whose values may hold NaN/Inf); None where neither says a size."""
     import keras
 
     if inputs is not None:
         return inputs
-    struct = input_struct(model)
-    if any(d is None for t in keras.tree.flatten(struct) for d in tuple(t.shape)[1:]):
-        return None
     rng = np.random.default_rng(0)
 
-    def make(t):
-        dtype = keras.backend.standardize_dtype(t.dtype)
-        shape = (batch,) + tuple(t.shape[1:])
+    def make(shape, dtype):
+        dtype = keras.backend.standardize_dtype(dtype)
         if "int" in dtype or dtype == "bool":
             return keras.ops.convert_to_tensor(rng.integers(0, 2, size=shape).astype(dtype))
         return keras.ops.convert_to_tensor(rng.standard_normal(shape).astype(dtype))
 
-    return keras.tree.map_structure(make, struct)
+    struct = input_struct(model)
+    if not any(d is None for t in keras.tree.flatten(struct) for d in tuple(t.shape)[1:]):
+        return keras.tree.map_structure(lambda t: make((batch,) + tuple(t.shape[1:]), t.dtype), struct)
+    if like is None:
+        return None
+    return keras.tree.map_structure(lambda a: make(tuple(np.shape(a)), getattr(a, "dtype", "float32")), like)
 
 
 def measure(original, optimized, inputs, budget_s: float = SPEED_BUDGET_S) -> SpeedCheck:

@@ -229,7 +229,8 @@ class _Sleepy(implementations.Implementation):
         return (spec.kind == "conv2d" and spec.groups == 1), "dense Conv2D only"
 
     def make_layer(self, layer, spec, **options):
-        return _SleepyConv.from_config(layer.get_config())
+        config = {k: v for k, v in layer.get_config().items() if k != "tile_size"}  # an FFT layer's own option
+        return _SleepyConv.from_config(config)
 
 
 @pytest.fixture
@@ -395,3 +396,42 @@ def test_a_policy_site_does_not_stop_the_speed_check_from_reverting_slow_sites(s
     fast = convrewrite.optimize(model, plan=plan, check_speed=True)
     assert fast.convrewrite_plan.choices() == {"p": "pac", "d": "direct"}  # PAC kept: the user's choice
     assert fast.convrewrite_speed.action.startswith("kept the original implementations")
+
+
+def test_re_optimizing_an_optimized_model_keeps_what_it_ran_as_the_baseline(sleepy):
+    """The speed check of optimize(fast) compares with `fast` (its FFT layer), and reverting a slow site
+    puts back that FFT layer, not Keras's Conv2D."""
+    from convrewrite.layers.fft import FFTConv2D
+
+    x = keras.Input((24, 24, 8))
+    model = keras.Model(x, keras.layers.Conv2D(8, 9, padding="same", name="c")(x))
+    fast = convrewrite.optimize(model, plan=convrewrite.plan(model, cost_model=None).force("c", "fft", tile_size=12),
+                                check_speed=False)
+    assert isinstance(fast.get_layer("c"), FFTConv2D)
+    again = convrewrite.optimize(fast, plan=convrewrite.plan(fast, cost_model=None).force("c", "sleepy"),
+                                 check_speed=True)
+    assert again.convrewrite_speed.action.startswith("kept the original implementations")
+    assert isinstance(again.get_layer("c"), FFTConv2D) and again.get_layer("c").tile_size == fast.get_layer("c").tile_size
+    assert again.convrewrite_plan.row("c").choice == "fft"
+    # and a plan that changes nothing for speed is not timed
+    same = convrewrite.optimize(fast, plan=convrewrite.plan(fast, cost_model=None).force("c", "fft", tile_size=12),
+                                check_speed=True)
+    assert same.convrewrite_speed.measured is None and "no site was replaced" in same.convrewrite_speed.not_measured
+
+
+def test_speed_check_times_finite_data_shaped_like_the_users_inputs(monkeypatch):
+    x = keras.Input((None, None, 8))
+    model = keras.Model(x, keras.layers.Conv2D(8, 3, padding="same", groups=8, name="g")(x))
+    data = np.random.default_rng(0).standard_normal((3, 20, 20, 8)).astype("float32")
+    data[0, 0, 0, 0] = np.nan
+    seen = []
+    real = convrewrite.speed.measure
+
+    def spy(original, optimized, inputs, **kw):
+        seen.append(np.asarray(inputs))
+        return real(original, optimized, inputs, **kw)
+
+    monkeypatch.setattr(convrewrite.speed, "measure", spy)
+    fast = convrewrite.optimize(model, cost_model=None, inputs=data, check_speed=True)
+    assert fast.convrewrite_plan.row("g").choice == "depthwise" and seen
+    assert seen[0].shape == data.shape and np.isfinite(seen[0]).all()

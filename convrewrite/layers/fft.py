@@ -707,6 +707,9 @@ class FFTImplementation(Implementation):
         # one channel per group: a broadcast multiply per bin; otherwise a batched complex matmul
         return "dw" if spec.in_channels // spec.groups == 1 else "dense"
 
+    def options_of(self, layer):
+        return {"tile_size": layer.tile_size}
+
     def _tile(self, options):
         return options.get("tile_size", self.tile_size)
 
