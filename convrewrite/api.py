@@ -141,8 +141,8 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         cm = _resolve_cost_model(cost_model, target)
         if measure:
             cm = cm or profiles.resolve("auto")
-            profiles.measure_tactics(cm, [s.spec for s in graph.all_sites()], allow=allow, batch=batch,
-                                     memory_limit=memory_limit)
+            specs = [spec for s in graph.all_sites() for spec in (getattr(s, "specs", None) or [s.spec])]
+            profiles.measure_tactics(cm, specs, allow=allow, batch=batch, memory_limit=memory_limit)  # every size
         plan = make_plan(graph, cm, allow=allow, policies=_policies(pac=pac), batch=batch, memory_limit=memory_limit,
                          rtol=rtol)
     new, report = _build_verified(model, plan, verify, inputs, rtol)
