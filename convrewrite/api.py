@@ -300,18 +300,16 @@ def _for_speed(name: str) -> bool:
 
 
 def _time_replaced_sites(plan: Plan, batch: int, allow):
-    """{spec: {implementation: seconds}} timed here for every site whose choice is not `direct`, over its
-    applicable speed candidates (pac is chosen by policy, not timed for speed)."""
+    """{spec: {implementation: seconds}} timed here, at `batch`, for every site replaced for speed (at every
+    size it is called with), over its applicable speed candidates (policy choices such as PAC are not timed)."""
     timed = {}
-    for row in plan:
-        if row.choice == "direct" or not _for_speed(row.choice):
-            continue
-        spec = row.spec if row.spec.batch else row.spec.with_input(batch=batch)
-        if spec in timed or spec.height is None or spec.width is None:
-            continue
+    for row in _replaced_for_speed(plan):
         names = [n for n, why in row.candidates.items()
                  if why == "" and _for_speed(n) and (allow is None or n in allow or n == "direct")]
-        timed[spec] = profiling.time_spec(spec, allow=names)
+        for spec in row.specs or [row.spec]:  # every size a shared layer is called at
+            spec = spec.with_input(batch=row.spec.batch or batch)  # the model's own batch, else the measured one
+            if spec not in timed and spec.height is not None and spec.width is not None:
+                timed[spec] = profiling.time_spec(spec, allow=names)
     return timed
 
 

@@ -39,6 +39,8 @@ class PlanRow:
     aliases: List[str] = dataclasses.field(default_factory=list)  # the layer's other paths (nested models)
     # implementation -> {"source": where its prediction came from, "band": expected relative error or None}
     provenance: Dict[str, dict] = dataclasses.field(default_factory=dict)
+    # every distinct call's spec at the planned batch (a layer shared at several input sizes has several)
+    specs: List[ConvSpec] = dataclasses.field(default_factory=list)
 
     @property
     def speedup(self) -> Optional[float]:
@@ -58,12 +60,14 @@ class PlanRow:
             "predicted_ms": dict(self.predicted_ms),
             "aliases": list(self.aliases),
             "provenance": {k: dict(v) for k, v in self.provenance.items()},
+            "specs": [s.to_dict() for s in self.specs],
         }
 
     @classmethod
     def from_dict(cls, d):
         d = dict(d)
         d["spec"] = ConvSpec.from_dict(d["spec"])
+        d["specs"] = [ConvSpec.from_dict(s) for s in d.get("specs", [])]
         return cls(**d)
 
 
@@ -100,21 +104,24 @@ class Plan:
     def force(self, name, implementation: str, reason: str = "forced by user", **options) -> "Plan":
         """Set the implementation for a site (a name/path, or a compiled regex matching several).
 
-        Raises PlanError if the implementation is unknown or does not apply to the site's spec."""
+        Raises PlanError if the implementation is unknown, does not apply to the site at one of the sizes it is
+        called with, or breaks the limits the plan was made with there (checked at the planned batch)."""
         rows = [r for r in self.rows if name.fullmatch(r.site)] if isinstance(name, re.Pattern) else [self.row(name)]
         if not rows:
             raise PlanError(f"Pattern {name.pattern!r} matches no conv site; expected one of {[r.site for r in self.rows]}.")
         impl = implementations.get(implementation)
         for row in rows:
-            ok, why = impl.applicable(row.spec)
-            if not ok:
-                raise PlanError(f"Implementation {implementation!r} does not apply to site '{row.site}' ({row.spec.short()}): {why}.")
-            why = constraint_violation(implementation, row.spec, self.constraints.get("memory_limit"),
-                                       self.constraints.get("rtol"), options)
-            if why:  # the summary states the plan's limits: a forced choice must keep them
-                raise PlanError(f"Implementation {implementation!r} at site '{row.site}' ({row.spec.short()}) {why}; "
-                                f"expected a choice within the limits this plan was made with (plan again without them "
-                                f"to force it).")
+            for spec in row.specs or [row.spec]:
+                ok, why = impl.applicable(spec)
+                if not ok:
+                    raise PlanError(f"Implementation {implementation!r} does not apply to site '{row.site}' "
+                                    f"({spec.short()}): {why}.")
+                why = constraint_violation(implementation, spec, self.constraints.get("memory_limit"),
+                                           self.constraints.get("rtol"), options)
+                if why:  # the summary states the plan's limits: a forced choice must keep them
+                    raise PlanError(f"Implementation {implementation!r} at site '{row.site}' ({spec.short()}) {why}; "
+                                    f"expected a choice within the limits this plan was made with (plan again "
+                                    f"without them to force it).")
             row.choice, row.reason, row.options = implementation, reason, dict(options)
         return self
 
@@ -367,7 +374,7 @@ def make_plan(model_graph, cost_model=None, allow=None, policies=None, batch: in
         if excluded:
             reason += "; excluded: " + ", ".join(excluded)
         row = PlanRow(site.path, site.spec, choice, reason + left_out, cands, {}, dict(predicted), list(site.aliases),
-                      {k: dict(v) for k, v in provenance.items()})
+                      {k: dict(v) for k, v in provenance.items()}, list(specs))
         for name, policy in selected.items():
             if site.path in policy.sites and policy.budget is None:
                 row.choice, row.reason, row.options = name, f"{name} policy selected this layer", dict(policy.options)

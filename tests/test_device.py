@@ -435,3 +435,17 @@ def test_speed_check_times_finite_data_shaped_like_the_users_inputs(monkeypatch)
     fast = convrewrite.optimize(model, cost_model=None, inputs=data, check_speed=True)
     assert fast.convrewrite_plan.row("g").choice == "depthwise" and seen
     assert seen[0].shape == data.shape and np.isfinite(seen[0]).all()
+
+
+def test_force_checks_the_plans_limits_at_every_size_and_the_planned_batch():
+    """A shared 9x9 conv at 16x16 and 256x256 under a 20 MB limit: the plan leaves fft out at the large
+    size (batch 8), and forcing it there is refused the same way."""
+    a, b = keras.Input((16, 16, 4)), keras.Input((256, 256, 4))
+    conv = keras.layers.Conv2D(4, 9, padding="same", name="c")
+    model = keras.Model([a, b], [conv(a), conv(b)])
+    plan = convrewrite.plan(model, cost_model=None, memory_limit="20MB")
+    assert "memory_limit" in plan.row("c").candidates["fft"]
+    with pytest.raises(convrewrite.PlanError, match=r"@256x256.*memory_limit"):
+        plan.force("c", "fft")
+    again = type(plan).from_dict(json.loads(plan.to_json()))
+    assert len(again.row("c").specs) == 2 and all(s.batch == 8 for s in again.row("c").specs)
