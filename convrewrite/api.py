@@ -7,6 +7,7 @@ import os
 
 from . import implementations, profiles
 from . import speed as speed_check
+from .cost import TIMING_BAND, Prediction, predict
 from .errors import PlanError, VerificationError
 from .graph import walk
 from .planner import Plan, check_rtol, make_plan, parse_memory_limit
@@ -217,7 +218,7 @@ def _check_speed(model, new, plan: Plan, enabled: bool, inputs, batch: int, targ
         # random finite data at the planned batch (or shaped like `inputs` where a size is unknown): the
         # user's values may hold NaN/Inf, which route FFT layers through Keras's branch, so timing them
         # would measure that branch
-        x = speed_check.model_inputs(model, batch, None, like=inputs)
+        x = speed_check.model_inputs(model, batch, like=inputs)
         if x is None:
             result.not_measured = "the model's input size is unknown; pass inputs= to time on data of their shape"
             return result
@@ -323,20 +324,9 @@ class _TimedSites:
         self.trust = "this device"
 
     def prediction(self, impl_name, spec):
-        from .cost import TIMING_BAND, Prediction
-
         if impl_name in self.timed.get(spec, {}):
             return Prediction(1e3 * self.timed[spec][impl_name], "timed here", TIMING_BAND)
-        if self.base is None:
-            return None
-        if hasattr(self.base, "prediction"):
-            return self.base.prediction(impl_name, spec)
-        ms = self.base.predict_ms(impl_name, spec)
-        return None if ms is None else Prediction(ms, "given", None)
-
-    def predict_ms(self, impl_name, spec):
-        p = self.prediction(impl_name, spec)
-        return None if p is None else p.ms
+        return None if self.base is None else predict(self.base, impl_name, spec)
 
 
 def verify(original, new, inputs=None, rtol=None, sites=True, seed=0) -> VerificationReport:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from . import implementations
 from .spec import ConvSpec
@@ -121,11 +121,8 @@ def compare(cost_model, measured: List[dict], seconds: float, device: str,
 
 def out_of_tolerance(calibration: Calibration) -> List[Tuple[ConvSpec, str]]:
     """The (spec, implementation) pairs whose ratio is outside the tolerance: timed once more before refusing."""
-    def allowed(c):
-        return c.get("tolerance", calibration.tolerance)
-
     return [(ConvSpec.from_json(c["spec"]), c["impl"]) for c in calibration.canaries
-            if not 1 / allowed(c) <= c["ratio"] <= allowed(c)]
+            if not 1 / c["tolerance"] <= c["ratio"] <= c["tolerance"]]
 
 
 def replace_timings(measured: List[dict], retimed: List[dict]) -> List[dict]:
@@ -133,9 +130,3 @@ def replace_timings(measured: List[dict], retimed: List[dict]) -> List[dict]:
     new = {(r["spec"], r["impl"]): r for r in retimed}
     return [new.get((m["spec"], m["impl"]), m) for m in measured]
 
-
-def summary_by_impl(calibration: Calibration) -> Dict[str, dict]:
-    """{impl: {"scale", "band", "canaries"}} for plan JSON."""
-    impls = dict.fromkeys(c["impl"] for c in calibration.canaries)
-    return {i: {"scale": calibration.scale(i), "band": calibration.band(i), "canaries": len(calibration._ratios(i))}
-            for i in impls}

@@ -82,6 +82,15 @@ class Prediction(NamedTuple):
     band: Optional[float]
 
 
+def predict(cost_model, impl_name: str, spec: ConvSpec) -> Optional[Prediction]:
+    """A Prediction from any cost model: its own `prediction` where it has one (a CostModel), else its
+    `predict_ms` with source "given" and no band (any object predicting milliseconds)."""
+    if hasattr(cost_model, "prediction"):
+        return cost_model.prediction(impl_name, spec)
+    ms = cost_model.predict_ms(impl_name, spec)
+    return None if ms is None else Prediction(ms, "given", None)
+
+
 TRUST_LEVELS = ("this device", "calibrated", "unverified")
 """How far a profile's numbers describe the device they are used on: measured on it; measured on another
 device but its canaries agree here (see calibration.py); or not checked here (another device's)."""
@@ -153,18 +162,11 @@ class CostModel:
         tactic = self.tactics().get(key, {}) if trust != "unverified" else {}
         if impl_name in tactic:
             return Prediction(1e3 * tactic[impl_name], "timed here", TIMING_BAND)
-        profiled = self._profiled().get(key, {})
-        if impl_name in profiled:
-            seconds, band, kind = profiled[impl_name], TIMING_BAND, "timing"
-        else:
-            fit = self.fits.get(impl_name)
-            if fit is None:
-                return None
-            impl = implementations.get(impl_name)
-            if not impl.applicable(spec)[0]:
-                return None
-            seconds = max(fit.predict(regression_terms(impl, spec)), 1e-7)
-            band, kind = fit.p90_rel_error, "fit"
+        own = self._own_number(impl_name, spec)
+        if own is None:
+            return None
+        seconds, kind = own
+        band = TIMING_BAND if kind == "timing" else self.fits[impl_name].p90_rel_error
         if trust == "this device":
             return Prediction(1e3 * seconds, "timed here" if kind == "timing" else "fitted", band)
         if trust == "calibrated" and self.calibration.band(impl_name) is not None:
@@ -178,31 +180,37 @@ class CostModel:
         p = self.prediction(impl_name, spec)
         return None if p is None else p.ms / 1e3
 
+    def _own_number(self, impl_name: str, spec: ConvSpec, with_canaries: bool = False):
+        """(seconds, "timing" | "fit") the profile itself gives for one call on its own device: a canary
+        timing of the exact spec (with_canaries), a grid timing of it, else its fit; None where it says
+        nothing (no fit, an implementation this version lacks, or one that does not apply)."""
+        key = _spec_key(spec)
+        if with_canaries:
+            for row in self.canaries:
+                if row["impl"] == impl_name and row["spec"] == key:
+                    return row["seconds"], "timing"
+        if impl_name in self._profiled().get(key, {}):
+            return self._profiled()[key][impl_name], "timing"
+        fit = self.fits.get(impl_name)
+        if fit is None or impl_name not in implementations.names():
+            return None
+        impl = implementations.get(impl_name)
+        if not impl.applicable(spec)[0]:
+            return None
+        return max(fit.predict(regression_terms(impl, spec)), 1e-7), "fit"
+
     def profile_band(self, impl_name: str, spec: ConvSpec) -> float:
         """How far `profile_seconds` may be off on the profile's own device: 0 for a timing (canary or grid),
         the fit's 90th-percentile relative error for a fitted number."""
-        key = _spec_key(spec)
-        if any(r["impl"] == impl_name and r["spec"] == key for r in self.canaries) or \
-                impl_name in self._profiled().get(key, {}):
-            return 0.0
-        fit = self.fits.get(impl_name)
-        return (fit.p90_rel_error or 0.0) if fit is not None else 0.0
+        own = self._own_number(impl_name, spec, with_canaries=True)
+        return (self.fits[impl_name].p90_rel_error or 0.0) if own and own[1] == "fit" else 0.0
 
     def profile_seconds(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
-        """What the profile itself says one call takes on its own device: its canary or grid timing of the
-        exact spec, else its fit; no tactic timings of this device, no calibration. Calibration compares
-        these with timings made here."""
-        key = _spec_key(spec)
-        for row in self.canaries:
-            if row["impl"] == impl_name and row["spec"] == key:
-                return row["seconds"]
-        if impl_name in self._profiled().get(key, {}):
-            return self._profiled()[key][impl_name]
-        fit = self.fits.get(impl_name)
-        impl = implementations.get(impl_name) if impl_name in implementations.names() else None
-        if fit is None or impl is None or not impl.applicable(spec)[0]:
-            return None
-        return max(fit.predict(regression_terms(impl, spec)), 1e-7)
+        """What the profile itself says one call takes on its own device (see `_own_number`, canaries
+        included); no tactic timings of this device, no calibration. Calibration compares these with
+        timings made here."""
+        own = self._own_number(impl_name, spec, with_canaries=True)
+        return None if own is None else own[0]
 
     def tactics(self, here: Optional[dict] = None) -> Dict[str, Dict[str, float]]:
         """This device's tactic timings ({spec json: {impl: seconds}}), or {} where the profile describes
@@ -237,8 +245,8 @@ class CostModel:
         return self._profiled_cache
 
     def predict_ms(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
-        s = self.predict_seconds(impl_name, spec)
-        return None if s is None else 1e3 * s
+        p = self.prediction(impl_name, spec)
+        return None if p is None else p.ms
 
     # -- fitting --
     def fit(self, holdout: float = 0.25, seed: int = 0) -> "CostModel":

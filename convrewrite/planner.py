@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 from . import implementations
 from .choice import DIRECT_MARGIN, choose  # noqa: F401  (re-exported: the planner's rule)
-from .cost import Prediction
+from .cost import Prediction, predict
 from .errors import PlanError
 from .spec import ConvSpec
 
@@ -318,16 +318,9 @@ def choose_for_spec(spec: ConvSpec, cost_model, candidates: Dict[str, str], marg
     predicted, provenance = {}, {}
     if cost_model is not None:
         for name, why in candidates.items():
-            if why:
-                continue
-            if hasattr(cost_model, "prediction"):  # a CostModel: the time with where it came from
-                p = cost_model.prediction(name, spec)
-                if p is not None:
-                    predicted[name], provenance[name] = p.ms, {"source": p.source, "band": p.band}
-            else:  # any object predicting milliseconds
-                ms = cost_model.predict_ms(name, spec)
-                if ms is not None:
-                    predicted[name], provenance[name] = ms, {"source": "given", "band": None}
+            p = None if why else predict(cost_model, name, spec)
+            if p is not None:
+                predicted[name], provenance[name] = p.ms, {"source": p.source, "band": p.band}
     speed = {k: v for k, v in predicted.items() if implementations.get(k).chosen_for_speed}
     if speed:
         choice, reason = choose(speed, margin)
@@ -488,19 +481,12 @@ class _AllCalls:
         self.cost_model, self.specs = cost_model, specs
 
     def prediction(self, impl_name, spec):
-        if not hasattr(self.cost_model, "prediction"):
-            ms = self.predict_ms(impl_name, spec)
-            return None if ms is None else Prediction(ms, "given", None)
-        parts = [self.cost_model.prediction(impl_name, s) for s in self.specs]
+        parts = [predict(self.cost_model, impl_name, s) for s in self.specs]
         if any(p is None for p in parts):
             return None
         bands = [p.band for p in parts]
         return Prediction(float(sum(p.ms for p in parts)), parts[0].source,
                           None if any(b is None for b in bands) else max(bands))
-
-    def predict_ms(self, impl_name, spec):
-        times = [self.cost_model.predict_ms(impl_name, s) for s in self.specs]
-        return None if any(t is None for t in times) else float(sum(times))
 
 
 class _NoPolicy:

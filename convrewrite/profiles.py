@@ -141,21 +141,9 @@ def _auto(here: dict) -> CostModel:
     fid = device.fingerprint_id(here)
     if fid in _AUTO_CACHE:
         return _AUTO_CACHE[fid]
-    candidates = []
-    for path in shipped_profiles():
-        try:
-            cm = CostModel.load(path)
-        except ProfileError as exc:
-            warnings.warn(f"Skipping unreadable profile: {exc}", stacklevel=3)
-            continue
-        if device.same_class(cm.fingerprint, here):
-            cm.read_only = True
-            candidates.append(cm)
-    exact = [cm for cm in candidates if device.same_device(cm.fingerprint, here)]
-    chosen = exact[0] if exact else None
-    if chosen is not None:
-        chosen.trust = "this device"
-    else:
+    candidates = _class_profiles(here)
+    chosen = _exact(candidates, here)
+    if chosen is None:
         candidates.sort(key=lambda cm: len(device.differences(cm.fingerprint, here)))
         for cm in candidates[:MAX_CALIBRATIONS]:
             if calibrate(cm, here).accepted:
@@ -177,15 +165,32 @@ def _this_device(here: dict) -> CostModel:
     fid = device.fingerprint_id(here)
     if fid in _AUTO_CACHE and _AUTO_CACHE[fid].trust == "this device":
         return _AUTO_CACHE[fid]
-    for path in sorted(cost.CACHE_DIR.glob("*.json")) if cost.CACHE_DIR.is_dir() else []:
+    return _exact(_class_profiles(here), here) or _measure_here(here)
+
+
+def _class_profiles(here: dict) -> List[CostModel]:
+    """The profiles in `shipped_profiles()` of this device's machine class, loaded read-only (an
+    unreadable one is skipped with a warning)."""
+    out = []
+    for path in shipped_profiles():
         try:
             cm = CostModel.load(path)
-        except ProfileError:
+        except ProfileError as exc:
+            warnings.warn(f"Skipping unreadable profile: {exc}", stacklevel=4)
             continue
+        if device.same_class(cm.fingerprint, here):
+            cm.read_only = True
+            out.append(cm)
+    return out
+
+
+def _exact(profiles: List[CostModel], here: dict) -> Optional[CostModel]:
+    """The first of `profiles` measured on this very device (trust "this device"), or None."""
+    for cm in profiles:
         if device.same_device(cm.fingerprint, here):
-            cm.read_only, cm.trust = True, "this device"
+            cm.trust = "this device"
             return cm
-    return _measure_here(here)
+    return None
 
 
 def _measure_here(here: dict) -> CostModel:

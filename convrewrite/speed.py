@@ -70,14 +70,12 @@ class SpeedCheck:
         return {**dataclasses.asdict(self), "measured": self.measured}
 
 
-def model_inputs(model, batch: int, inputs=None, like=None):
-    """The inputs to time on: `inputs` as given; else random normal (finite) data at the model's input
-    shapes with `batch`; where a non-batch size is unknown, random data shaped like `like` (e.g. the user's
-    verification inputs, whose values may hold NaN/Inf); None where neither says a size."""
+def model_inputs(model, batch: int, like=None):
+    """The inputs to time on: random normal (finite) data at the model's input shapes with `batch`; where a
+    non-batch size is unknown, random data shaped like `like` (e.g. the user's verification inputs, whose
+    values may hold NaN/Inf); None where neither says a size."""
     import keras
 
-    if inputs is not None:
-        return inputs
     rng = np.random.default_rng(0)
 
     def make(shape, dtype):
