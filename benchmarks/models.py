@@ -56,10 +56,10 @@ MODELS = {
 }
 
 
-def bench(name, batch, repeats, cost_model, also_rules=False, measure=False):
+def bench(name, batch, repeats, cost_model, also_rules=False, measure=False, rtol=None):
     model = MODELS[name]()
     variants = {"optimized": convrewrite.optimize(model, cost_model=None if cost_model == "rules" else cost_model,
-                                                  measure=measure, batch=batch)}
+                                                  measure=measure, batch=batch, rtol=rtol)}
     if also_rules:
         variants["rules"] = convrewrite.optimize(model, cost_model=None)
     shape = (batch,) + tuple(model.inputs[0].shape[1:])
@@ -86,6 +86,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cost-model", default="auto")
     parser.add_argument("--also-rules", action="store_true", help="also time the rule-based plan, interleaved")
+    parser.add_argument("--rtol", type=float, default=None,
+                        help="error budget: admits reduced-precision (bfloat16) sites where the device runs them natively")
     parser.add_argument("--measure", action="store_true",
                         help="plan from timings of the model's own conv shapes (optimize(measure=True), cached per device)")
     args = parser.parse_args()
@@ -96,7 +98,7 @@ def main():
     print(f"batch {args.batch}, {args.repeats} interleaved rounds, median seconds per batch")
     print(f"{'model':<16} {'original':>10} {'optimized':>10} {'speedup':>9} {'rel err':>9}  plan")
     for name in args.models:
-        bench(name, args.batch, args.repeats, args.cost_model, args.also_rules, args.measure)
+        bench(name, args.batch, args.repeats, args.cost_model, args.also_rules, args.measure, args.rtol)
 
 
 if __name__ == "__main__":

@@ -416,6 +416,10 @@ def _site_candidates(site, specs, allow, selected, limit, rtol):
             if ok:
                 ok, why = impl.applicable(other)
                 why = why if ok else f"at the call on {other.short()}: {why}"
+        if ok and impl.precision != "float32" and rtol is None:  # noted in candidates, not in every reason
+            cands[name] = (f"computes in {impl.precision}: only under an error budget (rtol); the float32 "
+                           f"default tolerance admits no lower precision")
+            continue
         if ok and (limit is not None or rtol is not None):
             options = selected[name].options if name in selected else None
             for each in specs:

@@ -81,6 +81,9 @@ class Implementation:
     policy_keyword: str = ""
     """The keyword of plan()/optimize() whose value selects sites for this implementation ("" for none):
     see `select_sites`."""
+    precision: str = "float32"
+    """The compute precision the implementation's layer runs in; a lower one is admitted only under an
+    error budget (plan(..., rtol=...)), see convrewrite.precision."""
     label: str = ""
     """How messages name it ("PAC"); the name where empty (see `__init_subclass__`)."""
     rule: str = ""
