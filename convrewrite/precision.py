@@ -71,8 +71,14 @@ class ReducedPrecision(Implementation):
             return ok, why
         if spec.dtype != "float32":
             return False, f"the layer already computes in {spec.dtype}"
-        if self.precision not in native_precisions():
-            return False, f"this device has no native {self.precision} (e.g. avx512_bf16 / amx_bf16)"
+        return True, ""
+
+    def runs_on(self, fingerprint):
+        # never assumed: emulated reduced precision is slower than float32, and its timings would say so
+        # only on a device that was profiled
+        if self.precision not in native_precisions(fingerprint):
+            return False, (f"the device has no native {self.precision} (e.g. avx512_bf16 / amx_bf16, or a GPU of "
+                           f"compute capability >= 8.0)")
         return True, ""
 
     def make_layer(self, layer, spec, **options):
@@ -93,9 +99,9 @@ class ReducedPrecision(Implementation):
 
     def profile_applicable(self, spec):
         # Reduced precision pays on the small kernels most networks are made of (large ones go through
-        # FFT in float32); oneDNN's bfloat16 primitives for large kernels also hold on to memory across
-        # the profiler's hundreds of specs (+0.8 GB for one 51x51), so those are not timed.
-        return max(spec.kernel) <= 7 and self.base.profile_applicable(spec)
+        # FFT in float32), so those are not timed; nor on a device without native units (never chosen).
+        return (max(spec.kernel) <= 7 and self.runs_on(device.fingerprint())[0]
+                and self.base.profile_applicable(spec))
 
     def canary_specs(self):
         return self.base.canary_specs()[:2]

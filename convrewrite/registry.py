@@ -99,6 +99,12 @@ class Implementation:
         """(True, "") if this implementation computes `spec` exactly, else (False, why not)."""
         raise NotImplementedError
 
+    def runs_on(self, fingerprint: dict) -> Tuple[bool, str]:
+        """(True, "") if the device described by `fingerprint` (`convrewrite.device`; the device the plan is
+        for, which is another one when converting for it) runs this implementation as intended, else
+        (False, why not). Every device by default; e.g. a reduced-precision variant needs native units."""
+        return True, ""
+
     def make_layer(self, layer, spec: ConvSpec, **options):
         """A new, unbuilt Keras layer computing what `layer` computes, named like it."""
         raise NotImplementedError

@@ -57,8 +57,28 @@ def test_a_device_without_native_bf16_gets_no_bf16_candidates(monkeypatch):
     here = copy.deepcopy(device.fingerprint())
     here["hardware"]["cpu"]["isa"] = [f for f in here["hardware"]["cpu"]["isa"] if "bf16" not in f]
     monkeypatch.setattr(device, "fingerprint", lambda: copy.deepcopy(here))
-    ok, why = implementations.get("direct-bf16").applicable(_spec())
+    ok, why = implementations.get("direct-bf16").runs_on(device.fingerprint())
     assert not ok and "no native bfloat16" in why
+    plan = convrewrite.plan(_model(np.random.default_rng(0)), cost_model=_Bf16IsFaster(), rtol=1e-2)
+    assert set(plan.choices().values()) <= {"direct", "depthwise"}
+    assert "no native bfloat16" in plan.row("a").candidates["direct-bf16"]
+    with pytest.raises(convrewrite.PlanError, match="no native bfloat16"):
+        plan.force("a", "direct-bf16")
+
+
+def test_converting_for_another_device_asks_that_device(monkeypatch):
+    """Native precision is the target's: a plan for a bf16 device made on one without (and vice versa)."""
+    from convrewrite.planner import target_fingerprint
+
+    other = copy.deepcopy(device.fingerprint())
+    other["hardware"]["cpu"]["isa"] = ["avx2"]
+    cm = _Bf16IsFaster()
+    cm.trust, cm.fingerprint = "unverified", other
+    assert target_fingerprint(cm) is other
+    ok, why = implementations.get("direct-bf16").runs_on(target_fingerprint(cm))
+    assert not ok
+    cm.trust = "this device"
+    assert target_fingerprint(cm) == device.fingerprint()
 
 
 def test_default_tolerance_never_changes_precision(native_bf16, rng):
