@@ -5,6 +5,7 @@
     python benchmarks/models.py --cost-model rules    # the rule-based chooser instead of the cost model
     python benchmarks/models.py convnext_tiny --also-rules   # cost-model plan and rule-based plan, interleaved
     python benchmarks/models.py large_kernel --measure       # plan from timings of the model's own shapes
+    python benchmarks/models.py resnet50 --rtol 1e-3 1e-2    # float32 plan beside plans under error budgets
 
 Prints, per model: original and optimized median seconds per batch, the speedup, the end-to-end relative
 error, and what the plan chose.
@@ -56,10 +57,12 @@ MODELS = {
 }
 
 
-def bench(name, batch, repeats, cost_model, also_rules=False, measure=False):
+def bench(name, batch, repeats, cost_model, also_rules=False, measure=False, rtols=()):
     model = MODELS[name]()
-    variants = {"optimized": convrewrite.optimize(model, cost_model=None if cost_model == "rules" else cost_model,
-                                                  measure=measure, batch=batch)}
+    cm = None if cost_model == "rules" else cost_model
+    variants = {"optimized": convrewrite.optimize(model, cost_model=cm, measure=measure, batch=batch)}
+    for rtol in rtols:  # error budgets: reduced precision where the device runs it natively
+        variants[f"rtol {rtol:g}"] = convrewrite.optimize(model, cost_model=cm, measure=measure, batch=batch, rtol=rtol)
     if also_rules:
         variants["rules"] = convrewrite.optimize(model, cost_model=None)
     shape = (batch,) + tuple(model.inputs[0].shape[1:])
@@ -86,6 +89,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cost-model", default="auto")
     parser.add_argument("--also-rules", action="store_true", help="also time the rule-based plan, interleaved")
+    parser.add_argument("--rtol", type=float, nargs="+", default=(), metavar="RTOL",
+                        help="also time plans under these error budgets (e.g. 1e-3 1e-2), interleaved with the "
+                             "float32 plan: they admit bfloat16 sites where the device runs bfloat16 natively")
     parser.add_argument("--measure", action="store_true",
                         help="plan from timings of the model's own conv shapes (optimize(measure=True), cached per device)")
     args = parser.parse_args()
@@ -96,7 +102,7 @@ def main():
     print(f"batch {args.batch}, {args.repeats} interleaved rounds, median seconds per batch")
     print(f"{'model':<16} {'original':>10} {'optimized':>10} {'speedup':>9} {'rel err':>9}  plan")
     for name in args.models:
-        bench(name, args.batch, args.repeats, args.cost_model, args.also_rules, args.measure)
+        bench(name, args.batch, args.repeats, args.cost_model, args.also_rules, args.measure, args.rtol)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,29 @@ def _build_verified(model, plan: Plan, verify: bool, inputs, rtol):
         report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
         report.fallbacks = fallbacks
     if not report.passed:
+        new, report = _fall_back_precision(model, plan, new, report, inputs, rtol)
+    if not report.passed:
         raise VerificationError(_failure_message(model, report), report=report)
+    return new, report
+
+
+def _fall_back_precision(model, plan: Plan, new, report, inputs, rtol):
+    """Every site passed alone but the model as a whole is beyond tolerance: put the reduced-precision sites
+    back on full precision one by one, largest measured site error first, until the model is within it.
+    Returns (new model, report); the report lists each fallback."""
+    reduced = [c for c in report.sites if c.passed and implementations.get(plan.row(c.name).choice).precision != "float32"]
+    fallbacks = list(report.fallbacks)
+    for check in sorted(reduced, key=lambda c: -c.rel_error):
+        row = plan.row(check.name)
+        base = getattr(implementations.get(row.choice), "base_name", "direct")
+        fallbacks.append({"site": check.name, "from": row.choice, "to": base,
+                          "why": f"model beyond tolerance; largest reduced-precision site error {check.rel_error:.2e}"})
+        plan.force(check.name, base, reason=f"fell back from {row.choice}: the model as a whole exceeded rtol")
+        new = build(model, plan)
+        report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
+        report.fallbacks = fallbacks
+        if report.passed:
+            break
     return new, report
 
 

@@ -18,7 +18,7 @@ import math
 import re
 from typing import Dict, List, Optional
 
-from . import implementations
+from . import device, implementations
 from .choice import DIRECT_MARGIN, choose  # noqa: F401  (re-exported: the planner's rule)
 from .cost import Prediction, predict
 from .errors import PlanError
@@ -110,6 +110,9 @@ class Plan:
         if not rows:
             raise PlanError(f"Pattern {name.pattern!r} matches no conv site; expected one of {[r.site for r in self.rows]}.")
         impl = implementations.get(implementation)
+        ok, why = impl.runs_on(getattr(self, "target_fingerprint", None) or device.fingerprint())
+        if not ok:
+            raise PlanError(f"Implementation {implementation!r} cannot run on the device this plan is for: {why}.")
         for row in rows:
             for spec in row.specs or [row.spec]:
                 ok, why = impl.applicable(spec)
@@ -352,11 +355,12 @@ def make_plan(model_graph, cost_model=None, allow=None, policies=None, batch: in
     _check_allow(allow)
     limit, rtol = parse_memory_limit(memory_limit), check_rtol(rtol)
     selected = _select_policy_sites(model_graph, policies or {}, cost_model)
+    target = target_fingerprint(cost_model)
     rows, decisions = [], {}  # the same spec met twice is predicted (and measured) once
     for site in model_graph.sites:  # one per layer: the walk merges a layer's calls and nested paths
         # a layer shared at several input sizes: every size must allow the choice, and predictions add up
         specs = [s if s.batch else s.with_input(batch=batch) for s in getattr(site, "specs", None) or [site.spec]]
-        cands, constrained = _site_candidates(site, specs, allow, selected, limit, rtol)
+        cands, constrained = _site_candidates(site, specs, allow, selected, limit, rtol, target)
         left_out = _drop_excluded_policy_sites(site, cands, constrained, selected)
         key = (tuple(specs), tuple(sorted(cands.items())))
         if key not in decisions:
@@ -373,6 +377,7 @@ def make_plan(model_graph, cost_model=None, allow=None, policies=None, batch: in
                 row.choice, row.reason, row.options = name, f"{name} policy selected this layer", dict(policy.options)
         rows.append(row)
     plan = _new_plan(rows, cost_model, limit, rtol)
+    plan.target_fingerprint = target
     for name, policy in selected.items():
         if policy.budget is not None:
             _apply_budget(plan, name, policy)
@@ -401,10 +406,19 @@ def _select_policy_sites(model_graph, policies: dict, cost_model) -> Dict[str, "
     return selected
 
 
-def _site_candidates(site, specs, allow, selected, limit, rtol):
+def target_fingerprint(cost_model) -> dict:
+    """The fingerprint of the device a plan is for: the profile's device where the plan is made for another
+    one (an unverified profile: target "other"), else this device."""
+    if getattr(cost_model, "trust", None) == "unverified" and getattr(cost_model, "fingerprint", None):
+        return cost_model.fingerprint
+    return device.fingerprint()
+
+
+def _site_candidates(site, specs, allow, selected, limit, rtol, target):
     """({name: "" or why not}, {name: why a constraint excludes it}) for one site, called at `specs` (one
-    per distinct input size): a candidate must apply and meet the constraints at every one. Implementations
-    chosen by policy are candidates only where their policy selected the site."""
+    per distinct input size): a candidate must apply (on the `target` device's fingerprint) and meet the
+    constraints at every one. Implementations chosen by policy are candidates only where their policy
+    selected the site."""
     cands, constrained = {}, {}
     for name, (ok, why) in implementations.candidates(site.spec).items():
         impl = implementations.get(name)
@@ -416,6 +430,12 @@ def _site_candidates(site, specs, allow, selected, limit, rtol):
             if ok:
                 ok, why = impl.applicable(other)
                 why = why if ok else f"at the call on {other.short()}: {why}"
+        if ok:
+            ok, why = impl.runs_on(target)
+        if ok and impl.precision != "float32" and rtol is None:  # noted in candidates, not in every reason
+            cands[name] = (f"computes in {impl.precision}: only under an error budget (rtol); the float32 "
+                           f"default tolerance admits no lower precision")
+            continue
         if ok and (limit is not None or rtol is not None):
             options = selected[name].options if name in selected else None
             for each in specs:

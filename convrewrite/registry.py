@@ -81,6 +81,9 @@ class Implementation:
     policy_keyword: str = ""
     """The keyword of plan()/optimize() whose value selects sites for this implementation ("" for none):
     see `select_sites`."""
+    precision: str = "float32"
+    """The compute precision the implementation's layer runs in; a lower one is admitted only under an
+    error budget (plan(..., rtol=...)), see convrewrite.precision."""
     label: str = ""
     """How messages name it ("PAC"); the name where empty (see `__init_subclass__`)."""
     rule: str = ""
@@ -95,6 +98,12 @@ class Implementation:
     def applicable(self, spec: ConvSpec) -> Tuple[bool, str]:
         """(True, "") if this implementation computes `spec` exactly, else (False, why not)."""
         raise NotImplementedError
+
+    def runs_on(self, fingerprint: dict) -> Tuple[bool, str]:
+        """(True, "") if the device described by `fingerprint` (`convrewrite.device`; the device the plan is
+        for, which is another one when converting for it) runs this implementation as intended, else
+        (False, why not). Every device by default; e.g. a reduced-precision variant needs native units."""
+        return True, ""
 
     def make_layer(self, layer, spec: ConvSpec, **options):
         """A new, unbuilt Keras layer computing what `layer` computes, named like it."""

@@ -218,7 +218,9 @@ def test_measure_mode_caches_in_profile_file(tiny_profile, tmp_path, monkeypatch
     assert json.loads(path.read_text())["version"] == cost.VERSION
     for row in fast.convrewrite_plan:
         measured = cached["timings"][row.spec.with_input(batch=2).to_json()]
-        times = {k: v for k, v in measured.items() if k != "pac"}  # pac is timed for budgets, chosen only by policy
+        # pac is chosen only by policy; reduced precision only under an rtol budget (none here)
+        times = {k: v for k, v in measured.items()
+                 if implementations.get(k).chosen_for_speed and implementations.get(k).precision == "float32"}
         fastest = min(times, key=times.get)
         assert times[row.choice] <= DIRECT_MARGIN * times[fastest], (row.site, times)
         simpler = implementations.names()[:implementations.names().index(row.choice)]
@@ -436,7 +438,15 @@ def test_workspace_estimates():
     io = 4 * 2 * 8 * 24 * 24 * 8
     assert ws("direct", spec) >= io and ws("direct", spec) < 2 * io
     assert ws("fft", spec) > 3 * ws("direct", spec)  # padded blocks and spectra
-    assert ws("fft", spec.with_input(batch=16)) > 1.5 * ws("fft", spec)  # activations scale, kernel spectra do not
+    b8, b16, b32 = (ws("fft", spec.with_input(batch=b)) for b in (8, 16, 32))
+    assert b16 > b8 and b32 - b16 == pytest.approx(2 * (b16 - b8))  # activations scale, kernel spectra do not
+    # computing the kernel spectra peaks at ~6x their cached size (a 1x cost let the profiler run a layer
+    # needing 7.6 GB under a 2 GB cap): a spectrum-dominated spec is estimated above that
+    from convrewrite.layers.fft import SPECTRUM_PEAK_FACTOR
+
+    big = _spec(kernel=(1, 1), in_channels=512, filters=2048, height=7, width=7, batch=8)
+    spectrum = implementations.get("fft").features(big)["spectrum_bytes"]
+    assert SPECTRUM_PEAK_FACTOR >= 5 and ws("fft", big) >= SPECTRUM_PEAK_FACTOR * spectrum
     assert ws("pac", _spec(kernel=(5, 5))) > ws("direct", _spec(kernel=(5, 5)))
     import dataclasses
 

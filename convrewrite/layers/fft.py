@@ -115,6 +115,15 @@ def full_axis_layout(n: int, k_eff: int, stride: int = 1, padding: str = "valid"
     return AxisLayout(fft=next_fast_length(need, even=even), pad_before=pb, out=out, stride=stride, kernel=k_eff)
 
 
+SPECTRUM_PEAK_FACTOR = 6.5
+"""Peak memory of computing and caching a kernel spectrum, in units of the cached spectrum's bytes: the
+padded and rolled kernel, its transform, the real block form and the cache variable are alive together
+on the first call (and on every call after the kernel changes). Measured as the process's peak RSS over
+building and calling one layer: 5.3-6.5x on spectrum-dominated specs of the profiling grid (e.g. a 5x5
+105->89 conv at 130x130: 1.28 GB of spectra, 7.6 GB peak), CPU, TF 2.21, Xeon 6/167/1. An estimate
+without it (1x) let the profiler and `memory_limit` admit layers needing ~6x their stated memory."""
+
+
 def default_tile(k_eff: int) -> int:
     """Output tile edge used when none is given: the transform is about 3 kernels (>= 32) long, a
     balance between wasted overlap ((k - 1) / T of every tile) and spectrum size (grows with T^2)."""
@@ -130,8 +139,11 @@ def tiled_axis_layout(k_eff: int, tile: int, stride: int = 1, padding: str = "va
     """
     if tile < 1:
         raise ValueError(f"Received tile_size={tile}; expected a positive int.")
-    fft = next_fast_length(tile + k_eff - 1, even=even)
     out, pb = (None, None) if n is None else _out_and_pad(n, k_eff, stride, padding)
+    if out is not None:
+        # a tile larger than the stride-1 outputs needed only adds transform size (and spectrum memory)
+        tile = min(tile, max((out - 1) * stride + 1, 1))
+    fft = next_fast_length(tile + k_eff - 1, even=even)
     return AxisLayout(fft=fft, pad_before=pb, out=out, stride=stride, kernel=k_eff, tile=fft - k_eff + 1)
 
 
@@ -726,9 +738,9 @@ class FFTImplementation(Implementation):
     def workspace_bytes(self, spec: ConvSpec, options=None):
         """Input and output, the zero-padded real blocks that are transformed (4 bytes x fft_h x fft_w per
         forward and inverse transform), the activation spectra twice (8 bytes per bin and transform: the
-        spectra and their transposed copy for the per-bin matmul), the cached kernel spectra and the
-        weights, as if all were alive at once (it errs high: peak RSS over one compiled call grew 0.5-0.6x
-        of it where it is over ~50 MB, CPU, TF 2.21). None where the spatial size is unknown."""
+        spectra and their transposed copy for the per-bin matmul), and SPECTRUM_PEAK_FACTOR x the cached
+        kernel spectra (computing them), as if all were alive at once. None where the spatial size is
+        unknown."""
         try:
             f = self.features(spec, **(options or {}))
         except ValueError:  # the transform layout needs the spatial size the spec leaves unknown
@@ -737,7 +749,7 @@ class FFTImplementation(Implementation):
             return None
         transforms = f["forward_transforms"] + f["inverse_transforms"]
         return (io_bytes(spec) + 4.0 * f["fft_h"] * f["fft_w"] * transforms + 16.0 * f["bins"] * transforms
-                + f.get("spectrum_bytes", 0.0))
+                + SPECTRUM_PEAK_FACTOR * f.get("spectrum_bytes", 0.0))
 
     def expected_error(self, spec: ConvSpec):
         """FFT_ERROR_SCALE x log2(fft_h x fft_w) x min(log2(taps x Cin/groups), FFT_ERROR_TERMS_CAP)."""
