@@ -27,7 +27,7 @@ import keras
 from keras import ops
 
 from ..errors import PlanError
-from ..kernels import Depthwise
+from ..kernels import DEPTHWISE_SLOW_WIDTHS, Depthwise
 from ..registry import Implementation, canary_spec, io_bytes, register
 from ..shapes import effective_length, pair, same_pads
 from ..spec import ConvSpec
@@ -35,7 +35,7 @@ from . import backend
 
 __all__ = ["WideDepthwiseConv2D", "WideDepthwiseImplementation", "default_run_kernel", "axis_plan"]
 
-SLOW_WIDTHS = range(10, 14)
+SLOW_WIDTHS = DEPTHWISE_SLOW_WIDTHS
 """Kernel widths TensorFlow's CPU depthwise kernel runs slower than FAST_WIDTH (measured, see the module doc)."""
 FAST_WIDTH = 14
 
