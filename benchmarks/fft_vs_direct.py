@@ -2,7 +2,7 @@
 
 For each kernel size it builds Keras's layer and every replacement that applies with the same weights (the
 full-image FFT layer always; `WideDepthwiseConv2D`, the depthwise kernel zero-padded to width 14, where the
-kernel width is in TensorFlow's slow band 10..13), compiles each with tf.function (inference), runs them
+kernel width is in TensorFlow's slow band 12..13), compiles each with tf.function (inference), runs them
 interleaved (warm-up excluded) and prints median times, ratios (Keras / replacement: > 1 means faster than
 Keras), the best ratio of any replacement, and the largest normwise relative error vs Keras.
 Every size is printed, including those where the replacements lose; the crossover is the smallest kernel from

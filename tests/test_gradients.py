@@ -47,12 +47,12 @@ CONFIGS = {
     "channels_first_dw": (lambda: keras.layers.Conv2D(6, 3, groups=3, padding="same", data_format="channels_first"),
                           (3, 10, 9), {"fft": {}, "fft-tiled": {"tile_size": 4}, "depthwise": {}}),
     # kernel widths in TF's slow depthwise band: run wider (zero taps) by depthwise-wide
-    "dw_wide_mult2": (lambda: keras.layers.DepthwiseConv2D((3, 11), depth_multiplier=2, padding="same"), (9, 15, 3),
+    "dw_wide_mult2": (lambda: keras.layers.DepthwiseConv2D((3, 12), depth_multiplier=2, padding="same"), (9, 15, 3),
                       {"depthwise-wide": {}, "fft": {}}),
     "dw_wide_valid_strided": (lambda: keras.layers.DepthwiseConv2D((2, 12), strides=2, padding="valid"), (9, 16, 3),
                               {"depthwise-wide": {"run_kernel_size": (3, 14)}}),
-    "grouped_wide_dilated_cf": (lambda: keras.layers.Conv2D(4, (3, 10), groups=4, dilation_rate=(1, 2), padding="same",
-                                                            data_format="channels_first"), (4, 8, 23),
+    "grouped_wide_dilated_cf": (lambda: keras.layers.Conv2D(4, (3, 13), groups=4, dilation_rate=(1, 2), padding="same",
+                                                            data_format="channels_first"), (4, 8, 27),
                                 {"depthwise-wide": {}}),
 }
 CELLS = [(c, impl) for c, (_, _, impls) in CONFIGS.items() for impl in impls]

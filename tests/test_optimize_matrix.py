@@ -75,7 +75,7 @@ SINGLE = {  # the configurations of tests/test_graph.py::test_conv_configuration
                                               data_format="channels_first", name="cf_grouped"),
     # kernel widths in TF's slow depthwise band (depthwise-wide applies)
     "dw_wide": lambda: keras.layers.DepthwiseConv2D((3, 12), depth_multiplier=2, padding="same", name="dw_wide"),
-    "dw_wide_valid_s2": lambda: keras.layers.DepthwiseConv2D((2, 10), strides=2, padding="valid", activation="relu",
+    "dw_wide_valid_s2": lambda: keras.layers.DepthwiseConv2D((2, 12), strides=2, padding="valid", activation="relu",
                                                              name="dw_wide_valid_s2"),
     "cf_grouped_wide": lambda: keras.layers.Conv2D(6, (3, 13), groups=6, strides=2, padding="same",
                                                    data_format="channels_first", name="cf_grouped_wide"),

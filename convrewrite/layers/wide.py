@@ -2,10 +2,10 @@
 
 TensorFlow's CPU depthwise kernel has a slow band of kernel *widths*: measured on Xeon 6/167/1 (TF 2.21,
 8x56x56x128, SAME, medians of 5), widths 12-13 run about 2x slower than width 14 whatever the height
-(13x13: 31 ms, 13x14: 14 ms; 27x13: 59 ms, 27x14: 26 ms) and widths 10-11 up to 1.4x slower (9x11: 11.1 ms,
-9x14: 10.0 ms), while widths 14..32 cost a smooth ~0.6 ms per column. So a kh x kw kernel in that band is
-run as a kh x 14 kernel with zero columns added: the same sums (a zero tap adds an exact zero), at the
-fast kernel's speed.
+(13x13: 31 ms, 13x14: 14 ms; 12x12: 27 ms, 12x14: 14 ms; 27x13: 59 ms, 27x14: 26 ms), while widths 14..32
+cost a smooth ~0.6 ms per column (widths 10-11 are 1.0-1.1x slower than 14, which the finiteness guard
+below eats up, so they are left out). So a kh x kw kernel in that band is run as a kh x 14 kernel with zero
+columns added: the same sums (a zero tap adds an exact zero), at the fast kernel's speed.
 
 How a call runs (x: (batch, H, W, C), kernel (kh, kw, C, M) -> run kernel (rh, rw, C, M), rh >= kh, rw >= kw):
   * the kernel gets rh - kh zero rows and rw - kw zero columns, split before/after so that every real tap
