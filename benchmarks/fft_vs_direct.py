@@ -1,12 +1,18 @@
-"""FFT convolution vs Keras's own layer, kernel sizes 3..51, in one process.
+"""FFT and the other replacement layers vs Keras's own layer, kernel sizes 3..51, in one process.
 
-For each kernel size it builds Keras's layer and the FFT layer with the same weights, compiles both
-with tf.function (inference), runs them interleaved (warm-up excluded) and prints the median times,
-the ratio (Keras / FFT: > 1 means FFT is faster) and the normwise relative error. Every size is printed,
-including those where FFT loses; the crossover is the smallest kernel from which FFT stays faster.
-"cpu ratio" is the same ratio of this process's CPU time (all its threads): on a shared machine the
-wall-clock ratio swings with other processes' load (each layer gets one core or two), the CPU-time one
-much less; it is not a speed-up on an idle machine, where Keras's conv uses both cores better than FFTs.
+For each kernel size it builds Keras's layer and every replacement that applies with the same weights (the
+full-image FFT layer always; `WideDepthwiseConv2D`, the depthwise kernel zero-padded to width 14, where the
+kernel width is in TensorFlow's slow band 12..13), compiles each with tf.function (inference), runs them
+interleaved (warm-up excluded) and prints median times, ratios (Keras / replacement: > 1 means faster than
+Keras), the best ratio of any replacement, and the largest normwise relative error vs Keras.
+Every size is printed, including those where the replacements lose; the crossover is the smallest kernel from
+which the FFT stays faster.
+
+Fraction of peak: each variant's own arithmetic per second (Keras and the wide kernel: 2 x the MACs of the
+kernel they run, zero taps included; FFT: `fft_cost_features`' flops, transforms and per-bin products) over
+the cores' nominal fp32 peak (`nominal_peak_gflops`: CPUs x clock x 64 flops per cycle with AVX-512; --peak
+overrides it). The best rate of a 2048^3 tf.linalg.matmul is printed beside it for scale. "cpu ratio" is the FFT ratio of this process's CPU time (all its
+threads): on a shared machine the wall-clock ratio swings with other processes' load, the CPU-time one less.
 
     python benchmarks/fft_vs_direct.py            # dense 8x64x64 32->32 and depthwise 8x56x56x128
     python benchmarks/fft_vs_direct.py --quick    # fewer sizes and repetitions
@@ -28,10 +34,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from convrewrite.layers import FFTConv2D, FFTDepthwiseConv2D  # noqa: E402
+from convrewrite.layers import FFTConv2D, FFTDepthwiseConv2D, WideDepthwiseConv2D  # noqa: E402
+from convrewrite.layers.fft import fft_cost_features  # noqa: E402
+from convrewrite.layers.wide import default_run_kernel  # noqa: E402
+from convrewrite.spec import ConvSpec  # noqa: E402
 
 FULL_SIZES = (3, 5, 7, 9, 11, 13, 15, 17, 21, 25, 31, 41, 51)
-QUICK_SIZES = (3, 5, 7, 9, 11, 15, 21, 31)
+QUICK_SIZES = (3, 5, 7, 9, 11, 13, 15, 21, 31)
 
 
 def rel_error(actual, expected):
@@ -39,47 +48,109 @@ def rel_error(actual, expected):
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
-def make_pair(kind, k, channels, filters, tile_size=None):
-    """(Keras layer, FFT layer) with identical weights, both built."""
-    if kind == "dense":
-        ref = keras.layers.Conv2D(filters, k, padding="same")
-        cls = FFTConv2D
-    else:
-        ref = keras.layers.DepthwiseConv2D(k, padding="same")
-        cls = FFTDepthwiseConv2D
-    return ref, cls, tile_size
-
-
 def median_ms(times):
     return 1e3 * statistics.median(times)
 
 
-def run_case(kind, shape, k, filters, reps, warmup, tile_size=None):
+def matmul_gflops(n=2048, reps=5):
+    """This machine's best fp32 matmul rate (GFLOP/s): an n^3 tf.linalg.matmul, fastest of `reps` after a warm-up."""
+    a, b = tf.random.normal((n, n)), tf.random.normal((n, n))
+    f = tf.function(lambda: tf.linalg.matmul(a, b))
+    f().numpy()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f().numpy()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / min(times) / 1e9
+
+
+def nominal_peak_gflops():
+    """fp32 peak from /proc/cpuinfo (Linux x86): CPUs x nominal clock (BogoMIPS / 2) x flops per cycle, assuming
+    two FMA units per core: 64 with AVX-512 (2 x 16 lanes x 2 flops), 32 with AVX2. None where unreadable."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    mips = [float(line.split(":")[1]) for line in info.splitlines() if line.lower().startswith("bogomips")]
+    if not mips:
+        return None
+    per_cycle = 64 if " avx512f" in info else 32
+    return os.cpu_count() * mips[0] / 2 / 1e3 * per_cycle
+
+
+def make_variants(kind, k, shape, filters):
+    """{name: (built layer, flops per call)} with identical weights: Keras's layer first, then replacements."""
     rng = np.random.default_rng(k)
-    x = tf.constant(rng.standard_normal(shape).astype("float32"))
-    ref, cls, tile = make_pair(kind, k, shape[-1], filters, tile_size)
+    if kind == "dense":
+        ref = keras.layers.Conv2D(filters, k, padding="same")
+        spec = ConvSpec(kind="conv2d", in_channels=shape[-1], filters=filters, kernel=(k, k), height=shape[1],
+                        width=shape[2], batch=shape[0], padding="same")
+    else:
+        ref = keras.layers.DepthwiseConv2D(k, padding="same")
+        spec = ConvSpec(kind="depthwise_conv2d", in_channels=shape[-1], filters=shape[-1], kernel=(k, k),
+                        height=shape[1], width=shape[2], batch=shape[0], padding="same", groups=shape[-1])
     ref.build(shape)
     ref.set_weights([rng.standard_normal(w.shape).astype("float32") * 0.1 for w in ref.get_weights()])
-    new = cls(**ref.get_config(), tile_size=tile)
-    new.build(shape)
-    new.set_weights(ref.get_weights())
-    f_ref = tf.function(lambda t: ref(t, training=False))
-    f_new = tf.function(lambda t: new(t, training=False))
-    err = rel_error(f_new(x), f_ref(x))
+    macs = float(spec.macs())
+    variants = {"keras": (ref, 2 * macs)}
+    fft_cls = FFTConv2D if kind == "dense" else FFTDepthwiseConv2D
+    variants["fft"] = (fft_cls(**ref.get_config(), tile_size="full"), fft_cost_features(spec, "full")["flops"])
+    run = default_run_kernel((k, k))
+    if kind == "depthwise" and run != (k, k):
+        variants["wide"] = (WideDepthwiseConv2D(**ref.get_config(), run_kernel_size=run), 2 * macs * run[1] / k)
+    for name, (layer, _) in variants.items():
+        if name != "keras":
+            layer.build(shape)
+            layer.set_weights(ref.get_weights())
+    return variants
+
+
+def run_case(kind, shape, k, filters, reps, warmup):
+    """{name: (median ms, median CPU s, flops)} of every variant, and the largest relative error vs Keras."""
+    x = tf.constant(np.random.default_rng(k).standard_normal(shape).astype("float32"))
+    variants = make_variants(kind, k, shape, filters)
+    fns = {name: tf.function(lambda t, layer=layer: layer(t, training=False)) for name, (layer, _) in variants.items()}
+    want = fns["keras"](x)
+    err = max(rel_error(f(x), want) for name, f in fns.items() if name != "keras")
     for _ in range(warmup):
-        f_ref(x).numpy()
-        f_new(x).numpy()
-    t_ref, t_new, c_ref, c_new = [], [], [], []
-    for _ in range(reps):  # interleaved, so load from other processes hits both alike
-        for f, t, c in ((f_ref, t_ref, c_ref), (f_new, t_new, c_new)):
+        for f in fns.values():
+            f(x).numpy()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(reps):  # interleaved, so load from other processes hits every variant alike
+        for name, f in fns.items():
             c0, t0 = time.process_time(), time.perf_counter()
             f(x).numpy()
-            t.append(time.perf_counter() - t0)
-            c.append(time.process_time() - c0)
-    plan = new.fft_layout
-    mode = f"tiled {plan.rows.tile}x{plan.cols.tile}" if plan.tiled else "full"
-    cpu_ratio = statistics.median(c_ref) / statistics.median(c_new)
-    return median_ms(t_ref), median_ms(t_new), err, f"{plan.fft_shape[0]}x{plan.fft_shape[1]} {mode}", cpu_ratio
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    fft = variants["fft"][0].fft_layout
+    how = f"{fft.fft_shape[0]}x{fft.fft_shape[1]} full"
+    return {n: (median_ms(wall[n]), statistics.median(cpu[n]), variants[n][1]) for n in fns}, err, how
+
+
+def print_case(kind, shape, filters, title, sizes, reps, warmup, peak):
+    print(f"\n{title}")
+    header = (f"{'k':>3}  {'keras ms':>9}  {'fft ms':>8}  {'ratio':>6}  {'wide ms':>8}  {'ratio':>6}  {'best':>6}  "
+              f"{'cpu ratio':>9}  {'rel err':>8}  {'% peak keras/fft/wide':>21}  transform")
+    print(header)
+    print("-" * len(header))
+    crossover = None
+    for k in sizes:
+        res, err, how = run_case(kind, shape, k, filters, reps, warmup)
+        keras_ms = res["keras"][0]
+        ratios = {n: keras_ms / r[0] for n, r in res.items() if n != "keras"}
+        if ratios["fft"] > 1 and crossover is None:
+            crossover = k
+        elif ratios["fft"] <= 1:
+            crossover = None
+        wide = (f"{res['wide'][0]:>8.2f}  {ratios['wide']:>5.2f}x" if "wide" in res else f"{'-':>8}  {'-':>6}")
+        pct = "/".join(f"{100 * r[2] / (r[0] * 1e-3) / 1e9 / peak:.0f}" for r in res.values())
+        cpu_ratio = res["keras"][1] / res["fft"][1]
+        print(f"{k:>3}  {keras_ms:>9.2f}  {res['fft'][0]:>8.2f}  {ratios['fft']:>5.2f}x  {wide}  "
+              f"{max(ratios.values()):>5.2f}x  {cpu_ratio:>8.2f}x  {err:>8.1e}  {pct:>21}  {how}", flush=True)
+    print(f"crossover ({kind}): FFT faster from k = {crossover} on" if crossover else
+          f"crossover ({kind}): FFT never stays faster in this range")
 
 
 def main(argv=None):
@@ -87,33 +158,18 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer kernel sizes and repetitions")
     parser.add_argument("--sizes", type=int, nargs="*", help="kernel sizes (default: 3..51)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per layer")
+    parser.add_argument("--peak", type=float, default=None, help="fp32 peak GFLOP/s (default: from /proc/cpuinfo)")
     args = parser.parse_args(argv)
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     reps = args.reps or (3 if args.quick else 7)
     warmup = 1 if args.quick else 2
-    cases = [
-        ("dense", (8, 64, 64, 32), 32, "Conv2D 8x64x64, 32->32, same"),
-        ("depthwise", (8, 56, 56, 128), None, "DepthwiseConv2D 8x56x56x128, same"),
-    ]
+    tf.get_logger().setLevel("ERROR")
+    peak = args.peak or nominal_peak_gflops() or matmul_gflops()
     print(f"tensorflow {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} CPUs; medians of {reps} "
-          f"interleaved runs after {warmup} warm-up; ratio = keras / fft (> 1: FFT faster)")
-    for kind, shape, filters, title in cases:
-        print(f"\n{title}")
-        header = f"{'k':>3}  {'keras ms':>10}  {'fft ms':>9}  {'ratio':>7}  {'cpu ratio':>9}  {'rel err':>8}  transform"
-        print(header)
-        print("-" * len(header))
-        crossover = None
-        for k in sizes:
-            t_ref, t_new, err, how, cpu_ratio = run_case(kind, shape, k, filters, reps, warmup)
-            ratio = t_ref / t_new
-            if ratio > 1 and crossover is None:
-                crossover = k
-            elif ratio <= 1:
-                crossover = None
-            print(f"{k:>3}  {t_ref:>10.2f}  {t_new:>9.2f}  {ratio:>6.2f}x  {cpu_ratio:>8.2f}x  {err:>8.1e}  {how}",
-                  flush=True)
-        print(f"crossover ({kind}): FFT faster from k = {crossover} on" if crossover else
-              f"crossover ({kind}): FFT never stays faster in this range")
+          f"interleaved runs after {warmup} warm-up; ratio = keras / replacement (> 1: faster than Keras); "
+          f"% peak of {peak:.0f} GFLOP/s fp32 (a 2048^3 matmul runs at {matmul_gflops():.0f} here)")
+    print_case("dense", (8, 64, 64, 32), 32, "Conv2D 8x64x64, 32->32, same", sizes, reps, warmup, peak)
+    print_case("depthwise", (8, 56, 56, 128), None, "DepthwiseConv2D 8x56x56x128, same", sizes, reps, warmup, peak)
 
 
 if __name__ == "__main__":

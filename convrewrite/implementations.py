@@ -1,18 +1,19 @@
 """What implementations exist: the registry's interface, with every built-in implementation registered.
 
     from convrewrite import implementations
-    implementations.names()            # ['direct', 'depthwise', 'fft', 'fft-tiled', 'pac'], simplest first
+    implementations.names()            # ['direct', 'depthwise', 'depthwise-wide', 'fft', 'fft-tiled', 'pac']
     implementations.get("fft").applicable(spec)
 
 Each built-in lives beside its layers and registers itself when imported (`convrewrite/kernels.py`:
-direct and depthwise; `layers/fft.py`: fft and fft-tiled; `layers/pac/`: pac). Adding an implementation
+direct and depthwise; `layers/wide.py`: depthwise-wide; `layers/fft.py`: fft and fft-tiled; `layers/pac/`:
+pac). Adding an implementation
 means one module with an `Implementation` subclass (see `convrewrite.registry`) that calls `register`,
 and one import line here (or, outside the package, just `register(...)`).
 """
 
 from . import kernels  # noqa: F401  registers direct, depthwise
 from . import precision  # noqa: F401  registers direct-bf16, depthwise-bf16
-from .layers import fft, pac  # noqa: F401  register fft, fft-tiled, pac
+from .layers import fft, pac, wide  # noqa: F401  register fft, fft-tiled, pac, depthwise-wide
 from .registry import (  # noqa: F401  the registry's interface, re-exported
     Implementation, SitePolicy, canary_spec, candidates, for_layer, get, names, policy_implementations, register,
     speed_names, unregister,

@@ -10,6 +10,12 @@ from .registry import Implementation, canary_spec, register
 from .spec import keras_class
 
 
+DEPTHWISE_SLOW_WIDTHS = range(12, 14)
+"""Kernel widths TensorFlow's CPU depthwise kernel runs about 2x slower than width 14 (Xeon 6/167/1, TF 2.21,
+8x56x56x128: 13x13 31 ms, 13x14 14 ms; 12x12 27 ms, 12x14 14 ms): Direct's cost gets a term for them, and
+`layers/wide.py` runs such kernels at width 14."""
+
+
 class Direct(Implementation):
     """Keras's own layer (cuDNN on GPU, oneDNN on CPU), re-created from its config."""
 
@@ -51,6 +57,8 @@ class Direct(Implementation):
             f[f"{k}_macs"] = macs if k == kind else 0.0
             f[f"{k}_macs_per_cin"] = per_cin if k == kind else 0.0
             f[f"{k}_macs_per_cout"] = per_cout if k == kind else 0.0
+        # TF's depthwise kernel runs some kernel widths about 2x slower per MAC (see DEPTHWISE_SLOW_WIDTHS)
+        f["dw_slow_width_macs"] = macs if kind == "dw" and spec.kernel[1] in DEPTHWISE_SLOW_WIDTHS else 0.0
         return f
 
 

@@ -159,6 +159,12 @@ def canonical_specs(batch: int = 8) -> List[ConvSpec]:
         conv(7, 96, 96, 56, groups=96), conv(7, 192, 192, 28, groups=192), conv(7, 384, 384, 14, groups=384),
         conv(7, 768, 768, 7, groups=768), conv(7, 128, 128, 56, groups=128, kind="depthwise_conv2d"),
         conv(13, 128, 128, 56, groups=128, kind="depthwise_conv2d"), conv(31, 128, 128, 56, groups=128, kind="depthwise_conv2d"),
+        # later stages of large-kernel nets (RepLKNet 31-27-13, SLaK, UniRepLKNet 13x13), ordered so that the
+        # quick grid (every third) holds three 13x13 depthwise specs: an implementation that applies to that
+        # kernel width only is then fitted (a fit needs 3 timings) by a quick profile too
+        conv(29, 256, 256, 28, groups=256, kind="depthwise_conv2d"), conv(13, 256, 256, 28, groups=256, kind="depthwise_conv2d"),
+        conv(27, 512, 512, 14, groups=512, kind="depthwise_conv2d"), conv(13, 1024, 1024, 7, groups=1024, kind="depthwise_conv2d"),
+        conv(13, 512, 512, 14, groups=512, kind="depthwise_conv2d"),
     ]
 
 

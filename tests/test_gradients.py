@@ -46,6 +46,14 @@ CONFIGS = {
                        (3, 12, 11), {"fft": {}, "fft-tiled": {"tile_size": 4}, "pac": {}}),
     "channels_first_dw": (lambda: keras.layers.Conv2D(6, 3, groups=3, padding="same", data_format="channels_first"),
                           (3, 10, 9), {"fft": {}, "fft-tiled": {"tile_size": 4}, "depthwise": {}}),
+    # kernel widths in TF's slow depthwise band: run wider (zero taps) by depthwise-wide
+    "dw_wide_mult2": (lambda: keras.layers.DepthwiseConv2D((3, 12), depth_multiplier=2, padding="same"), (9, 15, 3),
+                      {"depthwise-wide": {}, "fft": {}}),
+    "dw_wide_valid_strided": (lambda: keras.layers.DepthwiseConv2D((2, 12), strides=2, padding="valid"), (9, 16, 3),
+                              {"depthwise-wide": {"run_kernel_size": (3, 14)}}),
+    "grouped_wide_dilated_cf": (lambda: keras.layers.Conv2D(4, (3, 13), groups=4, dilation_rate=(1, 2), padding="same",
+                                                            data_format="channels_first"), (4, 8, 27),
+                                {"depthwise-wide": {}}),
 }
 CELLS = [(c, impl) for c, (_, _, impls) in CONFIGS.items() for impl in impls]
 
@@ -103,7 +111,7 @@ def test_replacement_gradients_equal_keras(config, impl, training, rng):
         assert g is not None, name
         g = np.asarray(g)
         w = np.asarray(w)
-        if name == "kernel" and impl == "depthwise":
+        if name == "kernel" and impl in ("depthwise", "depthwise-wide"):
             g = g.reshape(w.shape)  # DepthwiseConv2D's (kh, kw, C, M) is Conv2D's (kh, kw, 1, C*M)
         assert rel_error(g, w) <= TOL, name
 
@@ -130,7 +138,8 @@ def test_pac_blend_gradient_at_conversion_equals_reference_difference(config, rn
     assert abs(float(g_blend) - numeric) <= 1e-4 * max(abs(numeric), 1.0)
 
 
-FIT_CELLS = CELLS if FULL else [c for c in CELLS if c[0] in ("tiled", "depthwise_grouped", "channels_first")]
+FIT_CELLS = CELLS if FULL else [c for c in CELLS if c[0] in ("tiled", "depthwise_grouped", "channels_first",
+                                                                "grouped_wide_dilated_cf")]
 
 
 @pytest.mark.parametrize("config,impl", FIT_CELLS, ids=[f"{c}-{i}" for c, i in FIT_CELLS])

@@ -21,11 +21,12 @@ import convrewrite
 from convrewrite import reference
 from convrewrite.layers.fft import FFTConv2D, FFTDepthwiseConv2D
 from convrewrite.layers.pac import PacConv2D
+from convrewrite.layers.wide import WideDepthwiseConv2D
 from convrewrite.verify import random_inputs
 from conftest import rel_error
 
 FULL = os.environ.get("CONVREWRITE_FULL_MATRIX", "0") not in ("", "0")
-IMPLS = ("depthwise", "fft", "fft-tiled", "pac")
+IMPLS = ("depthwise", "depthwise-wide", "fft", "fft-tiled", "pac")
 TOL = 1e-5  # float32, normwise relative (verify's default for float32)
 
 
@@ -72,6 +73,12 @@ SINGLE = {  # the configurations of tests/test_graph.py::test_conv_configuration
     "cf_dense": lambda: keras.layers.Conv2D(5, 3, padding="same", data_format="channels_first", name="cf_dense"),
     "cf_grouped": lambda: keras.layers.Conv2D(6, 3, groups=6, strides=2, padding="same",
                                               data_format="channels_first", name="cf_grouped"),
+    # kernel widths in TF's slow depthwise band (depthwise-wide applies)
+    "dw_wide": lambda: keras.layers.DepthwiseConv2D((3, 12), depth_multiplier=2, padding="same", name="dw_wide"),
+    "dw_wide_valid_s2": lambda: keras.layers.DepthwiseConv2D((2, 12), strides=2, padding="valid", activation="relu",
+                                                             name="dw_wide_valid_s2"),
+    "cf_grouped_wide": lambda: keras.layers.Conv2D(6, (3, 13), groups=6, strides=2, padding="same",
+                                                   data_format="channels_first", name="cf_grouped_wide"),
 }
 
 
@@ -153,7 +160,8 @@ CELLS = [(m, impl) for m in MODELS for impl in IMPLS]
 
 
 # the single-layer configurations each implementation applies to (the test skips a cell where none does)
-APPLIES = {"depthwise": ["dw_grouped_nobias", "dw_dilated", "cf_grouped"], "fft": list(SINGLE),
+APPLIES = {"depthwise": ["dw_grouped_nobias", "dw_dilated", "cf_grouped", "cf_grouped_wide"],
+           "depthwise-wide": ["dw_wide", "dw_wide_valid_s2", "cf_grouped_wide"], "fft": list(SINGLE),
            "fft-tiled": list(SINGLE), "pac": ["s2", "d2", "valid", "even_same_s2", "cf_dense"]}
 
 
@@ -178,7 +186,7 @@ def _cells():
         yield pytest.param(*cell, id=f"{cell[0]}-{cell[1]}", marks=marks)
 
 
-EXPECTED_CLASS = {"depthwise": (keras.layers.DepthwiseConv2D,), "fft": (FFTConv2D, FFTDepthwiseConv2D),
+EXPECTED_CLASS = {"depthwise": (keras.layers.DepthwiseConv2D,), "depthwise-wide": (WideDepthwiseConv2D,), "fft": (FFTConv2D, FFTDepthwiseConv2D),
                   "fft-tiled": (FFTConv2D, FFTDepthwiseConv2D), "pac": (PacConv2D,)}
 
 

@@ -1,3 +1,4 @@
 """Keras layers convrewrite substitutes for convolutions. Each is registered serializable."""
 from .fft import FFTConv2D, FFTDepthwiseConv2D
 from .pac import PacConv2D, PacConv2DTranspose, PacPool2D
+from .wide import WideDepthwiseConv2D
