@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 from . import implementations, profiles
 from . import speed as speed_check
@@ -154,10 +155,22 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         plan, new, report, speed = _recover_speed(model, plan, cm, speed, verify, inputs, rtol, batch, planning)
     if report is not None:
         report.speed = speed.to_dict()
+        report.shared_layers = list(getattr(new, "convrewrite_shared_layers", ()))
+    _warn_shared(model, new)
     new.convrewrite_plan = plan
     new.convrewrite_report = report
     new.convrewrite_speed = speed
     return new
+
+
+def _warn_shared(model, new):
+    shared = getattr(new, "convrewrite_shared_layers", ())
+    if shared:
+        warnings.warn(
+            f"Optimized model of '{model.name}' shares {len(shared)} layer(s) with the original, since they cannot "
+            f"be re-created from their config: {list(shared)[:5]}. Their weights are the same variables in both "
+            f"models (training one changes the other); give them get_config()/from_config() to get copies.",
+            stacklevel=3)
 
 
 def _build_verified(model, plan: Plan, verify: bool, inputs, rtol):

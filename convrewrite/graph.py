@@ -198,11 +198,12 @@ class ModelGraph:
 class _Rebuilder:
     """One rebuild of one ModelGraph (nested models get a rebuilder of their own, cached per model)."""
 
-    def __init__(self, mg: ModelGraph, substitute, cache=None, model_class=None):
+    def __init__(self, mg: ModelGraph, substitute, cache=None, model_class=None, shared=None):
         self.mg = mg
         self.model_class = model_class  # builds the outermost model; nested ones are plain keras.Model
         self.substitute = substitute
         self.cache = {} if cache is None else cache  # id(old layer) -> new layer, across nesting
+        self.shared = [] if shared is None else shared  # paths of layers with weights kept as the same object
         self.transfers = []  # (implementation or None, old, new, spec)
         self.tensors = {}  # id(old KerasTensor) -> new KerasTensor
         self.site_by_layer = {id(s.layer): s for s in mg.own_sites}
@@ -230,6 +231,7 @@ class _Rebuilder:
                 impl.transfer_weights(old, new, spec)
         if not self.mg.source.trainable:  # setting True would also unfreeze layers frozen one by one
             model.trainable = False
+        model.convrewrite_shared_layers = tuple(self.shared)
         return model
 
     def _substitutes(self):
@@ -288,10 +290,13 @@ class _Rebuilder:
         if id(op) in self.cache:
             return self.cache[id(op)]
         if id(op) in self.mg.children:
-            new = _Rebuilder(self.mg.children[id(op)], self.substitute, self.cache).run()
+            new = _Rebuilder(self.mg.children[id(op)], self.substitute, self.cache, shared=self.shared).run()
         else:
-            new = recreate(op, self.mg.prefix + op.name)
-            self.transfers.append((None, op, new, None))
+            new = recreate(op, self.mg.prefix + op.name, share=True)
+            if new is op and getattr(op, "weights", None):
+                self.shared.append(self.mg.prefix + op.name)
+            else:
+                self.transfers.append((None, op, new, None))
         self.cache[id(op)] = new
         return new
 
@@ -326,12 +331,14 @@ def live_config(op) -> dict:
     return config
 
 
-def recreate(op, path: str = ""):
+def recreate(op, path: str = "", share: bool = False):
     """A fresh copy of a layer/operation from its config (no weights yet).
 
     A layer that cannot be re-created but holds no weights (a custom stateless layer without
     get_config) is kept as it is: the new model calls the same object, which shares no state with it.
-    One that holds weights cannot be shared without sharing variables, so it raises."""
+    One that holds weights is kept as it is too where `share` (the rebuild of a layer that is not being
+    replaced: the new model then shares its variables with the original, and the rebuild says so); else
+    it raises UnsupportedModelError."""
     try:
         # The layer already lives in this process, so re-creating it is not a deserialization risk
         # (Lambda layers refuse safe mode otherwise).
@@ -344,7 +351,7 @@ def recreate(op, path: str = ""):
             new.name = op.name
         return new
     except Exception as exc:  # noqa: BLE001 - any failure means the layer cannot be copied faithfully
-        if not getattr(op, "weights", None) and not _is_model(op):
+        if share or (not getattr(op, "weights", None) and not _is_model(op)):
             return op
         detail = str(exc).splitlines()[0] if str(exc).strip() else "no message"
         raise UnsupportedModelError(
