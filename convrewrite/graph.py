@@ -5,6 +5,11 @@ nested models), describes every Conv2D / DepthwiseConv2D call as a `Site`, and r
 model in which each layer is either re-created from its config with copied weights or replaced by what a
 `substitute(site) -> (Implementation, options)` callback says.
 
+Convolutions held inside a layer of the graph (a custom layer's attributes, lists, dicts; a subclassed
+model's) are sites too, "held" sites (see convrewrite.sublayers): described from the shape they were built
+with, and replaced by copying the holding layer with the sublayer swapped for its drop-in replacement. A
+subclassed model is walked as one such holder (no graph), and rebuilt as a copy of its own class.
+
 Graph shape: one node per layer call (keras `Node`), one edge per tensor flowing between calls.
 Node attributes: `op` (the layer/operation), `node` (the keras Node), `order` (Keras's execution order).
 Edge attributes: `tensors` (indices of the consumer's input tensors this edge carries).
@@ -19,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import networkx as nx
 
 from . import keras_internals as _keras
+from . import sublayers
 from .errors import UnsupportedModelError
 from .spec import ConvSpec, is_conv_site, spec_from_layer
 
@@ -31,6 +37,9 @@ class Site:
     spec: described from the layer's first call; specs: one per distinct input shape it is called with (a
     layer shared at several sizes is planned with all of them). aliases: the layer's other paths, when it is called both
     in a model and in a model nested in it (one site all the same: it is replaced once, still shared).
+    holder, steps: for a conv held inside a layer rather than called by the graph, that layer (a node of the
+    graph, or the subclassed model itself) and where in it the conv is held (see sublayers.locate); its
+    spec is from the shape it was built with (one call; calls at other sizes are not seen).
     """
 
     path: str
@@ -39,6 +48,8 @@ class Site:
     calls: int = 1
     aliases: List[str] = dataclasses.field(default_factory=list)  # other paths of the same layer (nesting)
     specs: List[ConvSpec] = dataclasses.field(default_factory=list)  # every distinct call's spec, first first
+    holder: object = None  # the layer holding this conv (None: the conv is a node of the graph)
+    steps: tuple = ()  # where `holder` holds it (attributes, list indices, dict keys)
 
     def __post_init__(self):
         if not self.specs:
@@ -50,23 +61,48 @@ class Site:
 
 
 class ModelGraph:
-    """A walked Functional model: its DiGraph, its sites (own and nested), and nested model graphs."""
+    """A walked model: its DiGraph, its sites (own, held and nested), and nested model graphs.
+
+    A subclassed model has no graph (`model` is None, `subclassed` True): its sites are the convs it holds."""
 
     def __init__(self, model, prefix: str = ""):
-        self.model = _as_functional(model)
+        self.subclassed = _is_model(model) and not sublayers.is_graph_model(model)
+        self.model = None if self.subclassed else _as_functional(model)
         self.source = model
         self.prefix = prefix
         self.graph = nx.DiGraph()
         self.sites: List[Site] = []  # own and nested, in execution order
         self.own_sites: List[Site] = []  # called directly in this graph
+        self.held: Dict[int, List[Site]] = {}  # id(layer of this graph, or the subclassed model) -> convs it holds
         self.children: Dict[int, "ModelGraph"] = {}  # id(nested model layer) -> its graph
-        self.layers: Dict[str, object] = {}  # path -> layer, for every layer met (own and nested)
+        self.layers: Dict[str, object] = {}  # path -> layer, for every layer met (own, held and nested)
         self._walk()
 
     # ---- walking -------------------------------------------------------------------------------
     def _walk(self):
+        if self.subclassed:
+            if not self.source.built:
+                raise UnsupportedModelError(
+                    f"Subclassed model '{self.source.name}' is not built, so the shapes its convolutions see are "
+                    f"unknown; expected a built model (call it on data, or model.build(input_shape)) before optimizing.")
+            self._find_held(self.source, self.prefix.rstrip("/"))
+            return
         self._add_nodes_and_edges()
         self._find_sites()
+
+    def _find_held(self, op, path: str):
+        """Sites for the convs `op` holds (at any depth), each described from the shape it was built with;
+        one never built (so never called) or not 2-D is no site."""
+        for steps, sub in sublayers.held_sublayers(op, is_conv_site):
+            config = sub.get_build_config() if sub.built else None
+            shape = (config or {}).get("input_shape")
+            if shape is None or len(shape) != 4:
+                continue
+            sub_path = "/".join(p for p in (path, sublayers.path_of(steps)) if p)
+            site = Site(path=sub_path, layer=sub, spec=spec_from_layer(sub, tuple(shape)), holder=op, steps=steps)
+            self.held.setdefault(id(op), []).append(site)
+            self.layers[sub_path] = sub
+            self._add_site(site)
 
     def _add_nodes_and_edges(self):
         """One graph node per Keras node (a layer's call), keyed "layer:call index"; edges carry the
@@ -111,7 +147,7 @@ class ModelGraph:
                     if spec not in site.specs:
                         site.specs.append(spec)
                 continue
-            if _is_model(op):
+            if sublayers.is_graph_model(op):
                 child = ModelGraph(op, prefix=path + "/")
                 self.children[id(op)] = child
                 for site in child.sites:
@@ -125,6 +161,7 @@ class ModelGraph:
                 self.own_sites.append(site)
                 seen[id(op)] = self._add_site(site)
             else:
+                self._find_held(op, path)
                 seen[id(op)] = op
 
     def _add_site(self, site: Site) -> Site:
@@ -207,6 +244,7 @@ class _Rebuilder:
         self.transfers = []  # (implementation or None, old, new, spec)
         self.tensors = {}  # id(old KerasTensor) -> new KerasTensor
         self.site_by_layer = {id(s.layer): s for s in mg.own_sites}
+        self.choices = {}  # id(site layer) -> (implementation, options) or None, set by run()
 
     def run(self):
         """The rebuilt keras.Model: inputs recreated, every node called again in graph order (substituted
@@ -214,6 +252,9 @@ class _Rebuilder:
         import keras
 
         choices, extra_edges = self._substitutes()
+        self.choices = choices
+        if self.mg.subclassed:
+            return self._run_subclassed()
         for old in self.mg.model.inputs:
             self.tensors[id(old)] = keras.Input(batch_shape=tuple(old.shape), dtype=old.dtype,
                                                 sparse=getattr(old, "sparse", False), name=_keras.input_name(old))
@@ -224,6 +265,10 @@ class _Rebuilder:
         inputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], inputs_struct)
         outputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], outputs_struct)
         model = (self.model_class or keras.Model)(inputs=inputs, outputs=outputs, name=self.mg.source.name)
+        return self._finish(model)
+
+    def _finish(self, model):
+        """Move the weights into the built `model` and carry the original's trainable flag over."""
         for impl, old, new, spec in self.transfers:
             if impl is None:
                 _copy_weights(old, new)
@@ -234,10 +279,20 @@ class _Rebuilder:
         model.convrewrite_shared_layers = tuple(self.shared)
         return model
 
+    def _run_subclassed(self):
+        """A subclassed model rebuilt: a copy of its own class from its config, the convs it holds swapped
+        as planned, built with the original's build shapes, weights copied."""
+        source = self.mg.source
+        new = self._copy_swapped(source, source.name, self._swaps(source))
+        sublayers.build_like(new, source)
+        return self._finish(new)
+
     def _substitutes(self):
         """({id(layer): (implementation, options) or None}, extra edges making each replacement's
         dependencies (e.g. PAC's guidance) come before it)."""
         choices, extra_edges = {}, []
+        for site in (s for held in self.mg.held.values() for s in held):
+            choices[id(site.layer)] = self._held_choice(site)
         for site in self.mg.own_sites:
             choice = self.substitute(site)
             choices[id(site.layer)] = choice
@@ -254,6 +309,44 @@ class _Rebuilder:
                         f"or layer of that name; expected one of {names}.")
                 extra_edges.append((dep_key, site_key))
         return choices, extra_edges
+
+    def _held_choice(self, site):
+        """substitute(site) for a conv held inside a layer: only a drop-in replacement can be swapped in."""
+        choice = self.substitute(site)
+        if choice is not None and not choice[0].drop_in:
+            raise UnsupportedModelError(
+                f"Layer '{site.path}' is held inside layer '{site.holder.name}' ({type(site.holder).__name__}), not "
+                f"called by a Functional graph, and implementation '{choice[0].label}' needs the graph to wire its "
+                f"extra inputs; expected it only for convolutions that are layers of a Functional or Sequential "
+                f"model (plan.force('{site.path}', 'direct'), or select other layers).")
+        return choice
+
+    def _swaps(self, op) -> list:
+        """[(site, implementation, options)] for the convs `op` holds that the plan replaces."""
+        return [(site, *self.choices[id(site.layer)]) for site in self.mg.held.get(id(op), [])
+                if self.choices.get(id(site.layer)) is not None]
+
+    def _copy_swapped(self, op, path: str, swaps):
+        """A copy of `op` from its config with each planned held conv swapped for its replacement (built
+        at the original's build shape); its weights are moved once it is built (see SwappedCopy)."""
+        new = recreate(op, path)  # it must be copied: raises where it cannot be re-created
+        placed = {}
+        for site, impl, options in swaps:
+            holder, sub = sublayers.locate(new, site.steps)
+            if sub is None:  # held sublayers made in build(): build the copy as the original was
+                sublayers.build_like(new, op)
+                holder, sub = sublayers.locate(new, site.steps)
+            if sub is None or type(sub) is not type(site.layer):
+                raise UnsupportedModelError(
+                    f"Layer '{path}' ({type(op).__name__}) re-created from its config holds no "
+                    f"{type(site.layer).__name__} at '{sublayers.path_of(site.steps)}', where the original holds "
+                    f"'{site.path}'; expected get_config() to re-create the same sublayers.")
+            replacement = impl.make_layer(site.layer, site.spec, **options)
+            sublayers.swap(holder, sub, replacement)
+            sublayers.build_like(replacement, site.layer)
+            placed[id(site.layer)] = (impl.transfer_weights, site.spec)
+        self.transfers.append((sublayers.SwappedCopy(placed), op, new, None))
+        return new
 
     def _call_again(self, data, choices):
         """Call the node's layer (or its replacement) on the rebuilt tensors and record its outputs."""
@@ -291,6 +384,8 @@ class _Rebuilder:
             return self.cache[id(op)]
         if id(op) in self.mg.children:
             new = _Rebuilder(self.mg.children[id(op)], self.substitute, self.cache, shared=self.shared).run()
+        elif self._swaps(op):
+            new = self._copy_swapped(op, self.mg.prefix + op.name, self._swaps(op))
         else:
             new = recreate(op, self.mg.prefix + op.name, share=True)
             if new is op and getattr(op, "weights", None):
@@ -397,19 +492,30 @@ def _as_functional(model):
         return functional
     if isinstance(model, _keras.functional_class()):
         return model
-    if isinstance(model, keras.Model):
-        raise UnsupportedModelError(
-            f"Model '{model.name}' is a subclassed {type(model).__name__}, whose call() cannot be walked; expected a "
-            f"Sequential or Functional model (wrap its layers in keras.Model(inputs, outputs))."
-        )
     raise UnsupportedModelError(f"Received {type(model).__name__}; expected a keras.Model (Sequential or Functional).")
 
 
 def walk(model) -> ModelGraph:
-    """Walk a Sequential or Functional Keras model (recursively into nested models)."""
+    """Walk a Keras model: Sequential or Functional (recursively into nested models and into the layers
+    holding convolutions), or subclassed (the convolutions it holds)."""
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(f"Received {type(model).__name__}; expected a keras.Model.")
     return ModelGraph(model)
 
 
 def input_struct(model):
-    """The model's symbolic inputs in its own input structure (a tensor, list or dict of keras.KerasTensor)."""
+    """The model's symbolic inputs in its own input structure (a tensor, list or dict of keras.KerasTensor).
+
+    A subclassed model has none of its own: one tensor of the shape it was built with stands for them."""
+    import keras
+
+    if _is_model(model) and not sublayers.is_graph_model(model):
+        shape = (model.get_build_config() or {}).get("input_shape") if model.built else None
+        if shape is None or not all(isinstance(d, (int, type(None))) for d in shape):
+            raise UnsupportedModelError(
+                f"Subclassed model '{model.name}' was not built on one input tensor, so its inputs are unknown; "
+                f"expected inputs= (arrays in its input structure) or a model built with model.build(input_shape).")
+        return keras.KerasTensor(tuple(shape), dtype=model.input_dtype)
     return _keras.io_structs(_as_functional(model))[0]

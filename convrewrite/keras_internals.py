@@ -61,6 +61,24 @@ def unsafe_deserialization():
     return serialization_lib.SafeModeScope(False)
 
 
+# ---- sublayers held by custom layers and subclassed models (sublayers.py) ----------------------------
+def tracked_sublayers(layer) -> list:
+    """The layers `layer` tracks directly (Layer._layers: whatever it holds in attributes, lists and dicts),
+    in the order Keras lists their weights."""
+    return list(getattr(layer, "_layers", ()))
+
+
+def all_sublayers(layer) -> list:
+    """`layer` and every layer it tracks, at any depth, each once, in Keras's order (Layer._flatten_layers)."""
+    return layer._flatten_layers(include_self=True, recursive=True)
+
+
+def replace_tracked_sublayer(layer, old, new) -> None:
+    """Make `layer` track `new` in `old`'s place, same position (Tracker.replace_tracked_value), so its
+    weights, sublayers and saved state list `new` where they listed `old`."""
+    layer._tracker.replace_tracked_value("layers", old, new)
+
+
 # ---- reading variables past autocast (layers/fft.py) ---------------------------------------------------
 def autocast_disabled():
     """A context in which a layer's float32 variables read as float32 under a mixed-precision policy
