@@ -1,0 +1,191 @@
+"""Convolutions held inside custom layers and subclassed models: found, planned, swapped on a copy, verified."""
+
+import keras
+import numpy as np
+import pytest
+
+import convrewrite
+from convrewrite import sublayers
+from convrewrite.graph import walk
+from conftest import rel_error
+
+
+@keras.saving.register_keras_serializable(package="convrewrite_tests")
+class Block(keras.layers.Layer):
+    """Convs held every way a layer holds them: an attribute, a list, a dict, a tuple, and a nested layer."""
+
+    def __init__(self, filters=8, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.proj = keras.layers.Conv2D(filters, 3, padding="same", groups=filters)
+        self.convs = [keras.layers.Conv2D(filters, 7, padding="same"), keras.layers.DepthwiseConv2D(5, padding="same")]
+        self.heads = {"a": keras.layers.Conv2D(filters, 1)}
+        self.pair = (keras.layers.Conv2D(filters, 3, padding="same", use_bias=False),)
+        self.attn = Inner(filters)
+        self.norm = keras.layers.LayerNormalization()
+
+    def call(self, x):
+        y = self.proj(x)
+        for conv in self.convs:
+            y = conv(y)
+        y = self.pair[0](y) + self.heads["a"](x)
+        return self.norm(self.attn(y))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+@keras.saving.register_keras_serializable(package="convrewrite_tests")
+class Inner(keras.layers.Layer):
+    def __init__(self, filters=8, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.scale = self.add_weight(shape=(filters,), initializer="ones", name="scale")
+        self.proj = keras.layers.Conv2D(filters, 9, padding="same")
+
+    def call(self, x):
+        return self.proj(x) * self.scale
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+@keras.saving.register_keras_serializable(package="convrewrite_tests")
+class Net(keras.Model):
+    """A subclassed model: a stem conv, a Block, a Dense head."""
+
+    def __init__(self, filters=8, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.stem = keras.layers.Conv2D(filters, 3, padding="same")
+        self.block = Block(filters)
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.head = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.head(self.pool(self.block(self.stem(x))))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+@keras.saving.register_keras_serializable(package="convrewrite_tests")
+class LateBlock(keras.layers.Layer):
+    """Creates its conv in build(), not __init__."""
+
+    def build(self, shape):
+        self.conv = keras.layers.Conv2D(int(shape[-1]), 7, padding="same")
+        self.conv.build(shape)
+
+    def call(self, x):
+        return self.conv(x)
+
+
+def _randomize(model, rng):
+    for v in model.weights:
+        v.assign(rng.standard_normal(tuple(v.shape)).astype("float32") * 0.3)
+
+
+def _state(model, x):
+    return ([id(layer) for layer in model._flatten_layers()], [np.array(w) for w in model.get_weights()],
+            keras.ops.convert_to_numpy(model(x)))
+
+
+HELD_PATHS = ["stem", "block/proj", "block/convs/0", "block/convs/1", "block/heads/a", "block/pair/0",
+              "block/attn/proj"]
+
+
+def test_held_convs_are_found_where_they_are_held_with_the_shapes_they_see():
+    net = Net()
+    net(np.zeros((2, 12, 10, 3), "float32"))
+    sites = walk(net).sites
+    assert [s.path for s in sites] == HELD_PATHS
+    by_path = {s.path: s for s in sites}
+    assert (by_path["stem"].spec.height, by_path["stem"].spec.width, by_path["stem"].spec.in_channels) == (12, 10, 3)
+    assert by_path["block/convs/1"].spec.kind == "depthwise_conv2d"
+    assert by_path["block/attn/proj"].spec.kernel == (9, 9)
+    assert by_path["block/attn/proj"].holder is net
+    holder, layer = sublayers.locate(net, by_path["block/attn/proj"].steps)
+    assert layer is net.block.attn.proj and holder is net.block.attn
+
+
+def test_subclassed_model_gets_a_plan_and_an_equivalent_copy_of_its_class_original_untouched(rng):
+    net = Net()
+    x = rng.standard_normal((2, 12, 10, 3)).astype("float32")
+    net(x)
+    _randomize(net, rng)
+    before = _state(net, x)
+    plan = convrewrite.plan(net, cost_model=None)
+    assert [r.site for r in plan] == HELD_PATHS and plan.row("block/proj").choice == "depthwise"
+    plan.force("block/convs/0", "fft").force("block/convs/1", "fft").force("block/attn/proj", "fft-tiled", tile_size=8)
+    fast = convrewrite.optimize(net, plan=plan)
+    assert type(fast) is Net and fast is not net and fast.filters == 8
+    assert isinstance(fast.block.proj, keras.layers.DepthwiseConv2D)
+    assert type(fast.block.convs[0]).__name__ == "FFTConv2D" and type(fast.block.attn.proj).__name__ == "FFTConv2D"
+    assert fast.block.convs[0] in fast.block._layers and net.block.convs[0] not in fast.block._layers
+    assert rel_error(keras.ops.convert_to_numpy(fast(x)), before[2]) <= 1e-5
+    report = fast.convrewrite_report
+    assert report.passed and {c.name for c in report.sites} == set(HELD_PATHS)
+    after = _state(net, x)
+    assert after[0] == before[0]  # the original's objects: not one swapped
+    for a, b in zip(after[1] + [after[2]], before[1] + [before[2]]):
+        np.testing.assert_array_equal(a, b)
+    assert not {id(v) for v in net.weights} & {id(v) for v in fast.weights}
+    assert len(fast.weights) == len(net.weights)
+
+
+def test_a_custom_layer_in_a_functional_model_has_its_convs_swapped_on_a_copy(rng):
+    inputs = keras.Input((11, 13, 4))
+    model = keras.Model(inputs, Block(4, name="blk")(keras.layers.Conv2D(4, 1, name="pre")(inputs)))
+    _randomize(model, rng)
+    x = rng.standard_normal((2, 11, 13, 4)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x))
+    plan = convrewrite.plan(model, cost_model=None).force("blk/convs/0", "fft").force("blk/attn/proj", "fft")
+    fast = convrewrite.optimize(model, plan=plan, inputs=x)
+    blk = fast.get_layer("blk")
+    assert blk is not model.get_layer("blk") and type(blk.convs[0]).__name__ == "FFTConv2D"
+    assert type(model.get_layer("blk").convs[0]) is keras.layers.Conv2D
+    assert rel_error(keras.ops.convert_to_numpy(fast(x)), expected) <= 1e-5
+    assert fast.convrewrite_report.passed
+    assert fast.convrewrite_plan.row("blk/attn/proj").choice == "fft"
+
+
+def test_a_conv_made_in_build_is_swapped_too(rng):
+    inputs = keras.Input((16, 16, 3))
+    model = keras.Model(inputs, LateBlock(name="late")(inputs))
+    _randomize(model, rng)
+    plan = convrewrite.plan(model, cost_model=None).force("late/conv", "fft")
+    fast = convrewrite.optimize(model, plan=plan)
+    assert type(fast.get_layer("late").conv).__name__ == "FFTConv2D"
+    assert fast.convrewrite_report.passed
+
+
+def test_graph_wired_implementations_are_refused_for_held_convs_with_a_clear_error():
+    net = Net()
+    net(np.zeros((1, 8, 8, 3), "float32"))
+    with pytest.raises(convrewrite.UnsupportedModelError, match=r"'block/convs/0' is held inside .*Functional"):
+        convrewrite.optimize(net, cost_model=None, pac={"layers": ["block/convs/0"], "guidance": "self"})
+
+
+def test_a_holder_that_cannot_be_recreated_is_refused_only_when_its_conv_is_replaced(rng):
+    class NoConfig(keras.layers.Layer):
+        def __init__(self, units):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(units, 7, padding="same")
+
+        def call(self, x):
+            return self.conv(x)
+
+    inputs = keras.Input((12, 12, 3))
+    model = keras.Model(inputs, NoConfig(4)(inputs))
+    with pytest.warns(UserWarning, match="shares 1 layer"):
+        kept = convrewrite.optimize(model, cost_model=None)  # nothing replaced: shared, as any such layer
+    assert kept.convrewrite_report.passed
+    plan = convrewrite.plan(model, cost_model=None).force(kept.convrewrite_plan.rows[0].site, "fft")
+    with pytest.raises(convrewrite.UnsupportedModelError, match="cannot be re-created"):
+        convrewrite.optimize(model, plan=plan)
+
+
+def test_an_unbuilt_subclassed_model_is_refused_with_what_to_do():
+    with pytest.raises(convrewrite.UnsupportedModelError, match=r"not built.*model.build"):
+        convrewrite.plan(Net())
