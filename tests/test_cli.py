@@ -213,7 +213,7 @@ def test_convert_two_inputs_with_shipped_profile_and_legacy_h5(models):
 
 
 def test_convert_subclassed_model(models):
-    r = _run(["convert", "subclassed.keras", "sub_fast.keras", "--cost-model", "rules", "--custom-objects",
+    r = _run(["convert", "subclassed.keras", "tiny_fast.keras", "--cost-model", "rules", "--custom-objects",
               "clitest_layers:Tiny"], models, env_extra={"PYTHONPATH": _pythonpath(models)})
     assert r.returncode == 0, r.stderr
     assert "verified" in r.stdout
