@@ -157,6 +157,7 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         report.speed = speed.to_dict()
         report.shared_layers = list(getattr(new, "convrewrite_shared_layers", ()))
     _warn_shared(model, new)
+    _warn_unsaved(model, new)
     new.convrewrite_plan = plan
     new.convrewrite_report = report
     new.convrewrite_speed = speed
@@ -170,6 +171,16 @@ def _warn_shared(model, new):
             f"Optimized model of '{model.name}' shares {len(shared)} layer(s) with the original, since they cannot "
             f"be re-created from their config: {list(shared)[:5]}. Their weights are the same variables in both "
             f"models (training one changes the other); give them get_config()/from_config() to get copies.",
+            stacklevel=3)
+
+
+def _warn_unsaved(model, new):
+    unsaved = getattr(new, "convrewrite_unsaved_swaps", ())
+    if unsaved:
+        warnings.warn(
+            f"Optimized model of '{model.name}': {list(unsaved)[:5]} override get_build_config()/build_from_config() "
+            f"without Keras's own, so a '.keras' file of it cannot record their swapped convolutions and loads "
+            f"their plain layers; re-apply the plan after loading: convrewrite.build(loaded, fast.convrewrite_plan).",
             stacklevel=3)
 
 

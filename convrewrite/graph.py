@@ -235,12 +235,13 @@ class ModelGraph:
 class _Rebuilder:
     """One rebuild of one ModelGraph (nested models get a rebuilder of their own, cached per model)."""
 
-    def __init__(self, mg: ModelGraph, substitute, cache=None, model_class=None, shared=None):
+    def __init__(self, mg: ModelGraph, substitute, cache=None, model_class=None, shared=None, unsaved=None):
         self.mg = mg
         self.model_class = model_class  # builds the outermost model; nested ones are plain keras.Model
         self.substitute = substitute
         self.cache = {} if cache is None else cache  # id(old layer) -> new layer, across nesting
         self.shared = [] if shared is None else shared  # paths of layers with weights kept as the same object
+        self.unsaved = [] if unsaved is None else unsaved  # paths of copies whose swaps a .keras file cannot keep
         self.transfers = []  # (implementation or None, old, new, spec)
         self.tensors = {}  # id(old KerasTensor) -> new KerasTensor
         self.site_by_layer = {id(s.layer): s for s in mg.own_sites}
@@ -277,6 +278,7 @@ class _Rebuilder:
         if not self.mg.source.trainable:  # setting True would also unfreeze layers frozen one by one
             model.trainable = False
         model.convrewrite_shared_layers = tuple(self.shared)
+        model.convrewrite_unsaved_swaps = tuple(self.unsaved)
         return model
 
     def _run_subclassed(self):
@@ -330,7 +332,7 @@ class _Rebuilder:
         """A copy of `op` from its config with each planned held conv swapped for its replacement (built
         at the original's build shape); its weights are moved once it is built (see SwappedCopy)."""
         new = recreate(op, path)  # it must be copied: raises where it cannot be re-created
-        placed = {}
+        placed, swapped = {}, []
         for site, impl, options in swaps:
             holder, sub = sublayers.locate(new, site.steps)
             if sub is None:  # held sublayers made in build(): build the copy as the original was
@@ -345,6 +347,9 @@ class _Rebuilder:
             sublayers.swap(holder, sub, replacement)
             sublayers.build_like(replacement, site.layer)
             placed[id(site.layer)] = (impl.transfer_weights, site.spec)
+            swapped.append((site.steps, replacement))
+        if not sublayers.record_swaps(new, swapped):
+            self.unsaved.append(path)
         self.transfers.append((sublayers.SwappedCopy(placed), op, new, None))
         return new
 
@@ -383,7 +388,8 @@ class _Rebuilder:
         if id(op) in self.cache:
             return self.cache[id(op)]
         if id(op) in self.mg.children:
-            new = _Rebuilder(self.mg.children[id(op)], self.substitute, self.cache, shared=self.shared).run()
+            new = _Rebuilder(self.mg.children[id(op)], self.substitute, self.cache, shared=self.shared,
+                            unsaved=self.unsaved).run()
         elif self._swaps(op):
             new = self._copy_swapped(op, self.mg.prefix + op.name, self._swaps(op))
         else:

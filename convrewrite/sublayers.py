@@ -21,7 +21,9 @@ from . import keras_internals as _keras
 from .errors import UnsupportedModelError
 
 Step = Tuple[str, object]  # ("attr", name) or ("item", list index / dict key)
-_NOT_STATE = ("_layers", "_tracker")  # Keras's own bookkeeping, which lists every sublayer again
+_NOT_STATE = ("_layers", "_tracker", _keras.EXTRA_BUILD_STATE)  # bookkeeping, not where sublayers are held
+SWAPS_KEY = "convrewrite_swaps"
+"""The key under which a copy's build config (so its `.keras` file) lists its swapped sublayers."""
 
 
 def is_graph_model(layer) -> bool:
@@ -189,3 +191,44 @@ def build_like(new, old) -> None:
     shape = config.get("input_shape")
     if not new.built and shape is not None:  # a subclassed model's build runs call() yet stays unbuilt: call it
         new(keras.KerasTensor(tuple(shape), dtype=getattr(old, "input_dtype", None)))
+
+
+# ---- saving and loading the swaps --------------------------------------------------------------------
+def record_swaps(new, swapped) -> bool:
+    """Make the build config of `new` (a copy with swapped sublayers) list them, so that a `.keras` file
+    of a model holding it loads with the replacements: [(steps, replacement layer)]. Returns False where
+    its class keeps Keras's build config from carrying them (it then loads with its plain sublayers)."""
+    import keras
+
+    if not _keras.carries_build_state(new):
+        return False
+    state = [{"steps": [list(step) for step in steps], "layer": keras.saving.serialize_keras_object(layer)}
+             for steps, layer in swapped]
+    _keras.set_build_state(new, state)
+    return True
+
+
+def restore_swaps(layer, state, build) -> bool:
+    """On loading: swap the recorded replacements into `layer` (re-created from its config) before Keras
+    reads the weights, which the file holds in the replacements' layout. `build()` builds `layer` first where
+    a sublayer is made in build(). Returns whether it built the layer."""
+    import keras
+
+    built = False
+    for entry in state:
+        steps = tuple((kind, key) for kind, key in entry["steps"])
+        holder, sub = locate(layer, steps)
+        if sub is None and not built:
+            build()
+            built = True
+            holder, sub = locate(layer, steps)
+        if sub is None:
+            raise UnsupportedModelError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) loaded from its config holds no sublayer at "
+                f"'{path_of(steps)}', where its saved optimized version held a replacement; expected the same "
+                f"class as when it was saved.")
+        swap(holder, sub, keras.saving.deserialize_keras_object(entry["layer"]))
+    return built
+
+
+_keras.hook_build_config(SWAPS_KEY, restore_swaps)

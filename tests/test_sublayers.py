@@ -189,3 +189,101 @@ def test_a_holder_that_cannot_be_recreated_is_refused_only_when_its_conv_is_repl
 def test_an_unbuilt_subclassed_model_is_refused_with_what_to_do():
     with pytest.raises(convrewrite.UnsupportedModelError, match=r"not built.*model.build"):
         convrewrite.plan(Net())
+
+
+@keras.saving.register_keras_serializable(package="convrewrite_tests")
+class OwnBuildConfig(keras.layers.Layer):
+    """Keeps its own build config (not Keras's), so a `.keras` file cannot record its swapped conv."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(4, 7, padding="same")
+
+    def call(self, x):
+        return self.conv(x)
+
+    def get_build_config(self):
+        return {"input_shape": self._shape}
+
+    def build(self, shape):
+        self._shape = tuple(shape)
+
+    def build_from_config(self, config):
+        self.build(config["input_shape"])
+
+
+def _optimized_net(rng):
+    net = Net()
+    x = rng.standard_normal((2, 12, 10, 3)).astype("float32")
+    net(x)
+    _randomize(net, rng)
+    plan = convrewrite.plan(net, cost_model=None).force("block/convs/0", "fft").force("block/attn/proj", "fft")
+    return convrewrite.optimize(net, plan=plan), x
+
+
+def _kinds(net):
+    return [type(layer).__name__ for layer in (net.block.proj, net.block.convs[0], net.block.attn.proj)]
+
+
+def test_a_subclassed_model_saves_and_loads_with_its_replacements(rng, tmp_path):
+    fast, x = _optimized_net(rng)
+    assert _kinds(fast) == ["DepthwiseConv2D", "FFTConv2D", "FFTConv2D"]
+    fast.save(tmp_path / "fast.keras")
+    loaded = keras.models.load_model(tmp_path / "fast.keras")
+    assert type(loaded) is Net and _kinds(loaded) == _kinds(fast)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(fast(x)))
+    loaded.save(tmp_path / "again.keras")  # the loaded model records its replacements too
+    assert _kinds(keras.models.load_model(tmp_path / "again.keras")) == _kinds(fast)
+
+
+def test_a_saved_subclassed_model_loads_with_its_replacements_in_a_fresh_process(rng, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    fast, x = _optimized_net(rng)
+    fast.save(tmp_path / "fast.keras")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", keras.ops.convert_to_numpy(fast(x)))
+    script = (
+        "import sys, numpy as np, keras, convrewrite\n"
+        "import test_sublayers\n"
+        f"m = keras.models.load_model({str(tmp_path / 'fast.keras')!r})\n"
+        "print(test_sublayers._kinds(m))\n"
+        f"y = keras.ops.convert_to_numpy(m(np.load({str(tmp_path / 'x.npy')!r})))\n"
+        f"print(float(np.max(np.abs(y - np.load({str(tmp_path / 'y.npy')!r})))))\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH", "")]))}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    kinds, diff = r.stdout.strip().splitlines()[-2:]
+    assert kinds == str(_kinds(fast)) and float(diff) == 0.0
+
+
+def test_a_functional_model_holding_swapped_convs_saves_and_loads_with_them(rng, tmp_path):
+    inputs = keras.Input((11, 13, 4))
+    model = keras.Model(inputs, Block(4, name="blk")(inputs))
+    _randomize(model, rng)
+    x = rng.standard_normal((2, 11, 13, 4)).astype("float32")
+    fast = convrewrite.optimize(model, plan=convrewrite.plan(model, cost_model=None).force("blk/convs/0", "fft"))
+    fast.save(tmp_path / "fast.keras")
+    loaded = keras.models.load_model(tmp_path / "fast.keras")
+    assert type(loaded.get_layer("blk").convs[0]).__name__ == "FFTConv2D"
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(fast(x)))
+
+
+def test_a_holder_that_keeps_its_own_build_config_warns_and_the_plan_re_applies_after_loading(rng, tmp_path):
+    inputs = keras.Input((12, 12, 3))
+    model = keras.Model(inputs, OwnBuildConfig(name="own")(inputs))
+    _randomize(model, rng)
+    plan = convrewrite.plan(model, cost_model=None).force("own/conv", "fft")
+    with pytest.warns(UserWarning, match=r"\['own'\].*loads their plain layers.*convrewrite.build"):
+        fast = convrewrite.optimize(model, plan=plan)
+    assert fast.convrewrite_unsaved_swaps == ("own",)
+    fast.save(tmp_path / "fast.keras")
+    loaded = keras.models.load_model(tmp_path / "fast.keras")
+    assert type(loaded.get_layer("own").conv) is keras.layers.Conv2D  # what the warning said
+    again = convrewrite.build(loaded, fast.convrewrite_plan)
+    assert type(again.get_layer("own").conv).__name__ == "FFTConv2D"
+    x = rng.standard_normal((2, 12, 12, 3)).astype("float32")
+    assert rel_error(keras.ops.convert_to_numpy(again(x)), keras.ops.convert_to_numpy(model(x))) <= 1e-5
