@@ -16,6 +16,7 @@ from . import profile as profiling
 from .spec import keras_class
 from .verify import VerificationReport, verify as _verify
 from .weights import RewrittenModel, weight_layout
+from .keras_internals import functional_class
 
 SPEED_CHECK_ENV = "CONVREWRITE_CHECK_SPEED"
 """Set to "0" to make check_speed=None mean off (the test suite does, except where it tests the check)."""
@@ -156,12 +157,29 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
     if report is not None:
         report.speed = speed.to_dict()
         report.shared_layers = list(getattr(new, "convrewrite_shared_layers", ()))
+        report.model_class = _class_note(model, new)
     _warn_shared(model, new)
     _warn_unsaved(model, new)
     new.convrewrite_plan = plan
     new.convrewrite_report = report
     new.convrewrite_speed = speed
     return new
+
+
+def _class_note(model, new) -> str:
+    """'' where `new` is of `model`'s class (a subclassed model, copied from its config) or `model` is a plain
+    Functional; else which class it is instead and why."""
+    import keras
+
+    original, rebuilt = type(model), type(new)
+    if rebuilt is original or original is functional_class():
+        return ""
+    if issubclass(original, keras.Sequential):
+        why = "a Sequential model is rebuilt as a Functional graph of the same layers"
+    else:
+        why = ("a Functional model's own class cannot be rebuilt around another graph (its constructor builds "
+               f"its own layers), so its extra attributes and methods are not carried over")
+    return f"{original.__name__} '{model.name}' is returned as a {rebuilt.__name__}: {why}."
 
 
 def _warn_shared(model, new):

@@ -287,3 +287,23 @@ def test_a_holder_that_keeps_its_own_build_config_warns_and_the_plan_re_applies_
     assert type(again.get_layer("own").conv).__name__ == "FFTConv2D"
     x = rng.standard_normal((2, 12, 12, 3)).astype("float32")
     assert rel_error(keras.ops.convert_to_numpy(again(x)), keras.ops.convert_to_numpy(model(x))) <= 1e-5
+
+
+class _MyFunctional(keras.Model):
+    """A Functional subclass whose constructor builds its own graph (as keras_hub backbones do)."""
+
+    def __init__(self, **kwargs):
+        inputs = keras.Input((10, 10, 4))
+        super().__init__(inputs, keras.layers.Conv2D(4, 3, groups=4, name="g")(inputs), **kwargs)
+        self.pyramid = "kept?"
+
+
+def test_the_report_says_when_and_why_the_model_class_is_not_kept(rng):
+    fast = convrewrite.optimize(_MyFunctional(), cost_model=None)
+    assert "_MyFunctional" in fast.convrewrite_report.model_class and "constructor" in fast.convrewrite_report.model_class
+    assert "class not kept: _MyFunctional" in fast.convrewrite_report.summary()
+    seq = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(2, 3)])
+    assert "Sequential" in convrewrite.optimize(seq, cost_model=None).convrewrite_report.model_class
+    net = Net()
+    net(np.zeros((1, 8, 8, 3), "float32"))
+    assert convrewrite.optimize(net, cost_model=None).convrewrite_report.model_class == ""
