@@ -74,6 +74,7 @@ class ModelGraph:
         self.sites: List[Site] = []  # own and nested, in execution order
         self.own_sites: List[Site] = []  # called directly in this graph
         self.held: Dict[int, List[Site]] = {}  # id(layer of this graph, or the subclassed model) -> convs it holds
+        self.held_models: Dict[int, list] = {}  # id(such a layer) -> [(steps, ModelGraph)] of graph models it holds
         self.children: Dict[int, "ModelGraph"] = {}  # id(nested model layer) -> its graph
         self.layers: Dict[str, object] = {}  # path -> layer, for every layer met (own, held and nested)
         self._walk()
@@ -94,12 +95,21 @@ class ModelGraph:
         """Sites for the convs `op` holds (at any depth), each described from the shape it was built with;
         one never built (so never called) or not 2-D is no site."""
         for steps, sub in sublayers.held_sublayers(op, is_conv_site):
+            sub_path = "/".join(p for p in (path, sublayers.path_of(steps)) if p)
+            if sublayers.is_graph_model(sub):  # a Sequential / Functional held in an attribute: walked as a graph
+                child = ModelGraph(sub, prefix=sub_path + "/")
+                self.held_models.setdefault(id(op), []).append((steps, child))
+                self.layers.update(child.layers)
+                for site in child.sites:
+                    self._add_site(site)
+                continue
             config = sub.get_build_config() if sub.built else None
             shape = (config or {}).get("input_shape")
             if shape is None or len(shape) != 4:
                 continue
-            sub_path = "/".join(p for p in (path, sublayers.path_of(steps)) if p)
-            site = Site(path=sub_path, layer=sub, spec=spec_from_layer(sub, tuple(shape)), holder=op, steps=steps)
+            # the batch it was built with is incidental (one call on data): planned at plan()'s batch, like a graph's
+            spec = spec_from_layer(sub, (None, *tuple(shape)[1:]))
+            site = Site(path=sub_path, layer=sub, spec=spec, holder=op, steps=steps)
             self.held.setdefault(id(op), []).append(site)
             self.layers[sub_path] = sub
             self._add_site(site)
@@ -324,30 +334,40 @@ class _Rebuilder:
         return choice
 
     def _swaps(self, op) -> list:
-        """[(site, implementation, options)] for the convs `op` holds that the plan replaces."""
-        return [(site, *self.choices[id(site.layer)]) for site in self.mg.held.get(id(op), [])
-                if self.choices.get(id(site.layer)) is not None]
+        """[(steps, original, make)] for what `op` holds that the plan changes: each conv it replaces, and
+        each graph model it holds with a site replaced. make() -> (replacement, transfer or None, spec)."""
+        out = []
+        for site in self.mg.held.get(id(op), []):
+            if self.choices.get(id(site.layer)) is not None:
+                impl, options = self.choices[id(site.layer)]
+                out.append((site.steps, site.layer, lambda site=site, impl=impl, options=options: (
+                    impl.make_layer(site.layer, site.spec, **options), impl.transfer_weights, site.spec)))
+        for steps, child in self.mg.held_models.get(id(op), []):
+            if any(self.substitute(site) is not None for site in child.sites):
+                out.append((steps, child.source, lambda child=child: (_Rebuilder(
+                    child, self.substitute, self.cache, shared=self.shared, unsaved=self.unsaved).run(), None, None)))
+        return out
 
     def _copy_swapped(self, op, path: str, swaps):
         """A copy of `op` from its config with each planned held conv swapped for its replacement (built
         at the original's build shape); its weights are moved once it is built (see SwappedCopy)."""
         new = recreate(op, path)  # it must be copied: raises where it cannot be re-created
         placed, swapped = {}, []
-        for site, impl, options in swaps:
-            holder, sub = sublayers.locate(new, site.steps)
+        for steps, original, make in swaps:
+            holder, sub = sublayers.locate(new, steps)
             if sub is None:  # held sublayers made in build(): build the copy as the original was
                 sublayers.build_like(new, op)
-                holder, sub = sublayers.locate(new, site.steps)
-            if sub is None or type(sub) is not type(site.layer):
+                holder, sub = sublayers.locate(new, steps)
+            if sub is None or type(sub) is not type(original):
                 raise UnsupportedModelError(
                     f"Layer '{path}' ({type(op).__name__}) re-created from its config holds no "
-                    f"{type(site.layer).__name__} at '{sublayers.path_of(site.steps)}', where the original holds "
-                    f"'{site.path}'; expected get_config() to re-create the same sublayers.")
-            replacement = impl.make_layer(site.layer, site.spec, **options)
+                    f"{type(original).__name__} at '{sublayers.path_of(steps)}', where the original holds "
+                    f"'{original.name}'; expected get_config() to re-create the same sublayers.")
+            replacement, transfer, spec = make()
             sublayers.swap(holder, sub, replacement)
-            sublayers.build_like(replacement, site.layer)
-            placed[id(site.layer)] = (impl.transfer_weights, site.spec)
-            swapped.append((site.steps, replacement))
+            sublayers.build_like(replacement, original)
+            placed[id(original)] = (transfer, spec)
+            swapped.append((steps, replacement))
         if not sublayers.record_swaps(new, swapped):
             self.unsaved.append(path)
         self.transfers.append((sublayers.SwappedCopy(placed), op, new, None))

@@ -68,11 +68,6 @@ def tracked_sublayers(layer) -> list:
     return list(getattr(layer, "_layers", ()))
 
 
-def all_sublayers(layer) -> list:
-    """`layer` and every layer it tracks, at any depth, each once, in Keras's order (Layer._flatten_layers)."""
-    return layer._flatten_layers(include_self=True, recursive=True)
-
-
 def replace_tracked_sublayer(layer, old, new) -> None:
     """Make `layer` track `new` in `old`'s place, same position (Tracker.replace_tracked_value), so its
     weights, sublayers and saved state list `new` where they listed `old`."""

@@ -43,8 +43,9 @@ def path_of(steps) -> str:
 
 
 def held_sublayers(layer, is_site: Callable[[object], bool]) -> List[Tuple[tuple, object]]:
-    """[(steps, sublayer)] for every sublayer of `layer` that `is_site` accepts, at any depth, in Keras's
-    order, each once; `steps` say where it is held, from `layer` down. Graph models are not entered."""
+    """[(steps, sublayer)] for every sublayer of `layer` that `is_site` accepts, and every graph model it
+    holds (not entered: walk its graph), at any depth, in Keras's order, each once; `steps` say where it is
+    held, from `layer` down."""
     out, seen = [], set()
 
     def visit(holder, prefix):
@@ -53,9 +54,9 @@ def held_sublayers(layer, is_site: Callable[[object], bool]) -> List[Tuple[tuple
                 continue
             seen.add(id(sub))
             steps = prefix + _steps_to(holder, sub)
-            if is_site(sub):
+            if is_site(sub) or is_graph_model(sub):
                 out.append((steps, sub))
-            elif not is_graph_model(sub):
+            else:
                 visit(sub, steps)
 
     if not is_graph_model(layer):
@@ -140,23 +141,20 @@ class SwappedCopy:
     """How one holding layer was copied: which of its sublayers were swapped, and how to move the weights.
 
     swaps: {id(original sublayer): (transfer, spec)} where transfer(old, new, spec) copies the original
-    sublayer's weights into its built replacement (an Implementation's transfer_weights)."""
+    sublayer's weights into its built replacement (an Implementation's transfer_weights); None where the
+    replacement already holds them (a graph model rebuilt with its weights)."""
 
     def __init__(self, swaps: Dict[int, tuple]):
         self.swaps = swaps
 
     def transfer_weights(self, old, new, spec=None) -> None:
-        """Copy every weight of `old` into its built copy `new`, layer by layer (Keras's order; a swapped
-        sublayer stands where the original stood): swapped ones through their transfer, the rest as is."""
-        olds, news = _keras.all_sublayers(old), _keras.all_sublayers(new)
-        if len(olds) != len(news):
-            raise UnsupportedModelError(
-                f"Layer '{old.name}' ({type(old).__name__}) copied with swapped sublayers holds {len(news)} layers "
-                f"where the original holds {len(olds)}; expected get_config() to re-create the same sublayers.")
-        for o, n in zip(olds, news):
+        """Copy every weight of `old` into its built copy `new`, layer by layer (a swapped sublayer stands
+        where the original stood): swapped ones through their transfer, the rest as they are."""
+        for o, n in self._pairs(old, new, set()):
             if id(o) in self.swaps:
                 transfer, spec = self.swaps[id(o)]
-                transfer(o, n, spec)
+                if transfer is not None:
+                    transfer(o, n, spec)
             elif type(o) is not type(n):
                 raise UnsupportedModelError(
                     f"Layer '{old.name}' ({type(old).__name__}) copied from its config holds a {type(n).__name__} "
@@ -164,6 +162,23 @@ class SwappedCopy:
                     f"the same sublayers in the same order.")
             else:
                 copy_own_variables(o, n)
+
+    def _pairs(self, old, new, seen):
+        """(original, copy) for `old` and every layer it tracks, matched by position, each once; a swapped
+        sublayer's own sublayers are its replacement's business."""
+        if id(old) in seen:
+            return
+        seen.add(id(old))
+        yield old, new
+        if id(old) in self.swaps:
+            return
+        olds, news = _keras.tracked_sublayers(old), _keras.tracked_sublayers(new)
+        if len(olds) != len(news):
+            raise UnsupportedModelError(
+                f"Layer '{old.name}' ({type(old).__name__}) copied with swapped sublayers holds {len(news)} layers "
+                f"where the original holds {len(olds)}; expected get_config() to re-create the same sublayers.")
+        for o, n in zip(olds, news):
+            yield from self._pairs(o, n, seen)
 
 
 def copy_own_variables(old, new) -> None:

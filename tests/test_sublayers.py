@@ -307,3 +307,40 @@ def test_the_report_says_when_and_why_the_model_class_is_not_kept(rng):
     net = Net()
     net(np.zeros((1, 8, 8, 3), "float32"))
     assert convrewrite.optimize(net, cost_model=None).convrewrite_report.model_class == ""
+
+
+@keras.saving.register_keras_serializable(package="convrewrite_tests")
+class WithSequential(keras.Model):
+    """Holds its convs in a Sequential and in a Functional sub-model, as subclassed models often do."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.features = keras.Sequential([keras.layers.Conv2D(6, 7, padding="same", name="big"),
+                                          keras.layers.Conv2D(6, 3, padding="same", groups=6, name="grouped")])
+        inputs = keras.Input((None, None, 6))
+        self.head = keras.Model(inputs, keras.layers.Conv2D(2, 9, padding="same", name="wide")(inputs))
+
+    def call(self, x):
+        return self.head(self.features(x))
+
+
+def test_graph_models_held_by_a_subclassed_model_are_walked_and_rebuilt(rng, tmp_path):
+    model = WithSequential()
+    x = rng.standard_normal((2, 16, 16, 3)).astype("float32")
+    model(x)
+    _randomize(model, rng)
+    expected = keras.ops.convert_to_numpy(model(x))
+    plan = convrewrite.plan(model, cost_model=None)
+    assert [r.site for r in plan] == ["features/big", "features/grouped", "head/wide"]
+    assert plan.row("features/grouped").choice == "depthwise"
+    fast = convrewrite.optimize(model, plan=plan.force("features/big", "fft").force("head/wide", "fft-tiled", tile_size=8))
+    assert type(fast) is WithSequential and fast.convrewrite_report.passed
+    assert type(fast.features.get_layer("big")).__name__ == "FFTConv2D"
+    assert type(fast.head.get_layer("wide")).__name__ == "FFTConv2D"
+    assert type(model.features.get_layer("big")) is keras.layers.Conv2D
+    assert rel_error(keras.ops.convert_to_numpy(fast(x)), expected) <= 1e-5
+    assert not {id(v) for v in model.weights} & {id(v) for v in fast.weights}
+    fast.save(tmp_path / "fast.keras")
+    loaded = keras.models.load_model(tmp_path / "fast.keras")
+    assert type(loaded.features.get_layer("big")).__name__ == "FFTConv2D"
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(fast(x)))
