@@ -344,3 +344,12 @@ def test_graph_models_held_by_a_subclassed_model_are_walked_and_rebuilt(rng, tmp
     loaded = keras.models.load_model(tmp_path / "fast.keras")
     assert type(loaded.features.get_layer("big")).__name__ == "FFTConv2D"
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(fast(x)))
+
+
+def test_a_pac_pattern_leaves_held_convs_alone(rng):
+    inputs = keras.Input((12, 12, 4))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="top")(inputs)
+    model = keras.Model(inputs, Block(4, name="blk")(x))
+    plan = convrewrite.plan(model, cost_model=None, pac={"layers": ".*", "guidance": "self"})
+    assert plan.row("top").choice == "pac"
+    assert all(row.choice != "pac" for row in plan if row.site.startswith("blk/"))
