@@ -50,6 +50,7 @@ class Site:
     specs: List[ConvSpec] = dataclasses.field(default_factory=list)  # every distinct call's spec, first first
     holder: object = None  # the layer holding this conv (None: the conv is a node of the graph)
     steps: tuple = ()  # where `holder` holds it (attributes, list indices, dict keys)
+    kept: str = ""  # why only its own implementation can run it ("" where it may be replaced)
 
     def __post_init__(self):
         if not self.specs:
@@ -93,14 +94,18 @@ class ModelGraph:
 
     def _find_held(self, op, path: str):
         """Sites for the convs `op` holds (at any depth), each described from the shape it was built with;
-        one never built (so never called) or not 2-D is no site."""
-        for steps, sub in sublayers.held_sublayers(op, is_conv_site):
+        one never built (so never called) or not 2-D is no site. Those of a layer that cannot be copied are
+        kept as they are (`Site.kept`): they can only be replaced on a copy."""
+        found = sublayers.held_sublayers(op, is_conv_site)
+        kept = _copy_refusal(op, path) if found and op is not self.source else ""
+        for steps, sub in found:
             sub_path = "/".join(p for p in (path, sublayers.path_of(steps)) if p)
             if sublayers.is_graph_model(sub):  # a Sequential / Functional held in an attribute: walked as a graph
                 child = ModelGraph(sub, prefix=sub_path + "/")
                 self.held_models.setdefault(id(op), []).append((steps, child))
                 self.layers.update(child.layers)
                 for site in child.sites:
+                    site.kept = site.kept or kept
                     self._add_site(site)
                 continue
             config = sub.get_build_config() if sub.built else None
@@ -109,7 +114,7 @@ class ModelGraph:
                 continue
             # the batch it was built with is incidental (one call on data): planned at plan()'s batch, like a graph's
             spec = spec_from_layer(sub, (None, *tuple(shape)[1:]))
-            site = Site(path=sub_path, layer=sub, spec=spec, holder=op, steps=steps)
+            site = Site(path=sub_path, layer=sub, spec=spec, holder=op, steps=steps, kept=kept)
             self.held.setdefault(id(op), []).append(site)
             self.layers[sub_path] = sub
             self._add_site(site)
@@ -349,8 +354,8 @@ class _Rebuilder:
         return out
 
     def _copy_swapped(self, op, path: str, swaps):
-        """A copy of `op` from its config with each planned held conv swapped for its replacement (built
-        at the original's build shape); its weights are moved once it is built (see SwappedCopy)."""
+        """A copy of `op` from its config with each planned held conv (or held graph model) swapped for its
+        replacement; its weights are moved once it is built (see SwappedCopy)."""
         new = recreate(op, path)  # it must be copied: raises where it cannot be re-created
         placed, swapped = {}, []
         for steps, original, make in swaps:
@@ -364,8 +369,7 @@ class _Rebuilder:
                     f"{type(original).__name__} at '{sublayers.path_of(steps)}', where the original holds "
                     f"'{original.name}'; expected get_config() to re-create the same sublayers.")
             replacement, transfer, spec = make()
-            sublayers.swap(holder, sub, replacement)
-            sublayers.build_like(replacement, original)
+            sublayers.swap(holder, sub, replacement)  # unbuilt: the holder builds it (some call build() on it)
             placed[id(original)] = (transfer, spec)
             swapped.append((steps, replacement))
         if not sublayers.record_swaps(new, swapped):
@@ -480,6 +484,16 @@ def recreate(op, path: str = "", share: bool = False):
             f"config ({type(exc).__name__}: {detail}); expected a layer with get_config()/from_config(), "
             f"registered with keras.saving.register_keras_serializable."
         ) from exc
+
+
+def _copy_refusal(op, path: str) -> str:
+    """'' where `op` can be re-created from its config (so the convs it holds can be swapped on a copy),
+    else why not, for the plan's rows."""
+    try:
+        recreate(op, path)
+    except UnsupportedModelError:
+        return f"held in layer '{path}' ({type(op).__name__}), which cannot be re-created from its config to swap it"
+    return ""
 
 
 def _copy_weights(old, new):

@@ -154,6 +154,7 @@ class SwappedCopy:
             if id(o) in self.swaps:
                 transfer, spec = self.swaps[id(o)]
                 if transfer is not None:
+                    build_like(n, o)  # where the holder's call never reached it
                     transfer(o, n, spec)
             elif type(o) is not type(n):
                 raise UnsupportedModelError(
@@ -183,12 +184,14 @@ class SwappedCopy:
 
 def copy_own_variables(old, new) -> None:
     """Copy the variables `old` owns itself (not its sublayers') into `new`, by value."""
+    import keras
+
     store = {}
     old.save_own_variables(store)
     if not store:
         return
     try:
-        new.load_own_variables({k: np.array(v) for k, v in store.items()})
+        new.load_own_variables({k: np.array(keras.ops.convert_to_numpy(v)) for k, v in store.items()})
     except ValueError as exc:
         raise UnsupportedModelError(
             f"Layer '{old.name}' ({type(old).__name__}) re-created from config has weights that do not match the "

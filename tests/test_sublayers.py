@@ -181,7 +181,9 @@ def test_a_holder_that_cannot_be_recreated_is_refused_only_when_its_conv_is_repl
     with pytest.warns(UserWarning, match="shares 1 layer"):
         kept = convrewrite.optimize(model, cost_model=None)  # nothing replaced: shared, as any such layer
     assert kept.convrewrite_report.passed
-    plan = convrewrite.plan(model, cost_model=None).force(kept.convrewrite_plan.rows[0].site, "fft")
+    row = kept.convrewrite_plan.rows[0]
+    assert row.choice == "direct" and "cannot be re-created" in row.candidates["fft"]  # never chosen for speed
+    plan = convrewrite.plan(model, cost_model=None).force(row.site, "fft")
     with pytest.raises(convrewrite.UnsupportedModelError, match="cannot be re-created"):
         convrewrite.optimize(model, plan=plan)
 
