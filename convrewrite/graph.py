@@ -93,11 +93,13 @@ class ModelGraph:
         self._find_sites()
 
     def _find_held(self, op, path: str):
-        """Sites for the convs `op` holds (at any depth), each described from the shape it was built with;
-        one never built (so never called) or not 2-D is no site. Those of a layer that cannot be copied are
-        kept as they are (`Site.kept`): they can only be replaced on a copy."""
+        """Sites for the convs `op` holds (at any depth), each described from the shapes it sees when `op`'s
+        calls are traced once (else from the shape it was built with); one never built (so never called) or
+        not 2-D is no site. Those of a layer that cannot be copied are kept as they are (`Site.kept`): they
+        can only be replaced on a copy."""
         found = sublayers.held_sublayers(op, is_conv_site)
         kept = _copy_refusal(op, path) if found and op is not self.source else ""
+        seen = self._held_shapes(op, [sub for _, sub in found if not sublayers.is_graph_model(sub)]) if found else {}
         for steps, sub in found:
             sub_path = "/".join(p for p in (path, sublayers.path_of(steps)) if p)
             if sublayers.is_graph_model(sub):  # a Sequential / Functional held in an attribute: walked as a graph
@@ -109,15 +111,33 @@ class ModelGraph:
                     self._add_site(site)
                 continue
             config = sub.get_build_config() if sub.built else None
-            shape = (config or {}).get("input_shape")
-            if shape is None or len(shape) != 4:
+            shapes = [s for s in seen.get(id(sub)) or [(config or {}).get("input_shape")] if s and len(s) == 4]
+            if not shapes:
                 continue
-            # the batch it was built with is incidental (one call on data): planned at plan()'s batch, like a graph's
-            spec = spec_from_layer(sub, (None, *tuple(shape)[1:]))
-            site = Site(path=sub_path, layer=sub, spec=spec, holder=op, steps=steps, kept=kept)
+            # the batch it was built or probed with is incidental: planned at plan()'s batch, like a graph's
+            specs = list(dict.fromkeys(spec_from_layer(sub, (None, *tuple(shape)[1:])) for shape in shapes))
+            site = Site(path=sub_path, layer=sub, spec=specs[0], specs=specs, calls=len(shapes), holder=op,
+                        steps=steps, kept=kept)
             self.held.setdefault(id(op), []).append(site)
             self.layers[sub_path] = sub
             self._add_site(site)
+
+    def _held_shapes(self, op, convs) -> dict:
+        """{id(conv): [input shape of each call]} for the `convs` `op` holds, from one trace of each call of
+        `op` (the subclassed model: on its build shape); {} where a call cannot be traced."""
+        if op is self.source:
+            calls = [((input_struct(op),), {})]
+        else:
+            nodes = sorted((d["order"], d["node"]) for _, d in self.graph.nodes(data=True) if d["op"] is op)
+            calls = [_keras.node_call_arguments(node) for _, node in nodes]
+        seen = {}
+        try:
+            for args, kwargs in calls:
+                for key, shapes in _keras.input_shapes_seen(op, args, kwargs, convs).items():
+                    seen.setdefault(key, []).extend(shapes)
+        except Exception:  # noqa: BLE001 - a call that cannot be traced leaves the shapes the convs were built with
+            return {}
+        return seen
 
     def _add_nodes_and_edges(self):
         """One graph node per Keras node (a layer's call), keyed "layer:call index"; edges carry the

@@ -74,6 +74,37 @@ def replace_tracked_sublayer(layer, old, new) -> None:
     layer._tracker.replace_tracked_value("layers", old, new)
 
 
+def node_call_arguments(node):
+    """(args, kwargs) a node's layer was called with, as symbolic tensors (Node.arguments)."""
+    return node.arguments.args, node.arguments.kwargs
+
+
+def input_shapes_seen(layer, args, kwargs, watched) -> dict:
+    """{id(sublayer): [input shape of each call]} for the `watched` sublayers when `layer.call(*args,
+    **kwargs)` is traced once on symbolic tensors (backend.compute_output_spec: no values are computed,
+    and no Keras node is added to `layer` or the sublayers, so the model is left as it was)."""
+    from keras.src import backend
+
+    seen = {id(sub): [] for sub in watched}
+
+    def watch(sub):
+        bound = sub.call
+
+        def call(inputs, *a, **k):
+            seen[id(sub)].append(tuple(inputs.shape))
+            return bound(inputs, *a, **k)
+        object.__setattr__(sub, "call", call)
+
+    for sub in watched:
+        watch(sub)
+    try:
+        backend.compute_output_spec(layer.call, *args, **kwargs)
+    finally:
+        for sub in watched:
+            object.__delattr__(sub, "call")
+    return seen
+
+
 EXTRA_BUILD_STATE = "_convrewrite_build_state"  # attribute whose value a layer's build config carries
 
 

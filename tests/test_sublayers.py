@@ -355,3 +355,32 @@ def test_a_pac_pattern_leaves_held_convs_alone(rng):
     plan = convrewrite.plan(model, cost_model=None, pac={"layers": ".*", "guidance": "self"})
     assert plan.row("top").choice == "pac"
     assert all(row.choice != "pac" for row in plan if row.site.startswith("blk/"))
+
+
+@keras.saving.register_keras_serializable(package="convrewrite_tests")
+class TwoScales(keras.Model):
+    """One conv applied at two sizes (as a feature pyramid's shared head is)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.shared = keras.layers.Conv2D(3, 5, padding="same")
+        self.pool = keras.layers.AveragePooling2D(2)
+
+    def call(self, x):
+        return self.pool(self.shared(x)) + self.shared(self.pool(x))
+
+
+def test_a_held_conv_called_at_several_sizes_is_planned_at_each_from_one_traced_call(rng):
+    model = TwoScales()
+    x = rng.standard_normal((2, 16, 12, 3)).astype("float32")
+    model(x)
+    _randomize(model, rng)
+    nodes = len(model.shared._inbound_nodes)
+    site = walk(model).sites[0]
+    assert len(model.shared._inbound_nodes) == nodes  # the trace leaves the model as it was
+    assert site.calls == 2 and [(s.height, s.width) for s in site.specs] == [(16, 12), (8, 6)]
+    plan = convrewrite.plan(model, cost_model=None).force("shared", "fft")
+    assert [(s.height, s.width) for s in plan.row("shared").specs] == [(16, 12), (8, 6)]
+    fast = convrewrite.optimize(model, plan=plan)
+    assert type(fast.shared).__name__ == "FFTConv2D" and fast.convrewrite_report.passed
+    assert rel_error(keras.ops.convert_to_numpy(fast(x)), keras.ops.convert_to_numpy(model(x))) <= 1e-5
