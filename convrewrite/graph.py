@@ -97,6 +97,8 @@ class ModelGraph:
         calls are traced once (else from the shape it was built with); one never built (so never called) or
         not 2-D is no site. Those of a layer that cannot be copied are kept as they are (`Site.kept`): they
         can only be replaced on a copy."""
+        for steps, sub in sublayers.every_sublayer(op):  # addressable by path (weights copied by name)
+            self.layers.setdefault("/".join(p for p in (path, sublayers.path_of(steps)) if p), sub)
         found = sublayers.held_sublayers(op, is_conv_site)
         kept = _copy_refusal(op, path) if found and op is not self.source else ""
         seen = self._held_shapes(op, [sub for _, sub in found if not sublayers.is_graph_model(sub)]) if found else {}

@@ -42,10 +42,10 @@ def path_of(steps) -> str:
     return "/".join(str(key) for _, key in steps)
 
 
-def held_sublayers(layer, is_site: Callable[[object], bool]) -> List[Tuple[tuple, object]]:
+def held_sublayers(layer, is_site: Callable[[object], bool], everything: bool = False) -> List[Tuple[tuple, object]]:
     """[(steps, sublayer)] for every sublayer of `layer` that `is_site` accepts, and every graph model it
     holds (not entered: walk its graph), at any depth, in Keras's order, each once; `steps` say where it is
-    held, from `layer` down."""
+    held, from `layer` down; with `everything`, every other sublayer too."""
     out, seen = [], set()
 
     def visit(holder, prefix):
@@ -57,11 +57,19 @@ def held_sublayers(layer, is_site: Callable[[object], bool]) -> List[Tuple[tuple
             if is_site(sub) or is_graph_model(sub):
                 out.append((steps, sub))
             else:
+                if everything:
+                    out.append((steps, sub))
                 visit(sub, steps)
 
     if not is_graph_model(layer):
         visit(layer, ())
     return out
+
+
+def every_sublayer(layer) -> List[Tuple[tuple, object]]:
+    """[(steps, sublayer)] for every layer `layer` tracks, at any depth, each once (graph models listed, not
+    entered): so each can be addressed by its path, e.g. to copy weights by name."""
+    return held_sublayers(layer, lambda sub: False, everything=True)
 
 
 def _steps_to(holder, sub) -> tuple:

@@ -384,3 +384,13 @@ def test_a_held_conv_called_at_several_sizes_is_planned_at_each_from_one_traced_
     fast = convrewrite.optimize(model, plan=plan)
     assert type(fast.shared).__name__ == "FFTConv2D" and fast.convrewrite_report.passed
     assert rel_error(keras.ops.convert_to_numpy(fast(x)), keras.ops.convert_to_numpy(model(x))) <= 1e-5
+
+
+def test_weights_move_by_path_between_a_subclassed_model_and_its_copy(rng):
+    fast, x = _optimized_net(rng)
+    other = Net()
+    other(x)  # fresh weights
+    copied = convrewrite.transfer_weights(fast, other)
+    assert {"block/norm", "block/attn", "block/convs/0", "head"} <= set(copied)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(other(x)), keras.ops.convert_to_numpy(fast(x)),
+                               rtol=1e-5, atol=1e-5)
