@@ -6,9 +6,10 @@ model in which each layer is either re-created from its config with copied weigh
 `substitute(site) -> (Implementation, options)` callback says.
 
 Convolutions held inside a layer of the graph (a custom layer's attributes, lists, dicts; a subclassed
-model's) are sites too, "held" sites (see convrewrite.sublayers): described from the shape they were built
-with, and replaced by copying the holding layer with the sublayer swapped for its drop-in replacement. A
-subclassed model is walked as one such holder (no graph), and rebuilt as a copy of its own class.
+model's) are sites too, "held" sites (see convrewrite.sublayers): described from the shapes they see in one
+symbolic trace of their holder's calls, and replaced by copying the holding layer with the sublayer swapped
+for its drop-in replacement. A subclassed model is walked as one such holder (no graph), and rebuilt as a
+copy of its own class.
 
 Graph shape: one node per layer call (keras `Node`), one edge per tensor flowing between calls.
 Node attributes: `op` (the layer/operation), `node` (the keras Node), `order` (Keras's execution order).
@@ -39,7 +40,8 @@ class Site:
     in a model and in a model nested in it (one site all the same: it is replaced once, still shared).
     holder, steps: for a conv held inside a layer rather than called by the graph, that layer (a node of the
     graph, or the subclassed model itself) and where in it the conv is held (see sublayers.locate); its
-    spec is from the shape it was built with (one call; calls at other sizes are not seen).
+    specs are from one trace of the holder's calls (see ModelGraph._held_shapes). kept: set where the
+    holder cannot be copied, so the conv can only stay as it is.
     """
 
     path: str
@@ -127,13 +129,13 @@ class ModelGraph:
     def _held_shapes(self, op, convs) -> dict:
         """{id(conv): [input shape of each call]} for the `convs` `op` holds, from one trace of each call of
         `op` (the subclassed model: on its build shape); {} where a call cannot be traced."""
-        if op is self.source:
-            calls = [((input_struct(op),), {})]
-        else:
-            nodes = sorted((d["order"], d["node"]) for _, d in self.graph.nodes(data=True) if d["op"] is op)
-            calls = [_keras.node_call_arguments(node) for _, node in nodes]
         seen = {}
         try:
+            if op is self.source:
+                calls = [((input_struct(op),), {})]
+            else:
+                nodes = sorted((d["order"], d["node"]) for _, d in self.graph.nodes(data=True) if d["op"] is op)
+                calls = [_keras.node_call_arguments(node) for _, node in nodes]
             for args, kwargs in calls:
                 for key, shapes in _keras.input_shapes_seen(op, args, kwargs, convs).items():
                     seen.setdefault(key, []).extend(shapes)
@@ -570,14 +572,12 @@ def walk(model) -> ModelGraph:
 def input_struct(model):
     """The model's symbolic inputs in its own input structure (a tensor, list or dict of keras.KerasTensor).
 
-    A subclassed model has none of its own: one tensor of the shape it was built with stands for them."""
-    import keras
-
+    A subclassed model has none of its own: tensors of the shapes it was built with stand for them."""
     if _is_model(model) and not sublayers.is_graph_model(model):
         shape = (model.get_build_config() or {}).get("input_shape") if model.built else None
-        if shape is None or not all(isinstance(d, (int, type(None))) for d in shape):
+        if shape is None:
             raise UnsupportedModelError(
-                f"Subclassed model '{model.name}' was not built on one input tensor, so its inputs are unknown; "
+                f"Subclassed model '{model.name}' was not built on positional inputs, so its inputs are unknown; "
                 f"expected inputs= (arrays in its input structure) or a model built with model.build(input_shape).")
-        return keras.KerasTensor(tuple(shape), dtype=model.input_dtype)
+        return sublayers.symbolic_inputs(shape, model.input_dtype)
     return _keras.io_structs(_as_functional(model))[0]

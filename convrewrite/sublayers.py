@@ -216,7 +216,18 @@ def build_like(new, old) -> None:
     new.build_from_config(config)
     shape = config.get("input_shape")
     if not new.built and shape is not None:  # a subclassed model's build runs call() yet stays unbuilt: call it
-        new(keras.KerasTensor(tuple(shape), dtype=getattr(old, "input_dtype", None)))
+        new(symbolic_inputs(shape, getattr(old, "input_dtype", None)))
+
+
+def symbolic_inputs(shape, dtype=None):
+    """keras.KerasTensor(s) for a recorded input shape: one shape, or a list / dict of them (several inputs)."""
+    import keras
+
+    if isinstance(shape, dict):
+        return {k: symbolic_inputs(v, dtype) for k, v in shape.items()}
+    if all(d is None or isinstance(d, int) for d in shape):
+        return keras.KerasTensor(tuple(shape), dtype=dtype)
+    return [symbolic_inputs(s, dtype) for s in shape]
 
 
 # ---- saving and loading the swaps --------------------------------------------------------------------

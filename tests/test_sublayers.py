@@ -394,3 +394,24 @@ def test_weights_move_by_path_between_a_subclassed_model_and_its_copy(rng):
     assert {"block/norm", "block/attn", "block/convs/0", "head"} <= set(copied)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(other(x)), keras.ops.convert_to_numpy(fast(x)),
                                rtol=1e-5, atol=1e-5)
+
+
+@keras.saving.register_keras_serializable(package="convrewrite_tests")
+class TwoInputs(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(2, 3, padding="same")
+
+    def call(self, inputs):
+        a, b = inputs
+        return self.conv(a) + b
+
+
+def test_a_subclassed_model_with_two_inputs_is_planned_and_verified(rng):
+    model = TwoInputs()
+    x = [rng.standard_normal((2, 8, 8, 3)).astype("float32"), rng.standard_normal((2, 8, 8, 2)).astype("float32")]
+    model(x)
+    assert [(s.path, s.spec.height, s.calls) for s in walk(model).sites] == [("conv", 8, 1)]
+    assert convrewrite.optimize(model, cost_model=None).convrewrite_report.passed  # on random inputs of its shapes
+    fast = convrewrite.optimize(model, plan=convrewrite.plan(model, cost_model=None).force("conv", "fft"), inputs=x)
+    assert fast.convrewrite_report.passed and type(fast.conv).__name__ == "FFTConv2D"
