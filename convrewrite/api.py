@@ -178,7 +178,7 @@ def _class_note(model, new) -> str:
         why = "a Sequential model is rebuilt as a Functional graph of the same layers"
     else:
         why = ("a Functional model's own class cannot be rebuilt around another graph (its constructor builds "
-               f"its own layers), so its extra attributes and methods are not carried over")
+               "its own layers), so its extra attributes and methods are not carried over")
     return f"{original.__name__} '{model.name}' is returned as a {rebuilt.__name__}: {why}."
 
 

@@ -7,8 +7,10 @@ finds such sublayers wherever they are held (recursively), names each by where i
 drop-in replacements (layers called with the same input, computing the same output), weights copied.
 
 It knows nothing of which replacements exist: callers pass the replacement layers (graph.py, through the
-registry's implementations). Functional and Sequential models met inside a custom layer are not entered:
-their graph, not their attributes, says what they call.
+registry's implementations). Functional and Sequential models met inside a custom layer are listed, not
+entered: their graph, not their attributes, says what they call (graph.py walks it, and swaps the rebuilt
+model in). A copy records its swaps in its build config, and loading a `.keras` file swaps them back in
+(`record_swaps` / `restore_swaps`, through keras_internals.hook_build_config).
 """
 
 from __future__ import annotations
@@ -208,8 +210,6 @@ def copy_own_variables(old, new) -> None:
 
 def build_like(new, old) -> None:
     """Build `new` as `old` was built (its recorded build shapes), where it is not built yet."""
-    import keras
-
     config = old.get_build_config() if getattr(old, "built", False) else None
     if getattr(new, "built", False) or not config:
         return
