@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 from . import implementations, profiles
 from . import speed as speed_check
@@ -15,6 +16,7 @@ from . import profile as profiling
 from .spec import keras_class
 from .verify import VerificationReport, verify as _verify
 from .weights import RewrittenModel, weight_layout
+from .keras_internals import functional_class
 
 SPEED_CHECK_ENV = "CONVREWRITE_CHECK_SPEED"
 """Set to "0" to make check_speed=None mean off (the test suite does, except where it tests the check)."""
@@ -154,10 +156,50 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         plan, new, report, speed = _recover_speed(model, plan, cm, speed, verify, inputs, rtol, batch, planning)
     if report is not None:
         report.speed = speed.to_dict()
+        report.shared_layers = list(getattr(new, "convrewrite_shared_layers", ()))
+        report.model_class = _class_note(model, new)
+    _warn_shared(model, new)
+    _warn_unsaved(model, new)
     new.convrewrite_plan = plan
     new.convrewrite_report = report
     new.convrewrite_speed = speed
     return new
+
+
+def _class_note(model, new) -> str:
+    """'' where `new` is of `model`'s class (a subclassed model, copied from its config) or `model` is a plain
+    Functional; else which class it is instead and why."""
+    import keras
+
+    original, rebuilt = type(model), type(new)
+    if rebuilt is original or original is functional_class():
+        return ""
+    if issubclass(original, keras.Sequential):
+        why = "a Sequential model is rebuilt as a Functional graph of the same layers"
+    else:
+        why = ("a Functional model's own class cannot be rebuilt around another graph (its constructor builds "
+               "its own layers), so its extra attributes and methods are not carried over")
+    return f"{original.__name__} '{model.name}' is returned as a {rebuilt.__name__}: {why}."
+
+
+def _warn_shared(model, new):
+    shared = getattr(new, "convrewrite_shared_layers", ())
+    if shared:
+        warnings.warn(
+            f"Optimized model of '{model.name}' shares {len(shared)} layer(s) with the original, since they cannot "
+            f"be re-created from their config: {list(shared)[:5]}. Their weights are the same variables in both "
+            f"models (training one changes the other); give them get_config()/from_config() to get copies.",
+            stacklevel=3)
+
+
+def _warn_unsaved(model, new):
+    unsaved = getattr(new, "convrewrite_unsaved_swaps", ())
+    if unsaved:
+        warnings.warn(
+            f"Optimized model of '{model.name}': {list(unsaved)[:5]} override get_build_config()/build_from_config() "
+            f"without Keras's own, so a '.keras' file of it cannot record their swapped convolutions and loads "
+            f"their plain layers; re-apply the plan after loading: convrewrite.build(loaded, fast.convrewrite_plan).",
+            stacklevel=3)
 
 
 def _build_verified(model, plan: Plan, verify: bool, inputs, rtol):

@@ -5,6 +5,12 @@ nested models), describes every Conv2D / DepthwiseConv2D call as a `Site`, and r
 model in which each layer is either re-created from its config with copied weights or replaced by what a
 `substitute(site) -> (Implementation, options)` callback says.
 
+Convolutions held inside a layer of the graph (a custom layer's attributes, lists, dicts; a subclassed
+model's) are sites too, "held" sites (see convrewrite.sublayers): described from the shapes they see in one
+symbolic trace of their holder's calls, and replaced by copying the holding layer with the sublayer swapped
+for its drop-in replacement. A subclassed model is walked as one such holder (no graph), and rebuilt as a
+copy of its own class.
+
 Graph shape: one node per layer call (keras `Node`), one edge per tensor flowing between calls.
 Node attributes: `op` (the layer/operation), `node` (the keras Node), `order` (Keras's execution order).
 Edge attributes: `tensors` (indices of the consumer's input tensors this edge carries).
@@ -19,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import networkx as nx
 
 from . import keras_internals as _keras
+from . import sublayers
 from .errors import UnsupportedModelError
 from .spec import ConvSpec, is_conv_site, spec_from_layer
 
@@ -31,6 +38,10 @@ class Site:
     spec: described from the layer's first call; specs: one per distinct input shape it is called with (a
     layer shared at several sizes is planned with all of them). aliases: the layer's other paths, when it is called both
     in a model and in a model nested in it (one site all the same: it is replaced once, still shared).
+    holder, steps: for a conv held inside a layer rather than called by the graph, that layer (a node of the
+    graph, or the subclassed model itself) and where in it the conv is held (see sublayers.locate); its
+    specs are from one trace of the holder's calls (see ModelGraph._held_shapes). kept: set where the
+    holder cannot be copied, so the conv can only stay as it is.
     """
 
     path: str
@@ -39,6 +50,9 @@ class Site:
     calls: int = 1
     aliases: List[str] = dataclasses.field(default_factory=list)  # other paths of the same layer (nesting)
     specs: List[ConvSpec] = dataclasses.field(default_factory=list)  # every distinct call's spec, first first
+    holder: object = None  # the layer holding this conv (None: the conv is a node of the graph)
+    steps: tuple = ()  # where `holder` holds it (attributes, list indices, dict keys)
+    kept: str = ""  # why only its own implementation can run it ("" where it may be replaced)
 
     def __post_init__(self):
         if not self.specs:
@@ -50,23 +64,84 @@ class Site:
 
 
 class ModelGraph:
-    """A walked Functional model: its DiGraph, its sites (own and nested), and nested model graphs."""
+    """A walked model: its DiGraph, its sites (own, held and nested), and nested model graphs.
+
+    A subclassed model has no graph (`model` is None, `subclassed` True): its sites are the convs it holds."""
 
     def __init__(self, model, prefix: str = ""):
-        self.model = _as_functional(model)
+        self.subclassed = _is_model(model) and not sublayers.is_graph_model(model)
+        self.model = None if self.subclassed else _as_functional(model)
         self.source = model
         self.prefix = prefix
         self.graph = nx.DiGraph()
         self.sites: List[Site] = []  # own and nested, in execution order
         self.own_sites: List[Site] = []  # called directly in this graph
+        self.held: Dict[int, List[Site]] = {}  # id(layer of this graph, or the subclassed model) -> convs it holds
+        self.held_models: Dict[int, list] = {}  # id(such a layer) -> [(steps, ModelGraph)] of graph models it holds
         self.children: Dict[int, "ModelGraph"] = {}  # id(nested model layer) -> its graph
-        self.layers: Dict[str, object] = {}  # path -> layer, for every layer met (own and nested)
+        self.layers: Dict[str, object] = {}  # path -> layer, for every layer met (own, held and nested)
         self._walk()
 
     # ---- walking -------------------------------------------------------------------------------
     def _walk(self):
+        if self.subclassed:
+            if not self.source.built:
+                raise UnsupportedModelError(
+                    f"Subclassed model '{self.source.name}' is not built, so the shapes its convolutions see are "
+                    f"unknown; expected a built model (call it on data, or model.build(input_shape)) before optimizing.")
+            self._find_held(self.source, self.prefix.rstrip("/"))
+            return
         self._add_nodes_and_edges()
         self._find_sites()
+
+    def _find_held(self, op, path: str):
+        """Sites for the convs `op` holds (at any depth), each described from the shapes it sees when `op`'s
+        calls are traced once (else from the shape it was built with); one never built (so never called) or
+        not 2-D is no site. Those of a layer that cannot be copied are kept as they are (`Site.kept`): they
+        can only be replaced on a copy."""
+        for steps, sub in sublayers.every_sublayer(op):  # addressable by path (weights copied by name)
+            self.layers.setdefault("/".join(p for p in (path, sublayers.path_of(steps)) if p), sub)
+        found = sublayers.held_sublayers(op, is_conv_site)
+        kept = _copy_refusal(op, path) if found and op is not self.source else ""
+        seen = self._held_shapes(op, [sub for _, sub in found if not sublayers.is_graph_model(sub)]) if found else {}
+        for steps, sub in found:
+            sub_path = "/".join(p for p in (path, sublayers.path_of(steps)) if p)
+            if sublayers.is_graph_model(sub):  # a Sequential / Functional held in an attribute: walked as a graph
+                child = ModelGraph(sub, prefix=sub_path + "/")
+                self.held_models.setdefault(id(op), []).append((steps, child))
+                self.layers.update(child.layers)
+                for site in child.sites:
+                    site.kept = site.kept or kept
+                    self._add_site(site)
+                continue
+            config = sub.get_build_config() if sub.built else None
+            shapes = [s for s in seen.get(id(sub)) or [(config or {}).get("input_shape")] if s and len(s) == 4]
+            if not shapes:
+                continue
+            # the batch it was built or probed with is incidental: planned at plan()'s batch, like a graph's
+            specs = list(dict.fromkeys(spec_from_layer(sub, (None, *tuple(shape)[1:])) for shape in shapes))
+            site = Site(path=sub_path, layer=sub, spec=specs[0], specs=specs, calls=len(shapes), holder=op,
+                        steps=steps, kept=kept)
+            self.held.setdefault(id(op), []).append(site)
+            self.layers[sub_path] = sub
+            self._add_site(site)
+
+    def _held_shapes(self, op, convs) -> dict:
+        """{id(conv): [input shape of each call]} for the `convs` `op` holds, from one trace of each call of
+        `op` (the subclassed model: on its build shape); {} where a call cannot be traced."""
+        seen = {}
+        try:
+            if op is self.source:
+                calls = [((input_struct(op),), {})]
+            else:
+                nodes = sorted((d["order"], d["node"]) for _, d in self.graph.nodes(data=True) if d["op"] is op)
+                calls = [_keras.node_call_arguments(node) for _, node in nodes]
+            for args, kwargs in calls:
+                for key, shapes in _keras.input_shapes_seen(op, args, kwargs, convs).items():
+                    seen.setdefault(key, []).extend(shapes)
+        except Exception:  # noqa: BLE001 - a call that cannot be traced leaves the shapes the convs were built with
+            return {}
+        return seen
 
     def _add_nodes_and_edges(self):
         """One graph node per Keras node (a layer's call), keyed "layer:call index"; edges carry the
@@ -111,7 +186,7 @@ class ModelGraph:
                     if spec not in site.specs:
                         site.specs.append(spec)
                 continue
-            if _is_model(op):
+            if sublayers.is_graph_model(op):
                 child = ModelGraph(op, prefix=path + "/")
                 self.children[id(op)] = child
                 for site in child.sites:
@@ -125,6 +200,7 @@ class ModelGraph:
                 self.own_sites.append(site)
                 seen[id(op)] = self._add_site(site)
             else:
+                self._find_held(op, path)
                 seen[id(op)] = op
 
     def _add_site(self, site: Site) -> Site:
@@ -198,14 +274,17 @@ class ModelGraph:
 class _Rebuilder:
     """One rebuild of one ModelGraph (nested models get a rebuilder of their own, cached per model)."""
 
-    def __init__(self, mg: ModelGraph, substitute, cache=None, model_class=None):
+    def __init__(self, mg: ModelGraph, substitute, cache=None, model_class=None, shared=None, unsaved=None):
         self.mg = mg
         self.model_class = model_class  # builds the outermost model; nested ones are plain keras.Model
         self.substitute = substitute
         self.cache = {} if cache is None else cache  # id(old layer) -> new layer, across nesting
+        self.shared = [] if shared is None else shared  # paths of layers with weights kept as the same object
+        self.unsaved = [] if unsaved is None else unsaved  # paths of copies whose swaps a .keras file cannot keep
         self.transfers = []  # (implementation or None, old, new, spec)
         self.tensors = {}  # id(old KerasTensor) -> new KerasTensor
         self.site_by_layer = {id(s.layer): s for s in mg.own_sites}
+        self.choices = {}  # id(site layer) -> (implementation, options) or None, set by run()
 
     def run(self):
         """The rebuilt keras.Model: inputs recreated, every node called again in graph order (substituted
@@ -213,6 +292,9 @@ class _Rebuilder:
         import keras
 
         choices, extra_edges = self._substitutes()
+        self.choices = choices
+        if self.mg.subclassed:
+            return self._run_subclassed()
         for old in self.mg.model.inputs:
             self.tensors[id(old)] = keras.Input(batch_shape=tuple(old.shape), dtype=old.dtype,
                                                 sparse=getattr(old, "sparse", False), name=_keras.input_name(old))
@@ -223,6 +305,10 @@ class _Rebuilder:
         inputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], inputs_struct)
         outputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], outputs_struct)
         model = (self.model_class or keras.Model)(inputs=inputs, outputs=outputs, name=self.mg.source.name)
+        return self._finish(model)
+
+    def _finish(self, model):
+        """Move the weights into the built `model` and carry the original's trainable flag over."""
         for impl, old, new, spec in self.transfers:
             if impl is None:
                 _copy_weights(old, new)
@@ -230,12 +316,24 @@ class _Rebuilder:
                 impl.transfer_weights(old, new, spec)
         if not self.mg.source.trainable:  # setting True would also unfreeze layers frozen one by one
             model.trainable = False
+        model.convrewrite_shared_layers = tuple(self.shared)
+        model.convrewrite_unsaved_swaps = tuple(self.unsaved)
         return model
+
+    def _run_subclassed(self):
+        """A subclassed model rebuilt: a copy of its own class from its config, the convs it holds swapped
+        as planned, built with the original's build shapes, weights copied."""
+        source = self.mg.source
+        new = self._copy_swapped(source, source.name, self._swaps(source))
+        sublayers.build_like(new, source)
+        return self._finish(new)
 
     def _substitutes(self):
         """({id(layer): (implementation, options) or None}, extra edges making each replacement's
         dependencies (e.g. PAC's guidance) come before it)."""
         choices, extra_edges = {}, []
+        for site in (s for held in self.mg.held.values() for s in held):
+            choices[id(site.layer)] = self._held_choice(site)
         for site in self.mg.own_sites:
             choice = self.substitute(site)
             choices[id(site.layer)] = choice
@@ -252,6 +350,56 @@ class _Rebuilder:
                         f"or layer of that name; expected one of {names}.")
                 extra_edges.append((dep_key, site_key))
         return choices, extra_edges
+
+    def _held_choice(self, site):
+        """substitute(site) for a conv held inside a layer: only a drop-in replacement can be swapped in."""
+        choice = self.substitute(site)
+        if choice is not None and not choice[0].drop_in:
+            raise UnsupportedModelError(
+                f"Layer '{site.path}' is held inside layer '{site.holder.name}' ({type(site.holder).__name__}), not "
+                f"called by a Functional graph, and implementation '{choice[0].label}' needs the graph to wire its "
+                f"extra inputs; expected it only for convolutions that are layers of a Functional or Sequential "
+                f"model (plan.force('{site.path}', 'direct'), or select other layers).")
+        return choice
+
+    def _swaps(self, op) -> list:
+        """[(steps, original, make)] for what `op` holds that the plan changes: each conv it replaces, and
+        each graph model it holds with a site replaced. make() -> (replacement, transfer or None, spec)."""
+        out = []
+        for site in self.mg.held.get(id(op), []):
+            if self.choices.get(id(site.layer)) is not None:
+                impl, options = self.choices[id(site.layer)]
+                out.append((site.steps, site.layer, lambda site=site, impl=impl, options=options: (
+                    impl.make_layer(site.layer, site.spec, **options), impl.transfer_weights, site.spec)))
+        for steps, child in self.mg.held_models.get(id(op), []):
+            if any(self.substitute(site) is not None for site in child.sites):
+                out.append((steps, child.source, lambda child=child: (_Rebuilder(
+                    child, self.substitute, self.cache, shared=self.shared, unsaved=self.unsaved).run(), None, None)))
+        return out
+
+    def _copy_swapped(self, op, path: str, swaps):
+        """A copy of `op` from its config with each planned held conv (or held graph model) swapped for its
+        replacement; its weights are moved once it is built (see SwappedCopy)."""
+        new = recreate(op, path)  # it must be copied: raises where it cannot be re-created
+        placed, swapped = {}, []
+        for steps, original, make in swaps:
+            holder, sub = sublayers.locate(new, steps)
+            if sub is None:  # held sublayers made in build(): build the copy as the original was
+                sublayers.build_like(new, op)
+                holder, sub = sublayers.locate(new, steps)
+            if sub is None or type(sub) is not type(original):
+                raise UnsupportedModelError(
+                    f"Layer '{path}' ({type(op).__name__}) re-created from its config holds no "
+                    f"{type(original).__name__} at '{sublayers.path_of(steps)}', where the original holds "
+                    f"'{original.name}'; expected get_config() to re-create the same sublayers.")
+            replacement, transfer, spec = make()
+            sublayers.swap(holder, sub, replacement)  # unbuilt: the holder builds it (some call build() on it)
+            placed[id(original)] = (transfer, spec)
+            swapped.append((steps, replacement))
+        if not sublayers.record_swaps(new, swapped):
+            self.unsaved.append(path)
+        self.transfers.append((sublayers.SwappedCopy(placed), op, new, None))
+        return new
 
     def _call_again(self, data, choices):
         """Call the node's layer (or its replacement) on the rebuilt tensors and record its outputs."""
@@ -288,10 +436,16 @@ class _Rebuilder:
         if id(op) in self.cache:
             return self.cache[id(op)]
         if id(op) in self.mg.children:
-            new = _Rebuilder(self.mg.children[id(op)], self.substitute, self.cache).run()
+            new = _Rebuilder(self.mg.children[id(op)], self.substitute, self.cache, shared=self.shared,
+                            unsaved=self.unsaved).run()
+        elif self._swaps(op):
+            new = self._copy_swapped(op, self.mg.prefix + op.name, self._swaps(op))
         else:
-            new = recreate(op, self.mg.prefix + op.name)
-            self.transfers.append((None, op, new, None))
+            new = recreate(op, self.mg.prefix + op.name, share=True)
+            if new is op and getattr(op, "weights", None):
+                self.shared.append(self.mg.prefix + op.name)
+            else:
+                self.transfers.append((None, op, new, None))
         self.cache[id(op)] = new
         return new
 
@@ -326,12 +480,14 @@ def live_config(op) -> dict:
     return config
 
 
-def recreate(op, path: str = ""):
+def recreate(op, path: str = "", share: bool = False):
     """A fresh copy of a layer/operation from its config (no weights yet).
 
     A layer that cannot be re-created but holds no weights (a custom stateless layer without
     get_config) is kept as it is: the new model calls the same object, which shares no state with it.
-    One that holds weights cannot be shared without sharing variables, so it raises."""
+    One that holds weights is kept as it is too where `share` (the rebuild of a layer that is not being
+    replaced: the new model then shares its variables with the original, and the rebuild says so); else
+    it raises UnsupportedModelError."""
     try:
         # The layer already lives in this process, so re-creating it is not a deserialization risk
         # (Lambda layers refuse safe mode otherwise).
@@ -344,7 +500,7 @@ def recreate(op, path: str = ""):
             new.name = op.name
         return new
     except Exception as exc:  # noqa: BLE001 - any failure means the layer cannot be copied faithfully
-        if not getattr(op, "weights", None) and not _is_model(op):
+        if share or (not getattr(op, "weights", None) and not _is_model(op)):
             return op
         detail = str(exc).splitlines()[0] if str(exc).strip() else "no message"
         raise UnsupportedModelError(
@@ -352,6 +508,16 @@ def recreate(op, path: str = ""):
             f"config ({type(exc).__name__}: {detail}); expected a layer with get_config()/from_config(), "
             f"registered with keras.saving.register_keras_serializable."
         ) from exc
+
+
+def _copy_refusal(op, path: str) -> str:
+    """'' where `op` can be re-created from its config (so the convs it holds can be swapped on a copy),
+    else why not, for the plan's rows."""
+    try:
+        recreate(op, path)
+    except UnsupportedModelError:
+        return f"held in layer '{path}' ({type(op).__name__}), which cannot be re-created from its config to swap it"
+    return ""
 
 
 def _copy_weights(old, new):
@@ -390,19 +556,28 @@ def _as_functional(model):
         return functional
     if isinstance(model, _keras.functional_class()):
         return model
-    if isinstance(model, keras.Model):
-        raise UnsupportedModelError(
-            f"Model '{model.name}' is a subclassed {type(model).__name__}, whose call() cannot be walked; expected a "
-            f"Sequential or Functional model (wrap its layers in keras.Model(inputs, outputs))."
-        )
     raise UnsupportedModelError(f"Received {type(model).__name__}; expected a keras.Model (Sequential or Functional).")
 
 
 def walk(model) -> ModelGraph:
-    """Walk a Sequential or Functional Keras model (recursively into nested models)."""
+    """Walk a Keras model: Sequential or Functional (recursively into nested models and into the layers
+    holding convolutions), or subclassed (the convolutions it holds)."""
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(f"Received {type(model).__name__}; expected a keras.Model.")
     return ModelGraph(model)
 
 
 def input_struct(model):
-    """The model's symbolic inputs in its own input structure (a tensor, list or dict of keras.KerasTensor)."""
+    """The model's symbolic inputs in its own input structure (a tensor, list or dict of keras.KerasTensor).
+
+    A subclassed model has none of its own: tensors of the shapes it was built with stand for them."""
+    if _is_model(model) and not sublayers.is_graph_model(model):
+        shape = (model.get_build_config() or {}).get("input_shape") if model.built else None
+        if shape is None:
+            raise UnsupportedModelError(
+                f"Subclassed model '{model.name}' was not built on positional inputs, so its inputs are unknown; "
+                f"expected inputs= (arrays in its input structure) or a model built with model.build(input_shape).")
+        return sublayers.symbolic_inputs(shape, model.input_dtype)
     return _keras.io_structs(_as_functional(model))[0]

@@ -61,6 +61,104 @@ def unsafe_deserialization():
     return serialization_lib.SafeModeScope(False)
 
 
+# ---- sublayers held by custom layers and subclassed models (sublayers.py) ----------------------------
+def tracked_sublayers(layer) -> list:
+    """The layers `layer` tracks directly (Layer._layers: whatever it holds in attributes, lists and dicts),
+    in the order Keras lists their weights."""
+    return list(getattr(layer, "_layers", ()))
+
+
+def replace_tracked_sublayer(layer, old, new) -> None:
+    """Make `layer` track `new` in `old`'s place, same position (Tracker.replace_tracked_value), so its
+    weights, sublayers and saved state list `new` where they listed `old`."""
+    layer._tracker.replace_tracked_value("layers", old, new)
+
+
+def node_call_arguments(node):
+    """(args, kwargs) a node's layer was called with, as symbolic tensors (Node.arguments)."""
+    return node.arguments.args, node.arguments.kwargs
+
+
+def input_shapes_seen(layer, args, kwargs, watched) -> dict:
+    """{id(sublayer): [input shape of each call]} for the `watched` sublayers when `layer.call(*args,
+    **kwargs)` is traced once on symbolic tensors (backend.compute_output_spec: no values are computed,
+    and no Keras node is added to `layer` or the sublayers, so the model is left as it was)."""
+    from keras.src import backend
+
+    seen = {id(sub): [] for sub in watched}
+
+    def watch(sub):
+        bound = sub.call
+
+        def call(inputs, *a, **k):
+            seen[id(sub)].append(tuple(inputs.shape))
+            return bound(inputs, *a, **k)
+        object.__setattr__(sub, "call", call)
+
+    for sub in watched:
+        watch(sub)
+    try:
+        backend.compute_output_spec(layer.call, *args, **kwargs)
+    finally:
+        for sub in watched:
+            object.__delattr__(sub, "call")
+    return seen
+
+
+EXTRA_BUILD_STATE = "_convrewrite_build_state"  # attribute whose value a layer's build config carries
+
+
+def hook_build_config(key: str, restore) -> None:
+    """Make Keras build configs carry extra state, so a `.keras` file keeps it and loading applies it.
+
+    A layer whose EXTRA_BUILD_STATE attribute is set saves it under `key` in its build config (what
+    get_build_config returns and a `.keras` file stores per layer and model); loading such a config calls
+    `restore(layer, state, build)` before the layer's weights are read, where `build()` builds the layer as
+    Keras would (restore calls it where it needs the layer built first, and returns whether it did). Wraps
+    keras.layers.Layer's get_build_config and Layer's and keras.Model's build_from_config, once; a config
+    without `key` goes through unchanged. A class overriding these methods without calling super() is not
+    reached (see `carries_build_state`)."""
+    import keras
+
+    def wrap_get(original):
+        def get_build_config(self):
+            config = original(self)
+            state = getattr(self, EXTRA_BUILD_STATE, None)
+            return {**config, key: state} if state and config is not None else config
+        get_build_config.convrewrite_wrapped = True
+        return get_build_config
+
+    def wrap_build(original):
+        def build_from_config(self, config):
+            if not config or key not in config:
+                return original(self, config)
+            plain = {k: v for k, v in config.items() if k != key}
+            object.__setattr__(self, EXTRA_BUILD_STATE, config[key])
+            if not restore(self, config[key], lambda: original(self, plain)):
+                original(self, plain)
+        build_from_config.convrewrite_wrapped = True
+        return build_from_config
+
+    layer_cls, model_cls = keras.layers.Layer, keras.Model
+    if not getattr(layer_cls.get_build_config, "convrewrite_wrapped", False):
+        layer_cls.get_build_config = wrap_get(layer_cls.get_build_config)
+    for cls in (layer_cls, model_cls):
+        if not getattr(cls.__dict__["build_from_config"], "convrewrite_wrapped", False):
+            cls.build_from_config = wrap_build(cls.__dict__["build_from_config"])
+
+
+def carries_build_state(layer) -> bool:
+    """Whether `layer`'s class saves and restores extra build state through `hook_build_config`: False where
+    it overrides get_build_config or build_from_config (which may not reach Keras's own)."""
+    return all(getattr(getattr(type(layer), name), "convrewrite_wrapped", False)
+               for name in ("get_build_config", "build_from_config"))
+
+
+def set_build_state(layer, state) -> None:
+    """Give `layer` extra build state for its build config to carry (see hook_build_config)."""
+    object.__setattr__(layer, EXTRA_BUILD_STATE, state)
+
+
 # ---- reading variables past autocast (layers/fft.py) ---------------------------------------------------
 def autocast_disabled():
     """A context in which a layer's float32 variables read as float32 under a mixed-precision policy

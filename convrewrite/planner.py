@@ -422,6 +422,8 @@ def _site_candidates(site, specs, allow, selected, limit, rtol, target):
     cands, constrained = {}, {}
     for name, (ok, why) in implementations.candidates(site.spec).items():
         impl = implementations.get(name)
+        if getattr(site, "kept", "") and name != "direct":
+            ok, why = False, site.kept  # e.g. a conv held in a layer that cannot be copied
         if not impl.chosen_for_speed and site.path not in selected.get(name, _NO_POLICY).sites:
             continue
         if allow is not None and impl.chosen_for_speed and name not in allow and name != "direct":

@@ -126,6 +126,13 @@ class Implementation:
         output (its first call); context.site is the Site being replaced, context.options its options."""
         return new_layer(*args, **kwargs)
 
+    @property
+    def drop_in(self) -> bool:
+        """Whether its layer can stand wherever the original stood, called with the original's input alone
+        (so it can be swapped into a custom layer or subclassed model, which have no graph to wire extra
+        inputs through): true unless `call` needs the rebuild's context."""
+        return type(self).call is Implementation.call
+
     def probe_call(self, new_layer, x):
         """Call the replacement on a lone input tensor `x` for per-site verification.
 

@@ -99,6 +99,8 @@ class VerificationReport:
     checks: List[Check]
     fallbacks: List[dict] = dataclasses.field(default_factory=list)  # {"site", "from", "to", "why"}
     speed: Optional[dict] = None  # set by optimize: speed.SpeedCheck.to_dict(), measured next to predicted
+    shared_layers: List[str] = dataclasses.field(default_factory=list)  # kept as the original's objects (see graph.recreate)
+    model_class: str = ""  # set by optimize where the optimized model is not of the original's class: what and why
 
     @property
     def passed(self) -> bool:
@@ -118,7 +120,7 @@ class VerificationReport:
 
     def to_dict(self):
         return {"passed": self.passed, "checks": [dataclasses.asdict(c) for c in self.checks], "fallbacks": self.fallbacks,
-                "speed": self.speed}
+                "speed": self.speed, "shared_layers": self.shared_layers, "model_class": self.model_class}
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=1)
@@ -137,6 +139,10 @@ class VerificationReport:
                                                  "random": "random normal"}.get(k, k) for k in kinds))
         for f in self.fallbacks:
             lines.append(f"fell back: {f['site']} {f['from']} -> {f['to']} ({f['why']})")
+        if self.shared_layers:
+            lines.append(f"shared with the original (no config to re-create them; same variables): {self.shared_layers}")
+        if self.model_class:
+            lines.append(f"class not kept: {self.model_class}")
         lines.append("PASSED" if self.passed else f"FAILED: {[c.name for c in self.checks if not c.passed]}")
         if self.speed is not None:
             from .speed import SpeedCheck

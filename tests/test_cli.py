@@ -212,6 +212,13 @@ def test_convert_two_inputs_with_shipped_profile_and_legacy_h5(models):
     _assert_loads_and_matches(models, "seq.keras", "from_h5.keras", "np.random.default_rng(4).standard_normal((2, 12, 12, 4)).astype('float32')")
 
 
+def test_convert_subclassed_model(models):
+    r = _run(["convert", "subclassed.keras", "tiny_fast.keras", "--cost-model", "rules", "--custom-objects",
+              "clitest_layers:Tiny"], models, env_extra={"PYTHONPATH": _pythonpath(models)})
+    assert r.returncode == 0, r.stderr
+    assert "verified" in r.stdout
+
+
 def test_convert_application_and_plan_json(models):
     r = _run(["convert", "mobilenet.keras", "mobilenet_fast.keras", "--cost-model", "rules", "--allow", "direct,depthwise"], models)
     assert r.returncode == 0, r.stderr
@@ -237,8 +244,6 @@ def test_convert_application_and_plan_json(models):
     (["verify", "seq.keras", "other.keras"], "verification_failed", "other.keras"),
     (["convert", "lambda.keras", "lambda_fast.keras"], "not_a_model", "--unsafe"),
     (["convert", "seq.keras", "seq.keras", "--force"], "usage", "input"),
-    (["convert", "subclassed.keras", "sub_fast.keras", "--custom-objects", "clitest_layers:Tiny"],
-     "unsupported_model", "subclassed"),
     (["convert", "seq.keras", "o.keras", "--rtol", "-1", "--cost-model", "rules"], "usage", "--rtol"),
     (["convert", "seq.keras", "o.keras", "--rtol", "nan"], "usage", "--rtol"),
     (["verify", "seq.keras", "other.keras", "--rtol", "-0.5"], "usage", "--rtol"),

@@ -268,15 +268,30 @@ class _NoConfig(keras.layers.Layer):
 def test_unsupported_models_get_clear_errors():
     sub = _Subclassed()
     sub(np.zeros((1, 5, 5, 1), "float32"))
-    with pytest.raises(convrewrite.UnsupportedModelError, match="subclassed"):
-        convrewrite.optimize(sub)
+    with pytest.raises(convrewrite.UnsupportedModelError, match=r"_subclassed.*cannot be re-created from its config"):
+        convrewrite.optimize(sub)  # its __init__ takes no config: a subclassed model must be copied from one
+    with pytest.raises(convrewrite.UnsupportedModelError, match="is not built"):
+        convrewrite.plan(_Subclassed())
     unbuilt = keras.Sequential([keras.layers.Conv2D(2, 3)])
     with pytest.raises(convrewrite.UnsupportedModelError, match="no known input shape"):
         convrewrite.plan(unbuilt)
-    x = keras.Input((4, 4, 3))
-    model = keras.Model(x, _NoConfig(2)(keras.layers.Conv2D(3, 1)(x)))
-    with pytest.raises(convrewrite.UnsupportedModelError, match="_NoConfig"):
-        convrewrite.optimize(model, cost_model=None)
+
+
+def test_a_layer_that_cannot_be_recreated_and_is_not_replaced_is_shared_and_reported(rng):
+    """Never refuse a model over a layer that is not being replaced: keep the object, say so."""
+    x = keras.Input((6, 6, 3))
+    y = keras.layers.Conv2D(4, 3, groups=1, name="c")(x)
+    keeper = _NoConfig(2)
+    model = keras.Model(x, keeper(keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(y)))
+    for layer in model.layers[1:]:
+        layer.set_weights([rng.standard_normal(w.shape).astype("float32") for w in layer.get_weights()])
+    with pytest.warns(UserWarning, match=r"shares 1 layer.*_no_config"):
+        fast = convrewrite.optimize(model, cost_model=None, allow=["direct", "depthwise", "fft"])
+    assert fast.convrewrite_report.shared_layers == [keeper.name]
+    assert "shared with the original" in fast.convrewrite_report.summary()
+    assert keeper in fast.layers and fast.get_layer("c") is not model.get_layer("c")  # the rest is copied
+    data = rng.standard_normal((2, 6, 6, 3)).astype("float32")
+    np.testing.assert_allclose(fast(data), model(data), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_spatial_size():

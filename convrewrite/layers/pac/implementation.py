@@ -63,7 +63,8 @@ class PacImplementation(Implementation):
             selector = re.compile(selector)
         paths = [s.path for s in model_graph.sites]
         if isinstance(selector, re.Pattern):
-            found = [s for s in model_graph.find_sites(selector) if self.applicable(s.spec)[0]]
+            # a conv held inside a layer has no graph to wire guidance through (see graph._held_choice)
+            found = [s for s in model_graph.find_sites(selector) if self.applicable(s.spec)[0] and s.holder is None]
             if not found:
                 raise PlanError(f"pac layers {selector.pattern!r} match no Conv2D site PAC can replace; expected "
                                 f"names or a regex matching some of {paths}.")
