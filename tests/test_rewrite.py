@@ -10,7 +10,7 @@ import convrewrite
 from convrewrite import rewrite
 from convrewrite.errors import PlanError, VerificationError
 from convrewrite.rewrite import kernels
-from convrewrite.verify import relative_error
+from convrewrite.verify import check_rewrites, relative_error
 
 L = keras.layers
 RTOL = 1e-5
@@ -268,3 +268,14 @@ def test_mobilenet_v2_is_exact_after_folding():
     assert kinds(records).count("fold_bn") == 52 and "fuse_activation" in kinds(records)
     assert not any(isinstance(layer, L.BatchNormalization) for layer in new.layers)
     assert relative_error(actual, expected) <= RTOL
+
+
+def test_rewrite_checks_span_the_original_across_passes():
+    """A conv whose input came from a folded conv -> BN: its fused span starts at the BN's output."""
+    inp = keras.Input((8, 8, 3))
+    y = L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(inp))
+    y = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(y)))
+    model = randomize(keras.Model(inp, y))
+    new, records = rewrite.apply(model)
+    checks = check_rewrites(model, new, [r.to_dict() for r in records])
+    assert len(checks) == 2 and all(c.passed for c in checks), [c.rel_error for c in checks]

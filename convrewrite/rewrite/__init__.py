@@ -26,12 +26,16 @@ def apply(model, passes=PASSES) -> Tuple[object, List[Rewrite]]:
     """(the rewritten model, [Rewrite] in the order applied); `model` itself where nothing matched.
 
     The new model is an ordinary keras.Model whose layers keep their names (a merged block is named after
-    its largest conv); the original is left untouched."""
-    records = []
+    its largest conv); the original is left untouched. Each record's node keys are the original's: a later
+    pass meets an earlier rewrite's conv ("site:0") where the original has the end of the span it replaced."""
+    records, original_key = [], {}
     for rule in passes:
         mg = walk(model)
         replace, found = rule.rewrite(mg)
         if replace:
             model = mg.rebuild(lambda site: None, replace_nodes=replace)
-            records.extend(found)
+        for r in found:
+            r.input, r.output = original_key.get(r.input, r.input), original_key.get(r.output, r.output)
+            original_key[f"{r.site}:0"] = r.output  # rewrites only match layers called once
+        records.extend(found)
     return model, records
