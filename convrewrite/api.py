@@ -280,8 +280,8 @@ def _check_speed(models: _Models, new, plan: Plan, enabled: bool, inputs, batch:
     elif target == "other" or plan.trust == "unverified":
         result.not_measured = ("the profile is another device's (target='other' or unverified), so this device's "
                                "speed says nothing of it")
-    elif not _replaced_for_speed(plan):
-        result.not_measured = "no site was replaced for speed"
+    elif not _replaced_for_speed(plan) and not plan.rewrites:
+        result.not_measured = "no site was replaced for speed and the graph was not rewritten"
     else:
         # random finite data at the planned batch (or shaped like `inputs` where a size is unknown): the
         # user's values may hold NaN/Inf, which route FFT layers through Keras's branch, so timing them
