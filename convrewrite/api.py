@@ -10,7 +10,7 @@ from . import speed as speed_check
 from .cost import TIMING_BAND, Prediction, predict
 from .errors import PlanError, VerificationError
 from .graph import walk
-from .planner import Plan, check_rtol, make_plan, parse_memory_limit
+from .planner import Plan, check_rtol, constraint_violation, make_plan, parse_memory_limit
 from . import profile as profiling
 from .spec import keras_class
 from .verify import VerificationReport, verify as _verify
@@ -19,6 +19,9 @@ from .weights import RewrittenModel, weight_layout
 MODES = ("inference", "training")
 """inference: rewrite the graph first (fold BN, merge parallel branches, fuse activations: see
 convrewrite.rewrite), exact at training=False only; training: plan the graph as it is."""
+
+TRAINING_TIMED = "timed here, forward+backward"
+"""The prediction source of optimize(mode="training", measure=True)'s timings."""
 
 SPEED_CHECK_ENV = "CONVREWRITE_CHECK_SPEED"
 """Set to "0" to make check_speed=None mean off (the test suite does, except where it tests the check)."""
@@ -151,7 +154,9 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         rtol: the relative error allowed, per site and end to end (default by compute dtype: 1e-5 for
             float32); it also constrains a plan made here.
         measure: time the candidates on this model's own shapes at `batch` on this device first (tactic
-            timing, cached per device fingerprint: in the profile you named, else the user cache).
+            timing, cached per device fingerprint: in the profile you named, else the user cache). With
+            mode="training", each is timed forward + backward, so the plan makes a training step fastest
+            (not cached; the end-to-end speed check, which times inference, is then skipped).
         check_speed: time the original and the optimized model end to end on the model's own input shapes
             (interleaved, warm-up excluded, about SPEED_BUDGET_S seconds) when the plan is for this device,
             and never return a model measurably slower: re-time the replaced sites and re-plan, and if it
@@ -191,9 +196,7 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         graph = walk(source)
         cm = _resolve_cost_model(cost_model, target)
         if measure:
-            cm = cm or profiles.resolve("auto")
-            specs = [spec for s in graph.all_sites() for spec in (getattr(s, "specs", None) or [s.spec])]
-            profiles.measure_tactics(cm, specs, allow=allow, batch=batch, memory_limit=memory_limit)  # every size
+            cm = _measured(cm or profiles.resolve("auto"), graph, mode, allow, batch, memory_limit)
         plan = make_plan(graph, cm, allow=allow, policies=_policies(pac=pac), batch=batch, memory_limit=memory_limit,
                          rtol=rtol)
         plan.mode, plan.rewrites = mode, rewrites
@@ -210,6 +213,23 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
     new.convrewrite_report = report
     new.convrewrite_speed = speed
     return new
+
+
+def _measured(cm, graph, mode: str, allow, batch: int, memory_limit):
+    """The cost model to plan with after timing the model's own conv shapes here (every size a layer is
+    called at): inference timings go to `cm`'s tactic cache; for mode="training", forward + backward
+    timings, which describe training only, answer for those shapes and are not cached."""
+    specs = [spec for s in graph.all_sites() for spec in (getattr(s, "specs", None) or [s.spec])]
+    if mode != "training":
+        return profiles.measure_tactics(cm, specs, allow=allow, batch=batch, memory_limit=memory_limit)
+    limit, timed = parse_memory_limit(memory_limit), {}
+    for spec in specs:
+        spec = spec if spec.batch else spec.with_input(batch=batch)
+        names = [n for n in implementations.names() if (allow is None or n in allow or n == "direct")
+                 and _for_speed(n) and not (limit and constraint_violation(n, spec, limit))]
+        if spec not in timed and spec.height is not None and spec.width is not None:
+            timed[spec] = profiling.time_spec(spec, allow=names, training=True)
+    return _TimedSites(cm, timed, source=TRAINING_TIMED)
 
 
 class _Models:
@@ -277,6 +297,9 @@ def _check_speed(models: _Models, new, plan: Plan, enabled: bool, inputs, batch:
     result = speed_check.SpeedCheck(predicted=total[0] / total[1] if total else None, band=plan.predicted_band())
     if not enabled:
         result.not_measured = "check_speed=False"
+    elif TRAINING_TIMED in plan.prediction_sources():
+        result.not_measured = ("the plan is for training (forward+backward timings); the end-to-end check times "
+                               "inference only")
     elif target == "other" or plan.trust == "unverified":
         result.not_measured = ("the profile is another device's (target='other' or unverified), so this device's "
                                "speed says nothing of it")
@@ -387,15 +410,15 @@ def _time_replaced_sites(plan: Plan, batch: int, allow):
 class _TimedSites:
     """A cost model that answers with timings made here where it has them, else asks `base` (if any)."""
 
-    def __init__(self, base, timed):
-        self.base, self.timed = base, timed
+    def __init__(self, base, timed, source: str = "timed here"):
+        self.base, self.timed, self.source = base, timed, source
         self.name = getattr(base, "name", None) or "timed here"
         self.match_note = getattr(base, "match_note", None)
         self.trust = "this device"
 
     def prediction(self, impl_name, spec):
         if impl_name in self.timed.get(spec, {}):
-            return Prediction(1e3 * self.timed[spec][impl_name], "timed here", TIMING_BAND)
+            return Prediction(1e3 * self.timed[spec][impl_name], self.source, TIMING_BAND)
         return None if self.base is None else predict(self.base, impl_name, spec)
 
 
