@@ -279,3 +279,30 @@ def test_rewrite_checks_span_the_original_across_passes():
     new, records = rewrite.apply(model)
     checks = check_rewrites(model, new, [r.to_dict() for r in records])
     assert len(checks) == 2 and all(c.passed for c in checks), [c.rel_error for c in checks]
+
+
+def test_plan_and_build_take_the_mode():
+    model = randomize(_small_repvgg())
+    plan = convrewrite.plan(model, cost_model=None)
+    assert plan.mode == "inference" and len(plan) == 2 and len(plan.rewrites) == 8  # 4 folds, 2 merges, 2 fusions
+    assert len(convrewrite.plan(model, cost_model=None, mode="training")) == 4
+    built = convrewrite.api.build(model, plan)  # makes the plan's rewrites again
+    x = np.random.default_rng(5).standard_normal((2, 12, 12, 4)).astype("float32")
+    assert relative_error(np.asarray(built(x)), np.asarray(model(x, training=False))) <= RTOL
+
+
+def test_branch_read_elsewhere_is_not_merged():
+    inp = keras.Input((8, 8, 4))
+    a = L.Conv2D(4, 3, padding="same")(inp)
+    y = L.Add()([a, L.Conv2D(4, 1)(inp)])
+    _, records = rewrite.apply(keras.Model(inp, [y, a]))
+    assert "merge_branches" not in kinds(records)
+
+
+def test_channels_first_branches_merge():
+    inp = keras.Input((4, 10, 10))
+    a = L.BatchNormalization(axis=1)(L.Conv2D(4, 3, padding="same", data_format="channels_first")(inp))
+    b = L.Conv2D(4, 1, data_format="channels_first")(inp)
+    expected, actual, records, _ = run(keras.Model(inp, L.Add()([a, b, L.BatchNormalization(axis=1)(inp)])))
+    assert "merge_branches" in kinds(records)
+    assert relative_error(actual, expected) <= RTOL
