@@ -32,9 +32,8 @@ def repvgg_block(x, filters, strides, name):
     return L.ReLU(name=f"{name}_relu")(L.Add(name=f"{name}_add")(branches))
 
 
-def repvgg_model(input_shape=(97, 97, 3), widths=(32, 64, 128, 256), depths=(1, 2, 4, 1)):
-    """RepVGG-A-style: a stride-2 block opens each stage. The odd input side keeps every stride-2 block
-    mergeable: TF's 'same' padding only centres a 3x3 over a 1x1 at stride 2 on odd sizes."""
+def repvgg_model(input_shape=(96, 96, 3), widths=(32, 64, 128, 256), depths=(1, 2, 4, 1)):
+    """RepVGG-A-style: a stride-2 block (3x3 + 1x1, no identity) opens each stage."""
     x = inp = keras.Input(input_shape)
     x = repvgg_block(x, widths[0], 2, "stem")
     for stage, (width, depth) in enumerate(zip(widths, depths)):

@@ -154,14 +154,21 @@ def test_repvgg_block_merges_into_one_conv(groups):
     assert relative_error(actual, expected) <= RTOL
 
 
-@pytest.mark.parametrize("size,merged", [(15, True), (16, False)])
-def test_strided_branches_merge_only_where_tf_padding_aligns_them(size, merged):
-    # TF's 'same' at stride 2 pads a 3x3 by 0 before an even input (1 after) but by 1 before an odd one
+@pytest.mark.parametrize("size", [15, 16])
+def test_strided_branches_merge_where_tf_padding_puts_them(size):
+    # TF's 'same' at stride 2 pads a 3x3 by 0 before an even input (1 after) but by 1 before an odd one: the
+    # 1x1 goes to the window's first tap on even sizes, to its centre on odd ones
     inp = keras.Input((size, size, 4))
     model = keras.Model(inp, repvgg_block(inp, 6, strides=2, identity=False))
     expected, actual, records, _ = run(model)
-    assert ("merge_branches" in kinds(records)) is merged
+    assert "merge_branches" in kinds(records)
     assert relative_error(actual, expected) <= RTOL
+
+
+def test_strided_branches_of_unknown_size_are_not_merged():
+    inp = keras.Input((None, None, 4))
+    _, records = rewrite.apply(keras.Model(inp, repvgg_block(inp, 6, strides=2, identity=False)))
+    assert "merge_branches" not in kinds(records)
 
 
 def replk_block(x, large=11, small=3, dilation=1):
@@ -218,6 +225,8 @@ def test_kernel_helpers():
     k = np.arange(4.0).reshape(2, 2, 1, 1)[:1]  # (1, 2, 1, 1)
     assert kernels.dilate(k, (1, 3), 2)[0, :, 0, 0].tolist() == [0, 0, 0, 1]
     assert kernels.pad_centred(np.ones((1, 1, 1, 1)), (3, 3), 2)[:, :, 0, 0].tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
+    assert kernels.pad_to(np.ones((1, 1, 1, 1)), (3, 3), (0, 2), 2)[:, :, 0, 0].tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 0]]
+    assert [(n, kernels.same_padding_before(n, 3, 2)) for n in (15, 16)] == [(15, 1), (16, 0)]
     ident = kernels.identity_kernel((3, 3), 4, 2, kernels.CONV)  # (3, 3, 2, 4)
     assert ident[1, 1].tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
     with pytest.raises(ValueError, match="centre"):
@@ -304,5 +313,22 @@ def test_channels_first_branches_merge():
     a = L.BatchNormalization(axis=1)(L.Conv2D(4, 3, padding="same", data_format="channels_first")(inp))
     b = L.Conv2D(4, 1, data_format="channels_first")(inp)
     expected, actual, records, _ = run(keras.Model(inp, L.Add()([a, b, L.BatchNormalization(axis=1)(inp)])))
+    assert "merge_branches" in kinds(records)
+    assert relative_error(actual, expected) <= RTOL
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_branch_blocks_are_exact_merged_or_not(seed):
+    """Seeded random blocks (kernel sizes, strides, input size parity, groups, identity): where merged, exact."""
+    r = np.random.default_rng(seed)
+    size, strides, groups = int(r.integers(7, 13)), int(r.choice([1, 2])), int(r.choice([1, 2]))
+    inp = keras.Input((size, size, 4))
+    branches = [L.BatchNormalization()(L.Conv2D(4, int(k), strides, padding="same", groups=groups)(inp))
+                for k in sorted(set(r.choice([1, 3, 5], size=2)))]
+    if strides == 1 and r.random() < 0.5:
+        branches.append(L.BatchNormalization()(inp))
+    if len(branches) < 2:
+        branches.append(L.Conv2D(4, 1, strides, groups=groups)(inp))
+    expected, actual, records, _ = run(keras.Model(inp, L.Add()(branches)), seed=seed)
     assert "merge_branches" in kinds(records)
     assert relative_error(actual, expected) <= RTOL

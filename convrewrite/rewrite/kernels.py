@@ -58,27 +58,34 @@ def dilate(kernel, rate, rank: int):
     return out
 
 
-def pad_centred(kernel, size, rank: int):
-    """The kernel zero-padded on its `rank` spatial axes to `size`, the original taps in the centre.
-
-    Exact for a stride-1 'same' conv with odd sizes (each side grows by (K-k)/2, as TF's padding does);
-    callers check the alignment for strides (see merge_branches)."""
+def pad_to(kernel, size, offsets, rank: int):
+    """The kernel zero-padded on its `rank` spatial axes to `size`, its taps starting at `offsets` (one per
+    axis, 0 <= offset <= size - k): where the larger kernel's window reads the input positions this one read
+    (see merge_branches for the offsets TF's padding implies)."""
     kernel = np.asarray(kernel, np.float64)
     pads = []
-    for k, n in zip(kernel.shape[:rank], size):
-        if (n - k) % 2 or n < k:
-            raise ValueError(f"Cannot centre a kernel of size {k} in {n}; expected an even, non-negative difference.")
-        pads.append(((n - k) // 2, (n - k) // 2))
+    for k, n, o in zip(kernel.shape[:rank], size, offsets):
+        if not 0 <= o <= n - k:
+            raise ValueError(f"Cannot place a kernel of size {k} at offset {o} in {n}; expected 0 <= offset <= {n - k}.")
+        pads.append((o, n - k - o))
     return np.pad(kernel, pads + [(0, 0)] * (kernel.ndim - rank))
 
 
-def identity_kernel(size, channels: int, groups: int, layout: str):
-    """A kernel of spatial `size` computing y = x (channels in = out), the 1 in the centre tap.
+def pad_centred(kernel, size, rank: int):
+    """pad_to with the taps in the centre (each side grows by (K-k)/2: a stride-1 'same' conv)."""
+    shape = np.shape(kernel)[:rank]
+    if any((n - k) % 2 for k, n in zip(shape, size)):
+        raise ValueError(f"Cannot centre a kernel of size {shape} in {tuple(size)}; expected even differences.")
+    return pad_to(kernel, size, [(n - k) // 2 for k, n in zip(shape, size)], rank)
+
+
+def identity_kernel(size, channels: int, groups: int, layout: str, offsets=None):
+    """A kernel of spatial `size` computing y = x (channels in = out), the 1 at tap `offsets` (default the
+    centre).
 
     conv: (size, channels/groups, channels), output o reads input o, which is its group's (o % per-group)-th;
     depthwise: (size, channels, 1)."""
-    rank = len(size)
-    centre = tuple(k // 2 for k in size)
+    centre = tuple(k // 2 for k in size) if offsets is None else tuple(offsets)
     if layout == DEPTHWISE:
         kernel = np.zeros(tuple(size) + (channels, 1))
         kernel[centre + (slice(None), 0)] = 1.0

@@ -9,10 +9,12 @@ and at least one branch is a conv.
 Exact (to float rounding) when:
 - every conv branch has the same class, data_format, filters, groups / depth_multiplier and strides, no
   activation, is called once and only the Add reads it; the Add is called once and reads only branches;
-- kernels differ by an even number of taps per axis and are centred by zero-padding to the largest K: with
-  padding='same' each axis is then aligned, which holds at stride 1 and, at stride s, where TF pads each
-  kernel so that padding_before(K) - padding_before(k) = (K - k) / 2 for the known input size (TF puts the odd
-  tap after); with padding='valid' all kernels have one size (1x1 kernels are alike under either padding);
+- every kernel is zero-padded to the largest size K per axis, its taps where the merged window reads what
+  the branch read: with padding='same', TF pads the merged conv by padding_before(K) and the branch by
+  padding_before(k) before the data, so the branch starts padding_before(K) - padding_before(k) into the
+  window (centred at stride 1 with odd sizes; at stride 2 on an even input TF pads a 3x3 by 0 before and 1
+  after, so a 1x1 sits at the window's first tap), which must lie in [0, K - k]; at stride > 1 the input size
+  must be known; with padding='valid' all kernels have one size (1x1 kernels are alike under either padding);
 - a dilated branch (rate d) is replaced by its dense kernel ((k-1)d+1 taps, zeros between) only where that is
   no larger than the largest undilated kernel, so merging never grows the conv;
 - an identity branch needs stride 1, as many filters as input channels (depth_multiplier 1) and 'same'
@@ -88,21 +90,35 @@ def _spatial(x, data_format, rank):
     return shape[2:2 + rank] if data_format == "channels_first" else shape[1:1 + rank]
 
 
-def _aligned(layers, sizes, merged, padding, spatial, has_identity) -> bool:
-    """The centred kernels read the same input positions as the originals (see the module docstring)."""
+def _offset(n, K: int, k: int, s: int, padding: str):
+    """Where a branch kernel of size k starts inside the merged size K on one axis (input size n, stride s),
+    or None where no placement is exact. TF pads 'same' by same_padding_before(n, K, s) before the data for
+    the merged conv and by same_padding_before(n, k, s) for the branch, so the branch's taps start that
+    difference into the merged window (at stride 1, (K-1)//2 - (k-1)//2 whatever n); 'valid' pads nothing."""
+    if padding == "valid":
+        return 0 if K == k else None
+    if s == 1:
+        offset = (K - 1) // 2 - (k - 1) // 2
+    elif n is None:
+        return None
+    else:
+        offset = kernels.same_padding_before(n, K, s) - kernels.same_padding_before(n, k, s)
+    return offset if 0 <= offset <= K - k else None
+
+
+def _offsets(layers, sizes, merged, padding, spatial, has_identity):
+    """[offsets per axis] for every conv branch, then (if `has_identity`) for the identity's 1-tap kernel,
+    or None where a branch has no exact place (identities need stride 1)."""
     strides = tuple(layers[0].strides)
-    if has_identity and (any(s != 1 for s in strides) or (padding != "same" and any(k > 1 for k in merged))):
-        return False
-    for size, layer in zip(sizes, layers):
-        if any((K - k) % 2 for K, k in zip(merged, size)):
-            return False
-        if padding == "valid" and size != merged:
-            return False
-        for n, K, k, s in zip(spatial, merged, size, strides):
-            if s != 1 and (n is None or kernels.same_padding_before(n, K, s) - kernels.same_padding_before(n, k, s)
-                           != (K - k) // 2):
-                return False
-    return True
+    if has_identity and any(s != 1 for s in strides):
+        return None
+    out = []
+    for size in list(sizes) + ([(1,) * len(merged)] if has_identity else []):
+        offsets = [_offset(n, K, k, s, padding) for n, K, k, s in zip(spatial, merged, size, strides)]
+        if None in offsets:
+            return None
+        out.append(tuple(offsets))
+    return out
 
 
 def _padding(layers, sizes) -> Optional[str]:
@@ -153,28 +169,30 @@ def match(mg, add_key):
     rank = len(sizes[0])
     merged = tuple(max(size[i] for size in sizes) for i in range(rank))
     padding = _padding(layers, sizes)
-    spatial = _spatial(x, layers[0].data_format, rank)
-    if padding is None or not _aligned(layers, sizes, merged, padding, spatial, bool(identities)):
+    offsets = None if padding is None else _offsets(layers, sizes, merged, padding,
+                                                     _spatial(x, layers[0].data_format, rank), bool(identities))
+    if offsets is None:
         return None
-    return convs, identities, x, merged, padding
+    return convs, identities, x, merged, padding, offsets
 
 
-def merged_weights(mg, convs, identities, merged):
-    """(kernel, bias) of the one conv: centred (dilation-expanded) kernels and identity kernels summed."""
+def merged_weights(mg, convs, identities, merged, offsets):
+    """(kernel, bias) of the one conv: the (dilation-expanded) kernels, each placed at its offsets, and the
+    identity kernels summed. offsets: per conv branch, then one for every identity (see _offsets)."""
     layers = [m.op(mg, key) for key in convs]
     layout = m.conv_layout(layers[0])
     rank = len(merged)
     kernel, bias = 0.0, 0.0
-    for layer in layers:
+    for layer, offset in zip(layers, offsets):
         k, b = m.conv_weights(layer)
         if any(d != 1 for d in layer.dilation_rate):
             k = kernels.dilate(k, layer.dilation_rate, rank)
-        kernel = kernel + kernels.pad_centred(k, merged, rank)
+        kernel = kernel + kernels.pad_to(k, merged, offset, rank)
         bias = bias + (0.0 if b is None else b)
     channels = kernel.shape[-2] * kernel.shape[-1] if layout == kernels.DEPTHWISE else kernel.shape[-1]
     for kind, key in identities:
         s, t = m.bn_affine(m.op(mg, key)) if kind == "bn" else (np.ones(channels), np.zeros(channels))
-        ident = kernels.identity_kernel(merged, channels, getattr(layers[0], "groups", 1), layout)
+        ident = kernels.identity_kernel(merged, channels, getattr(layers[0], "groups", 1), layout, offsets[-1])
         k, b = kernels.fold(ident, None, s, t, layout)
         kernel, bias = kernel + k, bias + b
     return kernel, np.broadcast_to(bias, (channels,)).astype(np.float64)
@@ -187,10 +205,10 @@ def rewrite(mg):
         found = match(mg, key)
         if found is None:
             continue
-        convs, identities, x, merged, padding = found
+        convs, identities, x, merged, padding, offsets = found
         layers = [m.op(mg, k) for k in convs]
         template = max(layers, key=lambda layer: int(np.prod(layer.kernel_size)))  # first of the largest
-        weights = merged_weights(mg, convs, identities, merged)
+        weights = merged_weights(mg, convs, identities, merged, offsets)
         call = m.new_conv(template, weights, kernel_size=merged, padding=padding, use_bias=True,
                           dilation_rate=(1,) * len(merged))
         for dropped in convs + [k for _, k in identities if k is not None]:
