@@ -6,13 +6,20 @@
     python benchmarks/models.py convnext_tiny --also-rules   # cost-model plan and rule-based plan, interleaved
     python benchmarks/models.py large_kernel --measure       # plan from timings of the model's own shapes
     python benchmarks/models.py resnet50 --rtol 1e-3 1e-2    # float32 plan beside plans under error budgets
+    python benchmarks/models.py resnet50 repvgg --bound --repeats 21   # also time the re-parameterization bound
+    python benchmarks/models.py replk --mode training        # plan without the rewrite stage
 
 Prints, per model: original and optimized median seconds per batch, the speedup, the end-to-end relative
-error, and what the plan chose.
+error, and what the plan chose (and the rewrite stage did). With --bound, also the upper bound of what the
+rewrite stage can give, timed in the same interleaved rounds: the model with every BatchNormalization a
+pass-through (not equal to the original), or, for the re-parameterized examples, the merged structure on
+Keras's own layers; `of bound` is the achieved speedup's share of the bound's.
 """
 
 import argparse
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -21,8 +28,15 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import convrewrite  # noqa: E402
+from convrewrite import rewrite  # noqa: E402
+from convrewrite.graph import walk  # noqa: E402
 from convrewrite.timing import time_interleaved  # noqa: E402
 from convrewrite.verify import relative_error  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location(
+    "reparam_models", Path(__file__).resolve().parent.parent / "examples" / "reparam_models.py")
+reparam_models = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reparam_models)
 
 
 def large_kernel_model():
@@ -54,17 +68,35 @@ MODELS = {
     "resnet50": lambda: keras.applications.ResNet50(weights=None),
     "mobilenet_v2": lambda: keras.applications.MobileNetV2(weights=None),
     "efficientnet_b0": lambda: keras.applications.EfficientNetB0(weights=None),
+    "repvgg": lambda: reparam_models.randomize_batchnorm(reparam_models.repvgg_model()),
+    "replk": lambda: reparam_models.randomize_batchnorm(reparam_models.replk_model()),
 }
+MERGED_BOUND = {"repvgg", "replk"}  # their bound is the merged structure; the others' is "no BatchNormalization"
 
 
-def bench(name, batch, repeats, cost_model, also_rules=False, measure=False, rtols=()):
+def without_batchnorm(model):
+    """The upper bound of folding: `model` with every BatchNormalization of its outer graph a pass-through."""
+    mg = walk(model)
+    replace = {key: (lambda tensor_of, x=data["node"].input_tensors[0]: tensor_of(x))
+               for key, data in mg.graph.nodes(data=True) if isinstance(data["op"], keras.layers.BatchNormalization)}
+    return mg.rebuild(lambda site: None, replace_nodes=replace)
+
+
+def upper_bound(name, model):
+    return rewrite.apply(model)[0] if name in MERGED_BOUND else without_batchnorm(model)
+
+
+def bench(name, batch, repeats, cost_model, also_rules=False, measure=False, bound=False, mode="inference", rtols=()):
     model = MODELS[name]()
     cm = None if cost_model == "rules" else cost_model
-    variants = {"optimized": convrewrite.optimize(model, cost_model=cm, measure=measure, batch=batch)}
+    variants = {"optimized": convrewrite.optimize(model, cost_model=cm, measure=measure, batch=batch, mode=mode)}
     for rtol in rtols:  # error budgets: reduced precision where the device runs it natively
-        variants[f"rtol {rtol:g}"] = convrewrite.optimize(model, cost_model=cm, measure=measure, batch=batch, rtol=rtol)
+        variants[f"rtol {rtol:g}"] = convrewrite.optimize(model, cost_model=cm, measure=measure, batch=batch,
+                                                          mode=mode, rtol=rtol)
     if also_rules:
-        variants["rules"] = convrewrite.optimize(model, cost_model=None)
+        variants["rules"] = convrewrite.optimize(model, cost_model=None, mode=mode)
+    if bound:
+        variants["bound"] = upper_bound(name, model)
     shape = (batch,) + tuple(model.inputs[0].shape[1:])
     x = tf.constant(np.random.default_rng(0).standard_normal(shape).astype("float32"))
     fns = {"original": tf.function(lambda: model(x, training=False))}
@@ -73,13 +105,23 @@ def bench(name, batch, repeats, cost_model, also_rules=False, measure=False, rto
     res = time_interleaved(fns, repeats=repeats, warmup=1)
     o = res["original"]["median"]
     for key, m in variants.items():
+        if key == "bound":
+            continue
         err = relative_error(fns[key]().numpy(), fns["original"]().numpy())
+        plan = m.convrewrite_plan
         counts = {}
-        for c in m.convrewrite_plan.choices().values():
+        for c in plan.choices().values():
             counts[c] = counts.get(c, 0) + 1
+        done = {}
+        for r in plan.rewrites:
+            done[r["kind"]] = done.get(r["kind"], 0) + 1
         f = res[key]["median"]
         label = name if key == "optimized" else f"  ({key})"
-        print(f"{label:<16} {o:>10.3f} {f:>10.3f} {o / f:>8.2f}x {err:>9.1e}  {counts}", flush=True)
+        share = ""
+        if bound:
+            b = res["bound"]["median"]
+            share = f" {o / b:>7.2f}x {(o / f - 1) / (o / b - 1) if o > b else float('nan'):>8.0%}"
+        print(f"{label:<16} {o:>10.4f} {f:>10.4f} {o / f:>8.2f}x{share} {err:>9.1e}  {counts} {done or ''}", flush=True)
 
 
 def main():
@@ -94,15 +136,21 @@ def main():
                              "float32 plan: they admit bfloat16 sites where the device runs bfloat16 natively")
     parser.add_argument("--measure", action="store_true",
                         help="plan from timings of the model's own conv shapes (optimize(measure=True), cached per device)")
+    parser.add_argument("--bound", action="store_true",
+                        help="also time the rewrite stage's upper bound (BN removed, or the merged structure)")
+    parser.add_argument("--mode", default="inference", choices=["inference", "training"],
+                        help="optimize(mode=...): 'training' skips the rewrite stage")
     args = parser.parse_args()
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; expected any of {list(MODELS)}")
     args.models = args.models or list(MODELS)
     print(f"batch {args.batch}, {args.repeats} interleaved rounds, median seconds per batch")
-    print(f"{'model':<16} {'original':>10} {'optimized':>10} {'speedup':>9} {'rel err':>9}  plan")
+    bound = f" {'bound':>8} {'of bound':>8}" if args.bound else ""
+    print(f"{'model':<16} {'original':>10} {'optimized':>10} {'speedup':>9}{bound} {'rel err':>9}  plan, rewrites")
     for name in args.models:
-        bench(name, args.batch, args.repeats, args.cost_model, args.also_rules, args.measure, args.rtol)
+        bench(name, args.batch, args.repeats, args.cost_model, args.also_rules, args.measure, args.bound, args.mode,
+              args.rtol)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,24 @@ import copy
 import os
 import warnings
 
-from . import implementations, profiles
+from . import implementations, profiles, rewrite
 from . import speed as speed_check
 from .cost import TIMING_BAND, Prediction, predict
 from .errors import PlanError, VerificationError
 from .graph import walk
-from .planner import Plan, check_rtol, make_plan, parse_memory_limit
+from .planner import Plan, check_rtol, constraint_violation, make_plan, parse_memory_limit
 from . import profile as profiling
 from .spec import keras_class
 from .verify import VerificationReport, verify as _verify
 from .weights import RewrittenModel, weight_layout
 from .keras_internals import functional_class
+
+MODES = ("inference", "training")
+"""inference: rewrite the graph first (fold BN, merge parallel branches, fuse activations: see
+convrewrite.rewrite), exact at training=False only; training: plan the graph as it is."""
+
+TRAINING_TIMED = "timed here, forward+backward"
+"""The prediction source of optimize(mode="training", measure=True)'s timings."""
 
 SPEED_CHECK_ENV = "CONVREWRITE_CHECK_SPEED"
 """Set to "0" to make check_speed=None mean off (the test suite does, except where it tests the check)."""
@@ -30,7 +37,7 @@ def _resolve_cost_model(cost_model, target="auto"):
 
 
 def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8, memory_limit=None, rtol=None,
-         target: str = "auto") -> Plan:
+         target: str = "auto", mode: str = "inference") -> Plan:
     """Decide an implementation for every conv site of `model` (nothing is built).
 
     Args:
@@ -46,6 +53,9 @@ def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8, memory_
         rtol: relative error bound; implementations whose expected error exceeds it are not chosen.
         target: the device the plan is for: "here", "other" (converting offline for another device: nothing
             is timed here) or "auto" (here, unless the profile is of another machine class).
+        mode: "inference" (default): plan the model as the rewrite stage leaves it (BatchNormalization folded
+            into convs, parallel branches merged, activations fused; `plan.rewrites` lists them); "training":
+            plan the model as it is.
 
     Returns:
         A Plan: one row per conv site with its candidates' predicted ms, each prediction's source and error
@@ -59,8 +69,35 @@ def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8, memory_
         >>> p = convrewrite.plan(keras.applications.ConvNeXtTiny(weights=None))
         >>> print(p.summary())
     """
-    return make_plan(walk(model), _resolve_cost_model(cost_model, target), allow=allow, policies=_policies(pac=pac), batch=batch,
-                     memory_limit=memory_limit, rtol=rtol)
+    source, rewrites = rewritten(model, mode)
+    made = make_plan(walk(source), _resolve_cost_model(cost_model, target), allow=allow, policies=_policies(pac=pac),
+                     batch=batch, memory_limit=memory_limit, rtol=rtol)
+    made.mode, made.rewrites = mode, rewrites
+    return made
+
+
+def rewritten(model, mode: str = "inference"):
+    """(the model the planner sees, [Rewrite dicts]): `model` rewritten by the rewrite stage for
+    mode="inference", `model` itself for mode="training".
+
+    Raises PlanError for any other mode."""
+    if check_mode(mode) == "training":
+        return model, []
+    source, records = rewrite.apply(model)
+    return source, [r.to_dict() for r in records]
+
+
+def check_mode(mode: str) -> str:
+    """`mode` if it is one of MODES, else PlanError."""
+    if mode not in MODES:
+        raise PlanError(f"Received mode={mode!r}; expected 'inference' (fold BatchNormalization, merge parallel "
+                        f"branches, fuse activations before planning) or 'training' (keep the graph as it is).")
+    return mode
+
+
+def _source(model, plan: Plan):
+    """The model `plan` was made on: `model` rewritten again where the plan lists rewrites (deterministic)."""
+    return rewrite.apply(model)[0] if plan.rewrites else model
 
 
 def _policies(**given) -> dict:
@@ -75,7 +112,13 @@ def _policies(**given) -> dict:
 
 
 def build(model, plan: Plan):
-    """Rebuild `model` as `plan` says, without verification. The original is left untouched."""
+    """Rebuild `model` as `plan` says (after the rewrites it lists), without verification. The original is
+    left untouched."""
+    return _build(_source(model, plan), plan)
+
+
+def _build(model, plan: Plan):
+    """Rebuild `model`, the model `plan` was made on, as `plan` says."""
     graph = walk(model)
     rows = {path: r for r in plan for path in [r.site, *r.aliases]}
 
@@ -88,7 +131,9 @@ def build(model, plan: Plan):
             return None if type(site.layer) is keras_class(site.layer) else (implementations.get("direct"), {})
         return implementations.get(row.choice), dict(row.options)
 
-    layout = weight_layout(model)  # the optimized model reads and writes the original's weight files
+    # the optimized model reads and writes the weight files of the model planned (the original, unless the
+    # rewrite stage folded or merged layers: then their weights are not the original's anyway)
+    layout = weight_layout(model)
 
     def model_class(**kwargs):
         return RewrittenModel(convrewrite_weight_layout=layout, **kwargs)
@@ -97,7 +142,8 @@ def build(model, plan: Plan):
 
 
 def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, verify=True, inputs=None,
-             rtol=None, measure=False, batch: int = 8, memory_limit=None, check_speed=None, target: str = "auto"):
+             rtol=None, measure=False, batch: int = 8, memory_limit=None, check_speed=None, target: str = "auto",
+             mode: str = "inference"):
     """A new keras.Model computing what `model` computes, each convolution in its fastest implementation.
 
     Args:
@@ -110,12 +156,18 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         rtol: the relative error allowed, per site and end to end (default by compute dtype: 1e-5 for
             float32); it also constrains a plan made here.
         measure: time the candidates on this model's own shapes at `batch` on this device first (tactic
-            timing, cached per device fingerprint: in the profile you named, else the user cache).
+            timing, cached per device fingerprint: in the profile you named, else the user cache). With
+            mode="training", each is timed forward + backward, so the plan makes a training step fastest
+            (not cached; the end-to-end speed check, which times inference, is then skipped).
         check_speed: time the original and the optimized model end to end on the model's own input shapes
             (interleaved, warm-up excluded, about SPEED_BUDGET_S seconds) when the plan is for this device,
             and never return a model measurably slower: re-time the replaced sites and re-plan, and if it
             is still slower keep the original implementations. None means on (unless the environment
             variable CONVREWRITE_CHECK_SPEED is "0"); False turns it off.
+        mode: "inference" (default): first rewrite the graph (fold BatchNormalization into convs, merge
+            parallel conv branches, fuse activations; see convrewrite.rewrite), which is exact for
+            `model(x, training=False)` only; "training": keep the graph (BN updates, branches) as it is.
+            A given `plan` brings its own: the rewrites it lists are made again.
 
     Returns:
         A new keras.Model with `convrewrite_plan` (the Plan applied), `convrewrite_report` (the
@@ -131,6 +183,7 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         >>> print(fast.convrewrite_report.summary())
     """
     parse_memory_limit(memory_limit), check_rtol(rtol), profiles.check_target(target)  # fail before measuring
+    check_mode(mode)
     if measure and target == "other":
         raise PlanError("measure=True times this device, but target='other' plans for another one; measure there "
                         "(convrewrite profile, or optimize(measure=True) on that device) and pass its profile.")
@@ -139,21 +192,23 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
     cm, given = None, plan is not None
     if given:
         plan = copy.deepcopy(plan)  # fallbacks edit the plan; the caller's stays as given
+        source = _source(model, plan)
     else:
-        graph = walk(model)
+        source, rewrites = rewritten(model, mode)
+        graph = walk(source)
         cm = _resolve_cost_model(cost_model, target)
         if measure:
-            cm = cm or profiles.resolve("auto")
-            specs = [spec for s in graph.all_sites() for spec in (getattr(s, "specs", None) or [s.spec])]
-            profiles.measure_tactics(cm, specs, allow=allow, batch=batch, memory_limit=memory_limit)  # every size
+            cm = _measured(cm or profiles.resolve("auto"), graph, mode, allow, batch, memory_limit)
         plan = make_plan(graph, cm, allow=allow, policies=_policies(pac=pac), batch=batch, memory_limit=memory_limit,
                          rtol=rtol)
-    new, report = _build_verified(model, plan, verify, inputs, rtol)
-    plan.current = _current_implementations(model)  # what each site runs now: the speed check's baseline
-    speed = _check_speed(model, new, plan, check_speed, inputs, batch, target)
+        plan.mode, plan.rewrites = mode, rewrites
+    models = _Models(model, source)
+    new, report = _build_verified(models, plan, verify, inputs, rtol)
+    plan.current = _current_implementations(source)  # what each site runs now: the speed check's baseline
+    speed = _check_speed(models, new, plan, check_speed, inputs, batch, target)
     if speed.slower:
         planning = None if given else dict(allow=allow, policies=_policies(pac=pac), memory_limit=memory_limit)
-        plan, new, report, speed = _recover_speed(model, plan, cm, speed, verify, inputs, rtol, batch, planning)
+        plan, new, report, speed = _recover_speed(models, plan, cm, speed, verify, inputs, rtol, batch, planning)
     if report is not None:
         report.speed = speed.to_dict()
         report.shared_layers = list(getattr(new, "convrewrite_shared_layers", ()))
@@ -202,14 +257,41 @@ def _warn_unsaved(model, new):
             stacklevel=3)
 
 
-def _build_verified(model, plan: Plan, verify: bool, inputs, rtol):
-    """(new model, report): `plan` built, verified, and failing sites fallen back to `direct` (editing `plan`).
+def _measured(cm, graph, mode: str, allow, batch: int, memory_limit):
+    """The cost model to plan with after timing the model's own conv shapes here (every size a layer is
+    called at): inference timings go to `cm`'s tactic cache; for mode="training", forward + backward
+    timings, which describe training only, answer for those shapes and are not cached."""
+    specs = [spec for s in graph.all_sites() for spec in (getattr(s, "specs", None) or [s.spec])]
+    if mode != "training":
+        return profiles.measure_tactics(cm, specs, allow=allow, batch=batch, memory_limit=memory_limit)
+    limit, timed = parse_memory_limit(memory_limit), {}
+    for spec in specs:
+        spec = spec if spec.batch else spec.with_input(batch=batch)
+        names = [n for n in implementations.names() if (allow is None or n in allow or n == "direct")
+                 and _for_speed(n) and not (limit and constraint_violation(n, spec, limit))]
+        if spec not in timed and spec.height is not None and spec.width is not None:
+            timed[spec] = profiling.time_spec(spec, allow=names, training=True)
+    return _TimedSites(cm, timed, source=TRAINING_TIMED)
+
+
+class _Models:
+    """The model to optimize (`original`: what the result must compute) and the model planned and built
+    (`source`: the original after the rewrite stage, or the original itself)."""
+
+    def __init__(self, original, source):
+        self.original, self.source = original, source
+
+
+def _build_verified(models: _Models, plan: Plan, verify: bool, inputs, rtol):
+    """(new model, report): `plan` built on models.source, verified against models.original, and failing sites
+    fallen back to `direct` (editing `plan`).
 
     Raises VerificationError where the model still differs after the fallbacks."""
-    new = build(model, plan)
+    model = models.original
+    new = _build(models.source, plan)
     if not verify:
         return new, None
-    report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
+    report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan, source=models.source)
     failing = [s for s in report.failing_sites if plan.row(s).choice != "direct"]
     if failing:
         fallbacks = []
@@ -219,17 +301,17 @@ def _build_verified(model, plan: Plan, verify: bool, inputs, rtol):
             fallbacks.append({"site": site, "from": row.choice, "to": "direct",
                               "why": f"rel error {check.rel_error:.2e} > {check.tolerance:.0e}"})
             plan.force(site, "direct", reason=f"fell back from {row.choice}: verification failed")
-        new = build(model, plan)
-        report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
+        new = _build(models.source, plan)
+        report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan, source=models.source)
         report.fallbacks = fallbacks
     if not report.passed:
-        new, report = _fall_back_precision(model, plan, new, report, inputs, rtol)
+        new, report = _fall_back_precision(models, plan, new, report, inputs, rtol)
     if not report.passed:
         raise VerificationError(_failure_message(model, report), report=report)
     return new, report
 
 
-def _fall_back_precision(model, plan: Plan, new, report, inputs, rtol):
+def _fall_back_precision(models, plan: Plan, new, report, inputs, rtol):
     """Every site passed alone but the model as a whole is beyond tolerance: put the reduced-precision sites
     back on full precision one by one, largest measured site error first, until the model is within it.
     Returns (new model, report); the report lists each fallback."""
@@ -241,8 +323,8 @@ def _fall_back_precision(model, plan: Plan, new, report, inputs, rtol):
         fallbacks.append({"site": check.name, "from": row.choice, "to": base,
                           "why": f"model beyond tolerance; largest reduced-precision site error {check.rel_error:.2e}"})
         plan.force(check.name, base, reason=f"fell back from {row.choice}: the model as a whole exceeded rtol")
-        new = build(model, plan)
-        report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan)
+        new = _build(models.source, plan)
+        report = _verify(models.original, new, inputs=inputs, rtol=rtol, plan=plan, source=models.source)
         report.fallbacks = fallbacks
         if report.passed:
             break
@@ -252,7 +334,11 @@ def _fall_back_precision(model, plan: Plan, new, report, inputs, rtol):
 def _failure_message(model, report) -> str:
     """One sentence on what failed and what was (or was not) done about it, then the report's table."""
     failing = [c.name for c in report.checks if not c.passed]
-    if report.fallbacks:
+    rewrites = [c.name for c in report.checks if c.kind == "rewrite" and not c.passed]
+    if rewrites:
+        done = (f"because the rewrite stage's result differs at {rewrites} (mode='training' skips that stage; "
+                f"please report the model)")
+    elif report.fallbacks:
         done = (f"even after falling back to direct at {[f['site'] for f in report.fallbacks]}")
     elif report.failing_sites:
         done = "and no site fell back, since every failing site already runs Keras's own layer (direct)"
@@ -265,19 +351,24 @@ def _failure_message(model, report) -> str:
             f"{done}; the original is unchanged.\n" + report.summary())
 
 
-def _check_speed(model, new, plan: Plan, enabled: bool, inputs, batch: int, target: str = "auto") -> speed_check.SpeedCheck:
+def _check_speed(models: _Models, new, plan: Plan, enabled: bool, inputs, batch: int,
+                 target: str = "auto") -> speed_check.SpeedCheck:
     """Measure `new` against the model it should beat, where that says something about the device planned
     for (not for target="other" or an unverified profile). The baseline is the original with only the
     policy-chosen sites (PAC) applied: their cost is the user's choice, the speed-chosen sites' is ours."""
+    model = models.original
     total = plan.predicted_total()
     result = speed_check.SpeedCheck(predicted=total[0] / total[1] if total else None, band=plan.predicted_band())
     if not enabled:
         result.not_measured = "check_speed=False"
+    elif TRAINING_TIMED in plan.prediction_sources():
+        result.not_measured = ("the plan is for training (forward+backward timings); the end-to-end check times "
+                               "inference only")
     elif target == "other" or plan.trust == "unverified":
         result.not_measured = ("the profile is another device's (target='other' or unverified), so this device's "
                                "speed says nothing of it")
-    elif not _replaced_for_speed(plan):
-        result.not_measured = "no site was replaced for speed"
+    elif not _replaced_for_speed(plan) and not plan.rewrites:
+        result.not_measured = "no site was replaced for speed and the graph was not rewritten"
     else:
         # random finite data at the planned batch (or shaped like `inputs` where a size is unknown): the
         # user's values may hold NaN/Inf, which route FFT layers through Keras's branch, so timing them
@@ -287,7 +378,8 @@ def _check_speed(model, new, plan: Plan, enabled: bool, inputs, batch: int, targ
             result.not_measured = "the model's input size is unknown; pass inputs= to time on data of their shape"
             return result
         policy_only = _policy_only(plan)
-        baseline = model if not _replaced_for_speed(policy_only) and not _policy_sites(plan) else build(model, policy_only)
+        baseline = (model if not _replaced_for_speed(policy_only) and not _policy_sites(plan)
+                    else _build(models.source, policy_only))
         measured = speed_check.measure(baseline, new, x)
         result.original_s, result.optimized_s, result.rounds, result.batch = (
             measured.original_s, measured.optimized_s, measured.rounds, measured.batch)
@@ -328,7 +420,7 @@ def _policy_only(plan: Plan) -> Plan:
     return plan
 
 
-def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, planning):
+def _recover_speed(models: _Models, plan: Plan, cm, first, verify, inputs, rtol, batch, planning):
     """The optimized model was measurably slower than its baseline: time the replaced sites on their real
     shapes (at the measured batch) and re-plan from those timings; if still slower (or the plan was given,
     so there is nothing to re-plan: `planning` is None), put the speed-chosen sites back on Keras's own
@@ -339,11 +431,12 @@ def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, pl
         timed = _time_replaced_sites(plan, first.batch or batch, planning["allow"])
         if cm is not None and hasattr(cm, "record_tactics"):
             cm.record_tactics(timed)  # this device's timings, reused by later plans
-        current = plan.current
-        plan = make_plan(walk(model), _TimedSites(cm, timed), batch=first.batch or batch, rtol=rtol, **planning)
-        new, report = _build_verified(model, plan, verify, inputs, rtol)
+        current, mode, rewrites = plan.current, plan.mode, plan.rewrites
+        plan = make_plan(walk(models.source), _TimedSites(cm, timed), batch=first.batch or batch, rtol=rtol, **planning)
+        plan.mode, plan.rewrites = mode, rewrites
+        new, report = _build_verified(models, plan, verify, inputs, rtol)
         plan.current = current
-        again = _check_speed(model, new, plan, True, inputs, first.batch or batch)
+        again = _check_speed(models, new, plan, True, inputs, first.batch or batch)
         if not again.slower:
             again.action = "re-planned from timings of the replaced sites" + (
                 "" if again.measured is not None else ": none is replaced for speed any more")
@@ -352,7 +445,7 @@ def _recover_speed(model, plan: Plan, cm, first, verify, inputs, rtol, batch, pl
         attempts.append(again)
     current = plan.current
     plan = _policy_only(plan)
-    new, report = _build_verified(model, plan, verify, inputs, rtol)
+    new, report = _build_verified(models, plan, verify, inputs, rtol)
     plan.current = current
     last = attempts[-1]
     last.action = "kept the original implementations: the optimized model measured slower than the original"
@@ -381,15 +474,15 @@ def _time_replaced_sites(plan: Plan, batch: int, allow):
 class _TimedSites:
     """A cost model that answers with timings made here where it has them, else asks `base` (if any)."""
 
-    def __init__(self, base, timed):
-        self.base, self.timed = base, timed
+    def __init__(self, base, timed, source: str = "timed here"):
+        self.base, self.timed, self.source = base, timed, source
         self.name = getattr(base, "name", None) or "timed here"
         self.match_note = getattr(base, "match_note", None)
         self.trust = "this device"
 
     def prediction(self, impl_name, spec):
         if impl_name in self.timed.get(spec, {}):
-            return Prediction(1e3 * self.timed[spec][impl_name], "timed here", TIMING_BAND)
+            return Prediction(1e3 * self.timed[spec][impl_name], self.source, TIMING_BAND)
         return None if self.base is None else predict(self.base, impl_name, spec)
 
 

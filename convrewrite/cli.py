@@ -274,7 +274,7 @@ def cmd_plan(args):
     model = load_model(args.model, args.unsafe, args.custom_objects)
     plan = convrewrite.plan(model, cost_model=_cost_model_arg(args.cost_model), allow=args.allow,
                             pac=parse_pac(args.pac), batch=args.batch, memory_limit=args.memory_limit,
-                            rtol=args.rtol, target=args.target)
+                            rtol=args.rtol, target=args.target, mode=args.mode)
     print(plan.to_json() if args.json else plan.summary())
     return 0
 
@@ -307,7 +307,7 @@ def cmd_convert(args):
     try:
         fast = convrewrite.optimize(model, cost_model=_cost_model_arg(args.cost_model), allow=args.allow,
                                     pac=parse_pac(args.pac), measure=args.measure, rtol=args.rtol, batch=args.batch,
-                                    memory_limit=args.memory_limit, target=args.target)
+                                    memory_limit=args.memory_limit, target=args.target, mode=args.mode)
     except VerificationError as exc:
         failing = [c.name for c in exc.report.checks if not c.passed]
         raise _failed_conversion(src, out, failing, exc.report.fallbacks, extras) from None
@@ -432,6 +432,9 @@ def _planning_args(p):
     p.add_argument("--pac", metavar="SPEC",
                    help="convert layers to pixel-adaptive convs: 'layers=c2,c3;guidance=image[;budget=1.3]' or JSON")
     p.add_argument("--batch", type=_positive_int, default=8, help="batch size the plan is made for (default 8)")
+    p.add_argument("--mode", choices=("inference", "training"), default="inference",
+                   help="'inference' (default): first fold BatchNormalization into convs, merge parallel conv "
+                        "branches and fuse activations (exact at training=False); 'training': keep the graph")
     p.add_argument("--target", choices=("auto", "here", "other"), default="auto",
                    help="the device the plan is for: 'here' (a profile of another device is calibrated here, or "
                         "this device measured), 'other' (converting offline for another device: nothing is timed "

@@ -259,7 +259,8 @@ class ModelGraph:
         return out
 
     # ---- rebuilding ----------------------------------------------------------------------------
-    def rebuild(self, substitute: Callable[[Site], Optional[Tuple[object, dict]]], model_class=None):
+    def rebuild(self, substitute: Callable[[Site], Optional[Tuple[object, dict]]], model_class=None,
+                replace_nodes: Optional[Dict[str, Callable]] = None):
         """A new Functional model where each site is built by `substitute(site)`.
 
         substitute returns (Implementation, options) for a site, or None to keep it as it is
@@ -267,15 +268,21 @@ class ModelGraph:
         by value, so the new model shares no variables with the original. Shared layers stay shared.
         model_class: a callable (inputs=, outputs=, name=) -> keras.Model for the outermost model (e.g. one
         that reads and writes the original's weight files); keras.Model by default.
+        replace_nodes: {node key ("layer:call"): fn(tensor_of) -> outputs or None} for nodes of this graph (not
+        nested ones) that a graph rewrite computes differently: `tensor_of(old KerasTensor)` gives the rebuilt
+        tensor, and fn returns the node's new outputs (an earlier node's tensor to pass it through, or a new
+        layer's call, whose weights fn sets), or None to drop the node (nothing may then read its outputs).
         """
-        return _Rebuilder(self, substitute, model_class=model_class).run()
+        return _Rebuilder(self, substitute, model_class=model_class, replace_nodes=replace_nodes).run()
 
 
 class _Rebuilder:
     """One rebuild of one ModelGraph (nested models get a rebuilder of their own, cached per model)."""
 
-    def __init__(self, mg: ModelGraph, substitute, cache=None, model_class=None, shared=None, unsaved=None):
+    def __init__(self, mg: ModelGraph, substitute, cache=None, model_class=None, shared=None, unsaved=None,
+                 replace_nodes=None):
         self.mg = mg
+        self.replace_nodes = replace_nodes or {}
         self.model_class = model_class  # builds the outermost model; nested ones are plain keras.Model
         self.substitute = substitute
         self.cache = {} if cache is None else cache  # id(old layer) -> new layer, across nesting
@@ -299,7 +306,9 @@ class _Rebuilder:
             self.tensors[id(old)] = keras.Input(batch_shape=tuple(old.shape), dtype=old.dtype,
                                                 sparse=getattr(old, "sparse", False), name=_keras.input_name(old))
         for key in self.mg.ordered_nodes(extra_edges):
-            if not self.mg.graph.nodes[key]["is_input"]:
+            if key in self.replace_nodes:
+                self._replace_node(key)
+            elif not self.mg.graph.nodes[key]["is_input"]:
                 self._call_again(self.mg.graph.nodes[key], choices)
         inputs_struct, outputs_struct = _keras.io_structs(self.mg.model)
         inputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], inputs_struct)
@@ -400,6 +409,16 @@ class _Rebuilder:
             self.unsaved.append(path)
         self.transfers.append((sublayers.SwappedCopy(placed), op, new, None))
         return new
+
+    def _replace_node(self, key):
+        """Record the outputs a graph rewrite gives node `key` (see ModelGraph.rebuild's replace_nodes)."""
+        import keras
+
+        outputs = self.replace_nodes[key](lambda t: self.tensors[id(t)])
+        if outputs is None:
+            return
+        for old_t, new_t in zip(self.mg.graph.nodes[key]["node"].outputs, keras.tree.flatten(outputs)):
+            self.tensors[id(old_t)] = new_t
 
     def _call_again(self, data, choices):
         """Call the node's layer (or its replacement) on the rebuilt tensors and record its outputs."""

@@ -204,3 +204,8 @@ def confirm_overwrite(filepath) -> bool:
     from keras.src.utils import io_utils
 
     return io_utils.ask_to_proceed_with_overwrite(filepath)
+
+
+def call_kwargs(node) -> dict:
+    """The keyword arguments a layer was called with at `node` (node.arguments.kwargs), e.g. training=True."""
+    return dict(node.arguments.kwargs)

@@ -22,6 +22,7 @@ from . import device, implementations
 from .choice import DIRECT_MARGIN, choose  # noqa: F401  (re-exported: the planner's rule)
 from .cost import Prediction, predict
 from .errors import PlanError
+from .rewrite.record import Rewrite, by_site
 from .spec import ConvSpec
 
 
@@ -82,6 +83,8 @@ class Plan:
         self.trust: Optional[str] = None  # the profile's trust on the planned device (cost.TRUST_LEVELS)
         self.calibration: Optional[dict] = None  # the profile's calibration here, where it was calibrated
         self.constraints: Dict[str, object] = {}  # {"memory_limit": bytes, "rtol": float} as planned with
+        self.mode: Optional[str] = None  # "inference": the graph was rewritten before planning; "training": not
+        self.rewrites: List[dict] = []  # rewrite.Rewrite.to_dict() per rewrite applied, in order
 
     def __iter__(self):
         return iter(self.rows)
@@ -165,7 +168,21 @@ class Plan:
             tail += f"; cost model: {self.cost_model_name}"
             if self.cost_model_note:
                 tail += f" ({self.cost_model_note})"
-        return "\n".join(out + [tail])
+        return "\n".join(out + [tail] + self._rewrite_lines())
+
+    def _rewrite_lines(self) -> List[str]:
+        """What the rewrite stage did before planning: counts per kind, then one line per rewritten site."""
+        if not self.rewrites:
+            return []
+        counts: Dict[str, int] = {}
+        for r in self.rewrites:
+            counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+        labels = {"fold_bn": "BatchNormalization folded", "merge_branches": "parallel-branch blocks merged",
+                  "fuse_activation": "activations fused"}
+        lines = [f"rewritten before planning (mode={self.mode}): "
+                 + ", ".join(f"{n} {labels.get(k, k)}" for k, n in counts.items())]
+        combined = by_site([Rewrite.from_dict(r) for r in self.rewrites])  # one line per resulting site
+        return lines + [f"  {r.site} <- {' + '.join(r.before)}" for r in combined]
 
     def _chosen_and_direct(self):
         """[(direct (ms, provenance), chosen (ms, provenance))] per row, for totals."""
@@ -212,6 +229,7 @@ class Plan:
         return {"cost_model": self.cost_model_name, "cost_model_note": self.cost_model_note, "trust": self.trust,
                 "calibration": self.calibration, "predicted_speedup": speedup,
                 "policy_overhead": dict(self.policy_overhead), "constraints": dict(self.constraints),
+                "mode": self.mode, "rewrites": [dict(r) for r in self.rewrites],
                 "rows": [r.to_dict() for r in self.rows]}
 
     @classmethod
@@ -221,6 +239,8 @@ class Plan:
         plan.trust, plan.calibration = d.get("trust"), d.get("calibration")
         plan.policy_overhead = dict(d.get("policy_overhead") or {})
         plan.constraints = dict(d.get("constraints") or {})
+        plan.mode = d.get("mode")
+        plan.rewrites = [dict(r) for r in d.get("rewrites") or []]
         return plan
 
     def to_json(self) -> str:

@@ -55,8 +55,11 @@ def layer_from_spec(spec: ConvSpec, seed: int = 0):
     return layer, shape
 
 
-def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.0) -> Dict[str, float]:
-    """Median seconds per call of every applicable implementation on `spec`, timed interleaved.
+def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.0,
+              training: bool = False) -> Dict[str, float]:
+    """Median seconds per call of every applicable implementation on `spec`, timed interleaved; with
+    `training`, per forward + backward (gradients for the input and the layer's weights, as in a training
+    step: layers.backend.forward_backward).
 
     An implementation that runs out of memory while being built is left out of the result (it is then
     never predicted from this spec's timing), as are those over PROFILE_MEMORY_CAP."""
@@ -79,13 +82,22 @@ def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.
             if "ResourceExhausted" not in type(exc).__name__ and "OOM" not in str(exc):
                 raise
             continue
-        fns[name] = compiled(lambda impl=impl, new=new: impl.probe_call(new, x))
+        fns[name] = compiled(_timed_call(impl, new, x, training))
     res = time_interleaved(fns, repeats=repeats, warmup=1, max_time=max_time)
     spread = {k: max(v["samples"]) / max(min(v["samples"]), 1e-9) for k, v in res.items()}
     if any(s > 2.0 for s in spread.values()):  # noisy round: take more samples
         more = time_interleaved(fns, repeats=repeats, warmup=0, max_time=max_time)
         return {k: float(np.median(res[k]["samples"] + more[k]["samples"])) for k in fns}
     return {k: v["median"] for k, v in res.items()}
+
+
+def _timed_call(impl, new, x, training: bool):
+    """The zero-argument call time_spec times: the layer forward, or forward + backward."""
+    if not training:
+        return lambda: impl.probe_call(new, x)
+    from .layers import backend
+
+    return lambda: backend.forward_backward(lambda t: impl.probe_call(new, t), x, new.trainable_variables)
 
 
 def time_canaries(allow=None, repeats: int = 5) -> List[dict]:

@@ -16,6 +16,7 @@ import numpy as np
 from . import implementations, keras_internals
 from .graph import input_struct, walk
 
+REWRITE_LABELS = {"fold_bn": "bn", "merge_branches": "merge", "fuse_activation": "act"}  # the report's impl column
 REFERENCE_MAX_MACS = 2e8  # float64 numpy reference above this many MACs costs seconds: skip it
 
 
@@ -79,7 +80,9 @@ def max_abs_difference(actual, expected) -> float:
 
 @dataclasses.dataclass
 class Check:
-    """One comparison. kind: 'site' (one layer in isolation) or 'output' (one model output)."""
+    """One comparison. kind: 'site' (one layer in isolation), 'rewrite' (a span of the original the rewrite
+    stage replaced, against the layer that replaced it; implementation names the rewrites) or 'output' (one
+    model output)."""
 
     name: str
     kind: str
@@ -256,31 +259,55 @@ def check_site(site, new_layer, seed: int = 0, spatial: int = 16, batch: int = 2
 
 
 def verify(original, new, inputs=None, rtol=None, sites=True, seed: int = 0, batch: int = 2, reference=True,
-           plan=None) -> VerificationReport:
-    """Compare two models: every output end to end, and (if `sites`) every conv site in isolation.
+           plan=None, source=None) -> VerificationReport:
+    """Compare two models: every output end to end, every conv site in isolation (if `sites`), and every
+    span the rewrite stage replaced (if `plan` lists rewrites).
 
     inputs: arrays in the model's input structure; default random normal (batch 2, unknown sizes 32).
-    Given, the per-site checks use them too: each site is fed what it receives when `original` runs on
-    them (see `site_inputs`); otherwise each site gets a random normal input of its own shape.
+    Given, the per-site checks use them too: each site is fed what it receives when the planned model runs
+    on them (see `site_inputs`); otherwise each site gets a random normal input of its own shape.
     rtol: tolerance; default by compute dtype (1e-5 float32, 1e-2 float16, 3e-2 bfloat16).
-    plan: the Plan `new` was built from, to name each site's implementation in the report.
+    plan: the Plan `new` was built from, to name each site's implementation in the report and replay its
+    rewrites. source: the model the plan was made on (the original after its rewrites), whose conv layers
+    the per-site checks hold the new ones against; default: the original, rewritten again where the plan
+    lists rewrites (a folded conv compares with its folded self, not with the original's unfolded one).
+    The end-to-end checks always compare with `original(inputs, training=False)`.
     Equivalent means: the same shapes, NaN / +Inf / -Inf at the same positions, and the finite parts
     within `rtol` in normwise relative error (see `relative_error`).
     """
+    rewrites = list(getattr(plan, "rewrites", None) or [])
+    if source is None:
+        source = original
+        if rewrites:
+            from .rewrite import apply
+
+            source = apply(original)[0]
+    checks = _site_checks(source, new, inputs, rtol, seed, reference, plan) if sites else []
+    if sites and rewrites:
+        checks += check_rewrites(original, new, rewrites, rtol=rtol, seed=seed, batch=batch)
+    return VerificationReport(checks + _output_checks(original, new, inputs, rtol, seed, batch))
+
+
+def _site_checks(source, new, inputs, rtol, seed, reference, plan) -> List[Check]:
+    """One check per conv site of `source` against the same-named layer of `new`."""
+    checks = []
+    new_layers = walk(new).layers
+    seen = site_inputs(source, inputs) if inputs is not None else {}
+    for site in walk(source).all_sites():
+        new_layer = new_layers.get(site.path)
+        if new_layer is None:
+            checks.append(Check(site.path, "site", float("inf"), float("inf"), 0.0, False, "missing"))
+            continue
+        chosen = plan.choices().get(site.path) if plan is not None else None
+        checks.append(check_site(site, new_layer, seed=seed, rtol=rtol, reference=reference, implementation=chosen,
+                                 x=seen.get(site.path)))
+    return checks
+
+
+def _output_checks(original, new, inputs, rtol, seed, batch) -> List[Check]:
+    """One check per model output: `new(inputs)` against `original(inputs, training=False)`."""
     import keras
 
-    checks = []
-    if sites:
-        new_layers = walk(new).layers
-        seen = site_inputs(original, inputs) if inputs is not None else {}
-        for site in walk(original).all_sites():
-            new_layer = new_layers.get(site.path)
-            if new_layer is None:
-                checks.append(Check(site.path, "site", float("inf"), float("inf"), 0.0, False, "missing"))
-                continue
-            chosen = plan.choices().get(site.path) if plan is not None else None
-            checks.append(check_site(site, new_layer, seed=seed, rtol=rtol, reference=reference, implementation=chosen,
-                                     x=seen.get(site.path)))
     given = inputs is not None
     if not given:
         inputs = random_inputs(original, batch=batch, seed=seed)
@@ -290,6 +317,7 @@ def verify(original, new, inputs=None, rtol=None, sites=True, seed: int = 0, bat
     policy = getattr(original, "dtype_policy", None)
     compute = [getattr(layer, "compute_dtype", "float32") for layer in original.layers] + [getattr(policy, "name", "")]
     tol = rtol if rtol is not None else max(default_tolerance(c) for c in compute)
+    checks = []
     for i, (e, a) in enumerate(zip(expected, actual)):
         e, a = _numpy(e), _numpy(a)
         err = relative_error(a, e)
@@ -298,4 +326,36 @@ def verify(original, new, inputs=None, rtol=None, sites=True, seed: int = 0, bat
                             nonfinite_mismatches=nonfinite_mismatches(a, e), inputs="given" if given else "random"))
     if len(expected) != len(actual):
         checks.append(Check("output count", "output", float("inf"), float("inf"), tol, False))
-    return VerificationReport(checks)
+    return checks
+
+
+def check_rewrites(original, new, rewrites, rtol=None, seed: int = 0, batch: int = 2, spatial: int = 16) -> List[Check]:
+    """One 'rewrite' check per site the rewrite stage produced: the span of `original` it replaced (e.g.
+    conv -> BN -> Add -> ReLU, cut out between the recorded input and output tensors, at training=False)
+    against `new`'s layer of that name, on a fresh random normal input (unknown sizes: `batch`, `spatial`).
+
+    rewrites: Plan.rewrites (rewrite.Rewrite dicts), combined per site."""
+    import keras
+
+    from .rewrite import Rewrite, by_site
+
+    graph, new_layers = walk(original).graph, walk(new).layers
+    rng = np.random.default_rng(seed)
+    checks = []
+    for r in by_site([Rewrite.from_dict(d) for d in rewrites]):
+        x_t = graph.nodes[r.input]["node"].outputs[r.input_index]
+        span = keras.Model(x_t, graph.nodes[r.output]["node"].outputs[0], name=f"{r.site}_rewritten_span")
+        shape = [batch if i == 0 and d is None else (spatial if d is None else d) for i, d in enumerate(x_t.shape)]
+        x = rng.standard_normal(shape).astype(keras.backend.standardize_dtype(x_t.dtype))
+        new_layer = new_layers.get(r.site)
+        if new_layer is None:
+            checks.append(Check(r.site, "rewrite", float("inf"), float("inf"), 0.0, False, "missing"))
+            continue
+        expected = _numpy(span(x, training=False))
+        actual = _numpy(implementations.for_layer(new_layer).probe_call(new_layer, x))
+        tol = default_tolerance(new_layer.compute_dtype) if rtol is None else rtol
+        err = relative_error(actual, expected)
+        short = "+".join(REWRITE_LABELS.get(k, k) for k in r.kind.split("+"))
+        checks.append(Check(r.site, "rewrite", err, max_abs_difference(actual, expected), tol, bool(err <= tol),
+                            short, nonfinite_mismatches=nonfinite_mismatches(actual, expected)))
+    return checks

@@ -25,6 +25,15 @@ def graph_function(fn):
     return tf.function(fn)
 
 
+def forward_backward(call, x, variables):
+    """What one training step costs a layer: `call(x)` forward, then the gradients of sum(call(x)) with
+    respect to `x` and `variables` (the backward pass a layer inside a network runs). Returns the gradients."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(call(x))
+    return tape.gradient(loss, [x, *variables])
+
+
 # ---- device identity ------------------------------------------------------------------------------
 def tensorflow_device_details():
     """(TensorFlow version, GPU details or None) for `convrewrite.device.fingerprint`.
