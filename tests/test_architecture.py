@@ -151,3 +151,13 @@ def test_private_keras_apis_only_in_the_adapter():
             elif isinstance(node, ast.Attribute) and node.attr in private:
                 found.append((path.name, node.lineno, node.attr))
     assert not found, f"private Keras APIs outside keras_internals.py: {found}"
+
+
+def test_every_subpackage_is_installed():
+    """pyproject's explicit package list names every package folder (a regular, non-editable install ships
+    only those: a new subpackage left out would import here and fail for users)."""
+    import re
+
+    listed = set(re.findall(r'"(convrewrite[\w.]*)"', (PACKAGE.parent / "pyproject.toml").read_text()))
+    folders = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert folders <= listed, f"package folders missing from pyproject.toml's packages: {sorted(folders - listed)}"
