@@ -213,8 +213,7 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         report.speed = speed.to_dict()
         report.shared_layers = list(getattr(new, "convrewrite_shared_layers", ()))
         report.model_class = _class_note(model, new)
-    _warn_shared(model, new)
-    _warn_unsaved(model, new)
+    _warn_about_copies(model, new)
     new.convrewrite_plan = plan
     new.convrewrite_report = report
     new.convrewrite_speed = speed
@@ -237,24 +236,24 @@ def _class_note(model, new) -> str:
     return f"{original.__name__} '{model.name}' is returned as a {rebuilt.__name__}: {why}."
 
 
-def _warn_shared(model, new):
-    shared = getattr(new, "convrewrite_shared_layers", ())
-    if shared:
-        warnings.warn(
-            f"Optimized model of '{model.name}' shares {len(shared)} layer(s) with the original, since they cannot "
-            f"be re-created from their config: {list(shared)[:5]}. Their weights are the same variables in both "
-            f"models (training one changes the other); give them get_config()/from_config() to get copies.",
-            stacklevel=3)
+_COPY_WARNINGS = {
+    "convrewrite_shared_layers": (
+        "Optimized model of '{model}' shares {n} layer(s) with the original, since they cannot be re-created "
+        "from their config: {names}. Their weights are the same variables in both models (training one changes "
+        "the other); give them get_config()/from_config() to get copies."),
+    "convrewrite_unsaved_swaps": (
+        "Optimized model of '{model}': {names} override get_build_config()/build_from_config() without Keras's "
+        "own, so a '.keras' file of it cannot record their swapped convolutions and loads their plain layers; "
+        "re-apply the plan after loading: convrewrite.build(loaded, fast.convrewrite_plan)."),
+}
+"""What the rebuild could not copy faithfully (attributes graph.rebuild sets on the new model), as warnings."""
 
 
-def _warn_unsaved(model, new):
-    unsaved = getattr(new, "convrewrite_unsaved_swaps", ())
-    if unsaved:
-        warnings.warn(
-            f"Optimized model of '{model.name}': {list(unsaved)[:5]} override get_build_config()/build_from_config() "
-            f"without Keras's own, so a '.keras' file of it cannot record their swapped convolutions and loads "
-            f"their plain layers; re-apply the plan after loading: convrewrite.build(loaded, fast.convrewrite_plan).",
-            stacklevel=3)
+def _warn_about_copies(model, new):
+    for attribute, message in _COPY_WARNINGS.items():
+        paths = getattr(new, attribute, ())
+        if paths:
+            warnings.warn(message.format(model=model.name, n=len(paths), names=list(paths)[:5]), stacklevel=3)
 
 
 def _measured(cm, graph, mode: str, allow, batch: int, memory_limit):
