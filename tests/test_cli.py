@@ -298,8 +298,11 @@ def _start_and_interrupt(args, folder, hook, marker, watch=None, timeout=240):
 
     Returns (returncode, stderr, names in folder `watch` at the moment of the interrupt)."""
     env = dict(os.environ, PYTHONPATH=_pythonpath(folder), CLITEST_HOOK=hook, CLITEST_MARKER=str(marker))
+    # SIGINT at its default in the child: a pytest started in the background by a shell without job control
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt (the command would sleep on)
     proc = subprocess.Popen([sys.executable, "-m", "convrewrite", *args, "--custom-objects", "clitest_hooks:Hook"],
-                            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + timeout
         while not marker.exists():
