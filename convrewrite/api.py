@@ -280,6 +280,11 @@ class _Models:
     def __init__(self, original, source):
         self.original, self.source = original, source
 
+    def build_and_verify(self, plan: Plan, inputs, rtol):
+        """(new model, report): `plan` built on the source, verified against the original."""
+        new = _build(self.source, plan)
+        return new, _verify(self.original, new, inputs=inputs, rtol=rtol, plan=plan, source=self.source)
+
 
 def _build_verified(models: _Models, plan: Plan, verify: bool, inputs, rtol):
     """(new model, report): `plan` built on models.source, verified against models.original, and failing sites
@@ -287,10 +292,9 @@ def _build_verified(models: _Models, plan: Plan, verify: bool, inputs, rtol):
 
     Raises VerificationError where the model still differs after the fallbacks."""
     model = models.original
-    new = _build(models.source, plan)
     if not verify:
-        return new, None
-    report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan, source=models.source)
+        return _build(models.source, plan), None
+    new, report = models.build_and_verify(plan, inputs, rtol)
     failing = [s for s in report.failing_sites if plan.row(s).choice != "direct"]
     if failing:
         fallbacks = []
@@ -300,8 +304,7 @@ def _build_verified(models: _Models, plan: Plan, verify: bool, inputs, rtol):
             fallbacks.append({"site": site, "from": row.choice, "to": "direct",
                               "why": f"rel error {check.rel_error:.2e} > {check.tolerance:.0e}"})
             plan.force(site, "direct", reason=f"fell back from {row.choice}: verification failed")
-        new = _build(models.source, plan)
-        report = _verify(model, new, inputs=inputs, rtol=rtol, plan=plan, source=models.source)
+        new, report = models.build_and_verify(plan, inputs, rtol)
         report.fallbacks = fallbacks
     if not report.passed:
         new, report = _fall_back_precision(models, plan, new, report, inputs, rtol)
@@ -322,8 +325,7 @@ def _fall_back_precision(models, plan: Plan, new, report, inputs, rtol):
         fallbacks.append({"site": check.name, "from": row.choice, "to": base,
                           "why": f"model beyond tolerance; largest reduced-precision site error {check.rel_error:.2e}"})
         plan.force(check.name, base, reason=f"fell back from {row.choice}: the model as a whole exceeded rtol")
-        new = _build(models.source, plan)
-        report = _verify(models.original, new, inputs=inputs, rtol=rtol, plan=plan, source=models.source)
+        new, report = models.build_and_verify(plan, inputs, rtol)
         report.fallbacks = fallbacks
         if report.passed:
             break

@@ -83,6 +83,7 @@ class Plan:
         self.trust: Optional[str] = None  # the profile's trust on the planned device (cost.TRUST_LEVELS)
         self.calibration: Optional[dict] = None  # the profile's calibration here, where it was calibrated
         self.constraints: Dict[str, object] = {}  # {"memory_limit": bytes, "rtol": float} as planned with
+        self.target_fingerprint: Optional[dict] = None  # the device planned for (None: this one)
         self.mode: Optional[str] = None  # "inference": the graph was rewritten before planning; "training": not
         self.rewrites: List[dict] = []  # rewrite.Rewrite.to_dict() per rewrite applied, in order
 
@@ -113,7 +114,7 @@ class Plan:
         if not rows:
             raise PlanError(f"Pattern {name.pattern!r} matches no conv site; expected one of {[r.site for r in self.rows]}.")
         impl = implementations.get(implementation)
-        ok, why = impl.runs_on(getattr(self, "target_fingerprint", None) or device.fingerprint())
+        ok, why = impl.runs_on(self.target_fingerprint or device.fingerprint())
         if not ok:
             raise PlanError(f"Implementation {implementation!r} cannot run on the device this plan is for: {why}.")
         for row in rows:
