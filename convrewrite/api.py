@@ -6,17 +6,17 @@ import copy
 import os
 import warnings
 
-from . import implementations, profiles, rewrite
+from . import implementations, keras_internals, profiles, rewrite
 from . import speed as speed_check
 from .cost import TIMING_BAND, Prediction, predict
-from .errors import PlanError, VerificationError
+from .errors import PlanError, UnsupportedModelError, VerificationError
 from .graph import walk
+from .model_class import keeps_class
 from .planner import Plan, check_rtol, constraint_violation, make_plan, parse_memory_limit
 from . import profile as profiling
 from .spec import keras_class
 from .verify import VerificationReport, verify as _verify
-from .weights import RewrittenModel, weight_layout
-from .keras_internals import functional_class
+from .weights import RewrittenModel, keep_weight_layout, weight_layout
 
 MODES = ("inference", "training")
 """inference: rewrite the graph first (fold BN, merge parallel branches, fuse activations: see
@@ -138,7 +138,50 @@ def _build(model, plan: Plan):
     def model_class(**kwargs):
         return RewrittenModel(convrewrite_weight_layout=layout, **kwargs)
 
-    return graph.rebuild(substitute, model_class=model_class)
+    new = graph.rebuild(substitute, model_class=model_class)
+    if keeps_class(new):  # the original's own class: its config rebuilds it from constructor arguments
+        keep_weight_layout(new, layout)
+        keras_internals.set_build_state(new, PLAN_STATE, {"plan": plan.to_dict(),
+                                                          "sites": [s.path for s in graph.all_sites()]})
+    return new
+
+
+PLAN_STATE = "convrewrite_plan"
+"""Key of the plan a `.keras` file of an optimized model of the user's own Functional class carries (in its build
+config), so that loading applies it again: the class's config rebuilds the plain model from constructor
+arguments, and the file's weights are laid out for the optimized one."""
+
+
+def _apply_saved_plan(model, state):
+    """On loading a `.keras` file: `model` as Keras rebuilt it from its class's config (plain layers, weights not
+    read yet) rebuilt as the saved plan says, for the file's weights to fill.
+
+    Sites are matched by position, not by path: a class may name its layers after the model (keras_hub's
+    DINOV2 names them "<model name>_embeddings" when its config carries the name), so the paths the plan
+    was made with need not exist in the loaded model."""
+    plan = Plan.from_dict(state["plan"])
+    source = _source(model, plan)
+    sites = walk(source).all_sites()
+    saved = list(state["sites"])
+    rows = {r.site: r for r in plan}
+    mismatch = len(sites) != len(saved) or any(
+        path in rows and (rows[path].spec.kind, rows[path].spec.kernel, rows[path].spec.filters)
+        != (site.spec.kind, site.spec.kernel, site.spec.filters) for path, site in zip(saved, sites))
+    if mismatch:
+        raise UnsupportedModelError(
+            f"Model '{model.name}' ({type(model).__name__}) loaded from its config has {len(sites)} conv sites that "
+            f"do not match the {len(saved)} its saved optimized version was planned on; expected the same class "
+            f"and constructor arguments as when it was saved.")
+    rename = {path: site.path for path, site in zip(saved, sites)}
+    for row in plan:
+        row.site = rename.get(row.site, row.site)
+        row.aliases = [rename.get(a, a) for a in row.aliases]
+    new = _build(source, plan)
+    new.convrewrite_plan = plan
+    return new
+
+
+keras_internals.hook_loaded_model(PLAN_STATE, _apply_saved_plan)
 
 
 def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, verify=True, inputs=None,
@@ -221,19 +264,20 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
 
 
 def _class_note(model, new) -> str:
-    """'' where `new` is of `model`'s class (a subclassed model, copied from its config) or `model` is a plain
-    Functional; else which class it is instead and why."""
+    """'' where `new` is of `model`'s class (a Functional subclass or subclassed model kept as such, or a plain
+    Functional) and carries everything over; else which class it is instead and why, and what was not kept."""
     import keras
 
     original, rebuilt = type(model), type(new)
-    if rebuilt is original or original is functional_class():
-        return ""
-    if issubclass(original, keras.Sequential):
-        why = "a Sequential model is rebuilt as a Functional graph of the same layers"
-    else:
-        why = ("a Functional model's own class cannot be rebuilt around another graph (its constructor builds "
-               "its own layers), so its extra attributes and methods are not carried over")
-    return f"{original.__name__} '{model.name}' is returned as a {rebuilt.__name__}: {why}."
+    notes = []
+    if rebuilt is not original and original is not keras_internals.functional_class():
+        why = ("a Sequential model is rebuilt as a Functional graph of the same layers"
+               if issubclass(original, keras.Sequential) else "its class cannot be kept around another graph")
+        notes.append(f"{original.__name__} '{model.name}' is returned as a {rebuilt.__name__}: {why}.")
+    lost = list(getattr(new, "convrewrite_dropped_attributes", ()))
+    if lost:
+        notes.append(f"Not carried over to the optimized model: {'; '.join(lost)}.")
+    return " ".join(notes)
 
 
 _COPY_WARNINGS = {

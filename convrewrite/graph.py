@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import networkx as nx
 
 from . import keras_internals as _keras
+from . import model_class as _model_class
 from . import sublayers
 from .errors import UnsupportedModelError
 from .spec import ConvSpec, is_conv_site, spec_from_layer
@@ -280,7 +281,7 @@ class _Rebuilder:
     """One rebuild of one ModelGraph (nested models get a rebuilder of their own, cached per model)."""
 
     def __init__(self, mg: ModelGraph, substitute, cache=None, model_class=None, shared=None, unsaved=None,
-                 replace_nodes=None):
+                 replace_nodes=None, dropped=None, keep_class=True):
         self.mg = mg
         self.replace_nodes = replace_nodes or {}
         self.model_class = model_class  # builds the outermost model; nested ones are plain keras.Model
@@ -288,6 +289,13 @@ class _Rebuilder:
         self.cache = {} if cache is None else cache  # id(old layer) -> new layer, across nesting
         self.shared = [] if shared is None else shared  # paths of layers with weights kept as the same object
         self.unsaved = [] if unsaved is None else unsaved  # paths of copies whose swaps a .keras file cannot keep
+        self.dropped = [] if dropped is None else dropped  # attributes of a kept class that could not be carried
+        # a Functional subclass keeps its class where every model enclosing it does: then the outermost model's
+        # .keras file can rebuild the whole tree on loading (see api's plan record)
+        self.keep_class = keep_class and _model_class.keeps_class(mg.source)
+        if _model_class.keeps_class(mg.source) and not self.keep_class:
+            self.dropped.append(f"{mg.prefix.rstrip('/')}: class {type(mg.source).__name__} (rebuilt as a Functional: "
+                                f"the model holding it is not of a class kept)")
         self.transfers = []  # (implementation or None, old, new, spec)
         self.tensors = {}  # id(old KerasTensor) -> new KerasTensor
         self.site_by_layer = {id(s.layer): s for s in mg.own_sites}
@@ -313,7 +321,13 @@ class _Rebuilder:
         inputs_struct, outputs_struct = _keras.io_structs(self.mg.model)
         inputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], inputs_struct)
         outputs = keras.tree.map_structure(lambda t: self.tensors[id(t)], outputs_struct)
-        model = (self.model_class or keras.Model)(inputs=inputs, outputs=outputs, name=self.mg.source.name)
+        if self.keep_class:
+            model = _model_class.kept_instance(
+                self.mg.source, inputs, outputs, tensor_of=lambda t: self.tensors[id(t)],
+                layer_of=lambda layer: self.cache.get(id(layer)), copy_layer=_copy_built, shared=self.shared,
+                dropped=self.dropped, prefix=self.mg.prefix)
+        else:
+            model = (self.model_class or keras.Model)(inputs=inputs, outputs=outputs, name=self.mg.source.name)
         return self._finish(model)
 
     def _finish(self, model):
@@ -327,6 +341,7 @@ class _Rebuilder:
             model.trainable = False
         model.convrewrite_shared_layers = tuple(self.shared)
         model.convrewrite_unsaved_swaps = tuple(self.unsaved)
+        model.convrewrite_dropped_attributes = tuple(self.dropped)
         return model
 
     def _run_subclassed(self):
@@ -456,7 +471,7 @@ class _Rebuilder:
             return self.cache[id(op)]
         if id(op) in self.mg.children:
             new = _Rebuilder(self.mg.children[id(op)], self.substitute, self.cache, shared=self.shared,
-                            unsaved=self.unsaved).run()
+                            unsaved=self.unsaved, dropped=self.dropped, keep_class=self.keep_class).run()
         elif self._swaps(op):
             new = self._copy_swapped(op, self.mg.prefix + op.name, self._swaps(op))
         else:
@@ -527,6 +542,15 @@ def recreate(op, path: str = "", share: bool = False):
             f"config ({type(exc).__name__}: {detail}); expected a layer with get_config()/from_config(), "
             f"registered with keras.saving.register_keras_serializable."
         ) from exc
+
+
+def _copy_built(op, path: str):
+    """A copy of `op` built as it is, with its weights; `op` itself where it cannot be re-created."""
+    new = recreate(op, path, share=True)
+    if new is not op:
+        sublayers.build_like(new, op)
+        _copy_weights(op, new)
+    return new
 
 
 def _copy_refusal(op, path: str) -> str:

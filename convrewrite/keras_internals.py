@@ -53,6 +53,11 @@ def fill_in(node, tensors):
     return node.arguments.fill_in(tensors)
 
 
+def all_layers(model) -> list:
+    """Every layer a model tracks, nested models' layers too (Layer._flatten_layers)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
 def unsafe_deserialization():
     """A context in which from_config may rebuild Lambda layers (serialization_lib.SafeModeScope(False)):
     re-creating a layer that already lives in this process is no deserialization risk."""
@@ -105,37 +110,48 @@ def input_shapes_seen(layer, args, kwargs, watched) -> dict:
     return seen
 
 
-EXTRA_BUILD_STATE = "_convrewrite_build_state"  # attribute whose value a layer's build config carries
+EXTRA_BUILD_STATE = "_convrewrite_build_state"  # {key: state} a layer's build config carries
+_BUILD_RESTORERS = {}  # key -> restore(layer, state, build), see hook_build_config
 
 
 def hook_build_config(key: str, restore) -> None:
     """Make Keras build configs carry extra state, so a `.keras` file keeps it and loading applies it.
 
-    A layer whose EXTRA_BUILD_STATE attribute is set saves it under `key` in its build config (what
-    get_build_config returns and a `.keras` file stores per layer and model); loading such a config calls
+    A layer given state under `key` (`set_build_state`) saves it in its build config (what get_build_config
+    returns and a `.keras` file stores per layer and model); loading such a config calls
     `restore(layer, state, build)` before the layer's weights are read, where `build()` builds the layer as
-    Keras would (restore calls it where it needs the layer built first, and returns whether it did). Wraps
+    Keras would (restore calls it where it needs the layer built first; it runs once). Wraps
     keras.layers.Layer's get_build_config and Layer's and keras.Model's build_from_config, once; a config
-    without `key` goes through unchanged. A class overriding these methods without calling super() is not
-    reached (see `carries_build_state`)."""
+    without a hooked key goes through unchanged. A class overriding these methods without calling super() is
+    not reached (see `carries_build_state`); Keras calls build_from_config only for layers not built by their
+    constructor (a Functional model is: see `hook_loaded_model`)."""
     import keras
+
+    _BUILD_RESTORERS[key] = restore
 
     def wrap_get(original):
         def get_build_config(self):
             config = original(self)
-            state = getattr(self, EXTRA_BUILD_STATE, None)
-            return {**config, key: state} if state and config is not None else config
+            states = getattr(self, EXTRA_BUILD_STATE, None)
+            return {**(config or {}), **states} if states else config
         get_build_config.convrewrite_wrapped = True
         return get_build_config
 
     def wrap_build(original):
         def build_from_config(self, config):
-            if not config or key not in config:
+            ours = {k: v for k, v in (config or {}).items() if k in _BUILD_RESTORERS}
+            if not ours:
                 return original(self, config)
-            plain = {k: v for k, v in config.items() if k != key}
-            object.__setattr__(self, EXTRA_BUILD_STATE, config[key])
-            if not restore(self, config[key], lambda: original(self, plain)):
-                original(self, plain)
+            plain = {k: v for k, v in config.items() if k not in ours}
+            object.__setattr__(self, EXTRA_BUILD_STATE, dict(ours))
+            built = []
+
+            def build():
+                if not built:
+                    built.append(original(self, plain))
+            for k, state in ours.items():
+                _BUILD_RESTORERS[k](self, state, build)
+            build()
         build_from_config.convrewrite_wrapped = True
         return build_from_config
 
@@ -154,9 +170,31 @@ def carries_build_state(layer) -> bool:
                for name in ("get_build_config", "build_from_config"))
 
 
-def set_build_state(layer, state) -> None:
-    """Give `layer` extra build state for its build config to carry (see hook_build_config)."""
-    object.__setattr__(layer, EXTRA_BUILD_STATE, state)
+def set_build_state(layer, key: str, state) -> None:
+    """Give `layer` extra build state under `key` for its build config to carry (see hook_build_config)."""
+    states = dict(getattr(layer, EXTRA_BUILD_STATE, None) or {})
+    states[key] = state
+    object.__setattr__(layer, EXTRA_BUILD_STATE, states)
+
+
+def hook_loaded_model(key: str, restore) -> None:
+    """Let the model a `.keras` file holds be replaced as it loads: where the outermost model's build config
+    carries state under `key` (`set_build_state`), `restore(model, state)` gets the model Keras deserialized
+    and returns the model whose weights the file then fills (saving_lib's deserialize_keras_object, wrapped
+    once). For models whose constructor builds them, so that Keras never calls their build_from_config."""
+    from keras.src.saving import saving_lib
+
+    original = saving_lib.deserialize_keras_object
+    if getattr(original, "convrewrite_wrapped", False):
+        return
+
+    def deserialize_keras_object(config, *args, **kwargs):
+        obj = original(config, *args, **kwargs)
+        build_config = config.get("build_config") if isinstance(config, dict) else None
+        state = build_config.get(key) if isinstance(build_config, dict) else None
+        return obj if state is None else restore(obj, state)
+    deserialize_keras_object.convrewrite_wrapped = True
+    saving_lib.deserialize_keras_object = deserialize_keras_object
 
 
 # ---- reading variables past autocast (layers/fft.py) ---------------------------------------------------

@@ -241,23 +241,21 @@ def record_swaps(new, swapped) -> bool:
         return False
     state = [{"steps": [list(step) for step in steps], "layer": keras.saving.serialize_keras_object(layer)}
              for steps, layer in swapped]
-    _keras.set_build_state(new, state)
+    _keras.set_build_state(new, SWAPS_KEY, state)
     return True
 
 
-def restore_swaps(layer, state, build) -> bool:
+def restore_swaps(layer, state, build) -> None:
     """On loading: swap the recorded replacements into `layer` (re-created from its config) before Keras
     reads the weights, which the file holds in the replacements' layout. `build()` builds `layer` first where
-    a sublayer is made in build(). Returns whether it built the layer."""
+    a sublayer is made in build()."""
     import keras
 
-    built = False
     for entry in state:
         steps = tuple((kind, key) for kind, key in entry["steps"])
         holder, sub = locate(layer, steps)
-        if sub is None and not built:
+        if sub is None:
             build()
-            built = True
             holder, sub = locate(layer, steps)
         if sub is None:
             raise UnsupportedModelError(
@@ -265,7 +263,6 @@ def restore_swaps(layer, state, build) -> bool:
                 f"'{path_of(steps)}', where its saved optimized version held a replacement; expected the same "
                 f"class as when it was saved.")
         swap(holder, sub, keras.saving.deserialize_keras_object(entry["layer"]))
-    return built
 
 
 _keras.hook_build_config(SWAPS_KEY, restore_swaps)

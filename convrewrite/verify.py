@@ -15,6 +15,7 @@ import numpy as np
 
 from . import implementations, keras_internals
 from .graph import input_struct, walk
+from .model_class import overrides_predict
 
 REWRITE_LABELS = {"fold_bn": "bn", "merge_branches": "merge", "fuse_activation": "act"}  # the report's impl column
 REFERENCE_MAX_MACS = 2e8  # float64 numpy reference above this many MACs costs seconds: skip it
@@ -326,6 +327,25 @@ def _output_checks(original, new, inputs, rtol, seed, batch) -> List[Check]:
                             nonfinite_mismatches=nonfinite_mismatches(a, e), inputs="given" if given else "random"))
     if len(expected) != len(actual):
         checks.append(Check("output count", "output", float("inf"), float("inf"), tol, False))
+    if overrides_predict(original):
+        checks += _predict_checks(original, new, inputs, tol, given)
+    return checks
+
+
+def _predict_checks(original, new, inputs, tol, given) -> List[Check]:
+    """`new.predict(inputs)` against `original.predict(inputs)`, for a model whose class makes predict more than
+    a call (a keras_hub Task runs its preprocessor there): what users call must agree too, so a step the
+    rebuild lost can never pass."""
+    import keras
+
+    expected = keras.tree.flatten(original.predict(inputs, verbose=0))
+    actual = keras.tree.flatten(new.predict(inputs, verbose=0))
+    checks = [Check("predict()" if len(expected) == 1 else f"predict()[{i}]", "output", relative_error(a, e),
+                    max_abs_difference(a, e), tol, bool(relative_error(a, e) <= tol),
+                    nonfinite_mismatches=nonfinite_mismatches(a, e), inputs="given" if given else "random")
+              for i, (e, a) in enumerate(zip(map(_numpy, expected), map(_numpy, actual)))]
+    if len(expected) != len(actual):
+        checks.append(Check("predict() output count", "output", float("inf"), float("inf"), tol, False))
     return checks
 
 

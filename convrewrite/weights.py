@@ -27,7 +27,7 @@ import numpy as np
 from . import keras_internals
 from .errors import WeightFileError
 
-__all__ = ["RewrittenModel", "WeightFileError", "transfer_weights", "weight_layout"]
+__all__ = ["RewrittenModel", "WeightFileError", "keep_weight_layout", "transfer_weights", "weight_layout"]
 
 
 def _own_variables(layer) -> List:
@@ -269,6 +269,16 @@ def transfer_weights(source, target):
     return copied
 
 
+def keep_weight_layout(model, layout) -> None:
+    """Give `model`, an instance of the original's own class (see convrewrite.model_class), the weight files of
+    a RewrittenModel: its `save_weights` / `load_weights` use the original's layout `layout`."""
+    import types
+
+    object.__setattr__(model, "_convrewrite_weight_layout", [dict(e) for e in layout])
+    object.__setattr__(model, "save_weights", types.MethodType(save_weights, model))
+    object.__setattr__(model, "load_weights", types.MethodType(load_weights, model))
+
+
 def _functional_base():
     return keras_internals.functional_class()
 
@@ -281,6 +291,8 @@ def _make_model_class():
         """A Functional model built by convrewrite (optimize / build): an ordinary keras.Model whose weight
         files use the layout of the model it was built from (see convrewrite.weights), so checkpoints of the
         original load into it and its checkpoints load into the original."""
+
+        convrewrite_rebuilt_class = True  # rebuilt as a graph, not kept as a user's class (see model_class)
 
         def __init__(self, *args, convrewrite_weight_layout=None, **kwargs):
             super().__init__(*args, **kwargs)

@@ -300,10 +300,11 @@ class _MyFunctional(keras.Model):
         self.pyramid = "kept?"
 
 
-def test_the_report_says_when_and_why_the_model_class_is_not_kept(rng):
-    fast = convrewrite.optimize(_MyFunctional(), cost_model=None)
-    assert "_MyFunctional" in fast.convrewrite_report.model_class and "constructor" in fast.convrewrite_report.model_class
-    assert "class not kept: _MyFunctional" in fast.convrewrite_report.summary()
+def test_a_functional_subclass_keeps_its_class_and_attributes_and_the_report_says_when_a_class_is_not_kept(rng):
+    model = _MyFunctional()
+    fast = convrewrite.optimize(model, plan=convrewrite.plan(model, cost_model=None).force("g", "fft"))
+    assert type(fast) is _MyFunctional and fast.pyramid == "kept?" and fast.convrewrite_report.model_class == ""
+    assert type(fast.get_layer("g")).__name__ == "FFTConv2D" and type(model.get_layer("g")) is keras.layers.Conv2D
     seq = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(2, 3)])
     assert "Sequential" in convrewrite.optimize(seq, cost_model=None).convrewrite_report.model_class
     net = Net()
