@@ -104,7 +104,8 @@ class VerificationReport:
     fallbacks: List[dict] = dataclasses.field(default_factory=list)  # {"site", "from", "to", "why"}
     speed: Optional[dict] = None  # set by optimize: speed.SpeedCheck.to_dict(), measured next to predicted
     shared_layers: List[str] = dataclasses.field(default_factory=list)  # kept as the original's objects (see graph.recreate)
-    model_class: str = ""  # set by optimize where the optimized model is not of the original's class: what and why
+    model_class: str = ""  # set by optimize where the optimized model is not of the original's class, or lacks
+    # attributes of it: what and why
 
     @property
     def passed(self) -> bool:
@@ -130,12 +131,15 @@ class VerificationReport:
         return json.dumps(self.to_dict(), indent=1)
 
     def summary(self) -> str:
-        lines = [f"{'check':<40} {'impl':<12} {'rel err':>10} {'vs f64 ref':>10} {'tol':>8}  result"]
+        # columns as wide as the longest entry, so long nested site paths never shift them
+        w = max([40] + [len(f"{c.kind}:{c.name}") for c in self.checks])
+        iw = max([12] + [len(c.implementation) for c in self.checks])
+        lines = [f"{'check':<{w}} {'impl':<{iw}} {'rel err':>10} {'vs f64 ref':>10} {'tol':>8}  result"]
         for c in self.checks:
             ref = "-" if c.rel_error_new_vs_reference is None else f"{c.rel_error_new_vs_reference:.2e}"
             label = f"{c.kind}:{c.name}"
             note = f" ({c.nonfinite_mismatches} positions with a different NaN/Inf pattern)" if c.nonfinite_mismatches else ""
-            lines.append(f"{label:<40} {c.implementation:<12} {c.rel_error:>10.2e} {ref:>10} {c.tolerance:>8.0e}  "
+            lines.append(f"{label:<{w}} {c.implementation:<{iw}} {c.rel_error:>10.2e} {ref:>10} {c.tolerance:>8.0e}  "
                          f"{'ok' if c.passed else 'FAIL'}{note}")
         kinds = sorted({c.inputs for c in self.checks})
         if kinds:
@@ -146,7 +150,7 @@ class VerificationReport:
         if self.shared_layers:
             lines.append(f"shared with the original (no config to re-create them; same variables): {self.shared_layers}")
         if self.model_class:
-            lines.append(f"class not kept: {self.model_class}")
+            lines.append(f"model class: {self.model_class}")
         lines.append("PASSED" if self.passed else f"FAILED: {[c.name for c in self.checks if not c.passed]}")
         if self.speed is not None:
             from .speed import SpeedCheck
