@@ -125,3 +125,18 @@ def test_profile_device_times_forward_backward():
     assert "direct" in cm.training_fits
     p = cm.prediction("direct", specs[0], training=True)
     assert p.source == "timed here" + cost.FORWARD_BACKWARD and p.ms > 0
+
+
+def test_calibrated_profile_scales_training_predictions_by_its_canaries():
+    from convrewrite.calibration import Calibration
+
+    spec = _grid()[0].with_input(height=20, width=20)
+    here = _synthetic().prediction("direct", spec, training=True)
+    cm = _synthetic()
+    cm.calibration = Calibration([{"spec": spec.to_json(), "impl": "direct", "profile_s": 1.0, "measured_s": 2.0,
+                                   "ratio": 2.0}], 0.1, True, [], "here")
+    cm._trust = None  # as a profile of another fingerprint would be, once calibrated
+    cm.fingerprint = {**cm.fingerprint, "device_name": "another"}
+    p = training_cost.TrainingCostModel(cm).prediction("direct", spec)
+    assert cm.trust == "calibrated" and p.source == "calibrated fit" + cost.FORWARD_BACKWARD
+    assert p.ms == pytest.approx(2.0 * here.ms)
