@@ -59,6 +59,7 @@ def without_training(cost_model):
 
     cm = copy.copy(cost_model)
     cm.training_measurements, cm.training_fits = [], {}
+    cm.__dict__.pop("_tables", None)  # the copy keeps its own lookup tables
     return cm
 
 
