@@ -253,7 +253,7 @@ def cmd_profile(args):
     if args.plot:
         _refuse_existing(Path(args.plot), args.force)
     cm = convrewrite.profile_device(mode="full" if args.full else "quick", progress=not args.no_progress,
-                                    allow=args.allow, training=args.training)
+                                    allow=args.allow, **({"training": True} if args.training else {}))
     with atomic_path(out, suffix=".json") as (tmp, commit):
         cm.save(tmp)
         commit()
