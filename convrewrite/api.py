@@ -6,9 +6,9 @@ import copy
 import os
 import warnings
 
-from . import implementations, keras_internals, profiles, rewrite
+from . import implementations, keras_internals, profiles, rewrite, training_cost
 from . import speed as speed_check
-from .cost import TIMING_BAND, Prediction, predict
+from .cost import FORWARD_BACKWARD, TIMING_BAND, Prediction, predict
 from .errors import PlanError, UnsupportedModelError, VerificationError
 from .graph import walk
 from .model_class import keeps_class
@@ -22,7 +22,7 @@ MODES = ("inference", "training")
 """inference: rewrite the graph first (fold BN, merge parallel branches, fuse activations: see
 convrewrite.rewrite), exact at training=False only; training: plan the graph as it is."""
 
-TRAINING_TIMED = "timed here, forward+backward"
+TRAINING_TIMED = "timed here" + FORWARD_BACKWARD
 """The prediction source of optimize(mode="training", measure=True)'s timings."""
 
 SPEED_CHECK_ENV = "CONVREWRITE_CHECK_SPEED"
@@ -55,7 +55,8 @@ def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8, memory_
             is timed here) or "auto" (here, unless the profile is of another machine class).
         mode: "inference" (default): plan the model as the rewrite stage leaves it (BatchNormalization folded
             into convs, parallel branches merged, activations fused; `plan.rewrites` lists them); "training":
-            plan the model as it is.
+            plan the model as it is, by forward + backward predictions where the profile has them
+            (`convrewrite profile --training`; `plan.prediction_note` says which were used).
 
     Returns:
         A Plan: one row per conv site with its candidates' predicted ms, each prediction's source and error
@@ -70,9 +71,10 @@ def plan(model, cost_model="auto", allow=None, pac=None, batch: int = 8, memory_
         >>> print(p.summary())
     """
     source, rewrites = rewritten(model, mode)
-    made = make_plan(walk(source), _resolve_cost_model(cost_model, target), allow=allow, policies=_policies(pac=pac),
+    cm, note = training_cost.for_mode(_resolve_cost_model(cost_model, target), mode)
+    made = make_plan(walk(source), cm, allow=allow, policies=_policies(pac=pac),
                      batch=batch, memory_limit=memory_limit, rtol=rtol)
-    made.mode, made.rewrites = mode, rewrites
+    made.mode, made.rewrites, made.prediction_note = mode, rewrites, note
     return made
 
 
@@ -201,7 +203,8 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         measure: time the candidates on this model's own shapes at `batch` on this device first (tactic
             timing, cached per device fingerprint: in the profile you named, else the user cache). With
             mode="training", each is timed forward + backward, so the plan makes a training step fastest
-            (not cached; the end-to-end speed check, which times inference, is then skipped).
+            (not cached; the end-to-end speed check, which times inference, is then skipped). Without it,
+            mode="training" plans by the profile's forward + backward predictions where it has them.
         check_speed: time the original and the optimized model end to end on the model's own input shapes
             (interleaved, warm-up excluded, about SPEED_BUDGET_S seconds) when the plan is for this device,
             and never return a model measurably slower: re-time the replaced sites and re-plan, and if it
@@ -241,10 +244,14 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
         graph = walk(source)
         cm = _resolve_cost_model(cost_model, target)
         if measure:
-            cm = _measured(cm or profiles.resolve("auto"), graph, mode, allow, batch, memory_limit)
+            cm = cm or profiles.resolve("auto")
+        cm, note = training_cost.for_mode(cm, mode)
+        if measure:  # training: timed forward+backward here, the profile (its training view if any) for the rest
+            cm = _measured(cm, graph, mode, allow, batch, memory_limit)
+            note = training_cost.TIMED_HERE if mode == "training" else note
         plan = make_plan(graph, cm, allow=allow, policies=_policies(pac=pac), batch=batch, memory_limit=memory_limit,
                          rtol=rtol)
-        plan.mode, plan.rewrites = mode, rewrites
+        plan.mode, plan.rewrites, plan.prediction_note = mode, rewrites, note
     models = _Models(model, source)
     new, report = _build_verified(models, plan, verify, inputs, rtol)
     plan.current = _current_implementations(source)  # what each site runs now: the speed check's baseline
@@ -406,7 +413,7 @@ def _check_speed(models: _Models, new, plan: Plan, enabled: bool, inputs, batch:
     result = speed_check.SpeedCheck(predicted=total[0] / total[1] if total else None, band=plan.predicted_band())
     if not enabled:
         result.not_measured = "check_speed=False"
-    elif TRAINING_TIMED in plan.prediction_sources():
+    elif any(source.endswith(FORWARD_BACKWARD) for source in plan.prediction_sources()):
         result.not_measured = ("the plan is for training (forward+backward timings); the end-to-end check times "
                                "inference only")
     elif target == "other" or plan.trust == "unverified":

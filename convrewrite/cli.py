@@ -253,13 +253,17 @@ def cmd_profile(args):
     if args.plot:
         _refuse_existing(Path(args.plot), args.force)
     cm = convrewrite.profile_device(mode="full" if args.full else "quick", progress=not args.no_progress,
-                                    allow=args.allow)
+                                    allow=args.allow, **({"training": True} if args.training else {}))
     with atomic_path(out, suffix=".json") as (tmp, commit):
         cm.save(tmp)
         commit()
     v = cm.validation
     print(f"wrote {out}: {len(cm.measurements)} timings, implementations {sorted(cm.fits)}; held-out: "
           f"{(v.get('within_10pct_of_best') or 0):.0%} of predicted choices within 10% of the best")
+    if cm.training_measurements:
+        t = cm.training_validation
+        print(f"  training (forward+backward): {len(cm.training_measurements)} timings, implementations "
+              f"{sorted(cm.training_fits)}; held-out: {(t.get('within_10pct_of_best') or 0):.0%} within 10% of the best")
     if args.plot:
         with atomic_path(Path(args.plot), suffix=".png") as (tmp, commit):
             plotting.plot(cm, tmp)
@@ -468,6 +472,9 @@ def build_parser():
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="about a minute on a 2-core CPU (default)")
     mode.add_argument("--full", action="store_true", help="at most ~10 minutes; more specs, better predictions")
+    p.add_argument("--training", action="store_true",
+                   help="also time forward+backward per implementation (about 3x longer), so that plans with "
+                        "--mode training predict a training step")
     p.add_argument("--plot", metavar="PNG", help="also draw predicted vs measured time (needs matplotlib)")
     p.add_argument("--allow", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="IMPLS",
                    help="only time these implementations")

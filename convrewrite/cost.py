@@ -75,7 +75,9 @@ class Prediction(NamedTuple):
     tactic cache, or the grid of a profile measured on this device), "fitted" (this device's profile's
     fit), "calibrated timing" / "calibrated fit" (another device's profile, scaled by its canaries timed
     here), "unverified timing" / "unverified fit" (another device's profile, not checked here: converting
-    offline for it). band: the expected relative error (0.25 means +-25%), None where nothing bounds it."""
+    offline for it). band: the expected relative error (0.25 means +-25%), None where nothing bounds it.
+    A forward + backward prediction (`CostModel.prediction(..., training=True)`) has FORWARD_BACKWARD
+    appended to its source ("fitted, forward+backward")."""
 
     ms: float
     source: str
@@ -89,6 +91,10 @@ def predict(cost_model, impl_name: str, spec: ConvSpec) -> Optional[Prediction]:
         return cost_model.prediction(impl_name, spec)
     ms = cost_model.predict_ms(impl_name, spec)
     return None if ms is None else Prediction(ms, "given", None)
+
+
+FORWARD_BACKWARD = ", forward+backward"
+"""Appended to a Prediction's source where it is the time of a training step's forward + backward."""
 
 
 TRUST_LEVELS = ("this device", "calibrated", "unverified")
@@ -106,13 +112,19 @@ class CostModel:
     tactic timings go to the user cache, not to `path`; set for shipped and `auto`-chosen profiles),
     calibration (a `calibration.Calibration` once calibrated here, else None), trust (one of
     TRUST_LEVELS: set where the profile is chosen, else derived from the fingerprint), match_note (set
-    where the profile is another device's: shown in plan summaries).
+    where the profile is another device's: shown in plan summaries), training_measurements / training_fits /
+    training_validation (forward + backward timings of the grid and their fits, from `convrewrite profile
+    --training`; empty where the profile has none).
     """
 
     def __init__(self, fingerprint: dict, measurements=None, fits=None, measured=None, validation=None,
                  name: Optional[str] = None, path: Optional[Path] = None, mode: str = "", read_only: bool = False,
-                 canaries=None):
+                 canaries=None, training=None):
         self.fingerprint = fingerprint
+        training = training or {}
+        self.training_measurements = list(training.get("measurements") or [])
+        self.training_fits: Dict[str, ImplFit] = dict(training.get("fits") or {})
+        self.training_validation = dict(training.get("validation") or {})
         self.measurements = list(measurements or [])
         self.fits: Dict[str, ImplFit] = dict(fits or {})
         self.canaries = list(canaries or [])
@@ -146,9 +158,19 @@ class CostModel:
         self._trust = value
 
     # -- prediction --
-    def prediction(self, impl_name: str, spec: ConvSpec) -> Optional[Prediction]:
+    @property
+    def has_training(self) -> bool:
+        """Whether the profile holds forward + backward fits (`convrewrite profile --training`)."""
+        return bool(self.training_fits)
+
+    def prediction(self, impl_name: str, spec: ConvSpec, training: bool = False) -> Optional[Prediction]:
         """The predicted time of `impl_name` on `spec` with its source and error band (see Prediction), or
         None where nothing predicts it (unknown spatial size, no fit, not applicable).
+
+        training: predict a training step's forward + backward from the profile's training timings and fits
+        instead (no tactic cache: it holds inference timings); None where the profile has none for
+        `impl_name`. A calibrated profile scales them by the same canary ratio (canaries are timed forward
+        only: a device k times slower on a kernel is taken to be k times slower on its gradients too).
 
         Order: this device's tactic timing (not for an unverified profile: that plan is for another
         device); the profile's own timing of the exact spec; its fit. A calibrated profile's numbers are
@@ -159,39 +181,51 @@ class CostModel:
         spec = spec if spec.batch else spec.with_input(batch=1)
         key = _spec_key(spec)
         trust = self.trust
-        tactic = self.tactics().get(key, {}) if trust != "unverified" else {}
+        tactic = self.tactics().get(key, {}) if trust != "unverified" and not training else {}
         if impl_name in tactic:
             return Prediction(1e3 * tactic[impl_name], "timed here", TIMING_BAND)
-        own = self._own_number(impl_name, spec)
+        own = self._own_number(impl_name, spec, training=training)
         if own is None:
             return None
         seconds, kind = own
-        band = TIMING_BAND if kind == "timing" else self.fits[impl_name].p90_rel_error
+        fits = self.training_fits if training else self.fits
+        band = TIMING_BAND if kind == "timing" else fits[impl_name].p90_rel_error
+        suffix = FORWARD_BACKWARD if training else ""
         if trust == "this device":
-            return Prediction(1e3 * seconds, "timed here" if kind == "timing" else "fitted", band)
+            return Prediction(1e3 * seconds, ("timed here" if kind == "timing" else "fitted") + suffix, band)
         if trust == "calibrated" and self.calibration.band(impl_name) is not None:
             scale, residual = self.calibration.scale(impl_name), self.calibration.band(impl_name)
             combined = None if band is None or residual is None else math.hypot(band, residual)
-            return Prediction(1e3 * seconds * scale, f"calibrated {kind}", combined)
-        return Prediction(1e3 * seconds, f"unverified {kind}", band)
+            return Prediction(1e3 * seconds * scale, f"calibrated {kind}{suffix}", combined)
+        return Prediction(1e3 * seconds, f"unverified {kind}{suffix}", band)
 
     def predict_seconds(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
         """Seconds per call (see `prediction`)."""
         p = self.prediction(impl_name, spec)
         return None if p is None else p.ms / 1e3
 
-    def _own_number(self, impl_name: str, spec: ConvSpec, with_canaries: bool = False):
+    def _own_number(self, impl_name: str, spec: ConvSpec, with_canaries: bool = False, training: bool = False):
         """(seconds, "timing" | "fit") the profile itself gives for one call on its own device: a canary
         timing of the exact spec (with_canaries), a grid timing of it, else its fit; None where it says
-        nothing (no fit, an implementation this version lacks, or one that does not apply)."""
+        nothing (no fit, an implementation this version lacks, or one that does not apply). training: the
+        same from the forward + backward timings and fits."""
         key = _spec_key(spec)
+        if training:
+            timed = self._table("training_measurements").get(key, {})
+            return self._from_fit(impl_name, spec, self.training_fits, timed)
         if with_canaries:
             for row in self.canaries:
                 if row["impl"] == impl_name and row["spec"] == key:
                     return row["seconds"], "timing"
-        if impl_name in self._profiled().get(key, {}):
-            return self._profiled()[key][impl_name], "timing"
-        fit = self.fits.get(impl_name)
+        return self._from_fit(impl_name, spec, self.fits, self._profiled().get(key, {}))
+
+    @staticmethod
+    def _from_fit(impl_name: str, spec: ConvSpec, fits: Dict[str, ImplFit], timed: Dict[str, float]):
+        """(seconds, "timing") where `timed` ({impl: seconds} of this spec) has it, else (seconds, "fit") from
+        `fits`, else None."""
+        if impl_name in timed:
+            return timed[impl_name], "timing"
+        fit = fits.get(impl_name)
         if fit is None or impl_name not in implementations.names():
             return None
         impl = implementations.get(impl_name)
@@ -237,12 +271,15 @@ class CostModel:
 
     def _profiled(self) -> Dict[str, Dict[str, float]]:
         """The profile's own timings by spec: exact specs the grid measured need no prediction."""
-        if getattr(self, "_profiled_cache", None) is None or self._profiled_len != len(self.measurements):
-            table: Dict[str, Dict[str, float]] = {}
-            for m in self.measurements:
-                table.setdefault(m["spec"], {})[m["impl"]] = m["seconds"]
-            self._profiled_cache, self._profiled_len = table, len(self.measurements)
-        return self._profiled_cache
+        return self._table("measurements")
+
+    def _table(self, field: str) -> Dict[str, Dict[str, float]]:
+        """{spec json: {impl: seconds}} of the rows in attribute `field`, rebuilt when their count changes."""
+        rows = getattr(self, field)
+        cached = self.__dict__.setdefault("_tables", {}).get(field)
+        if cached is None or cached[0] != len(rows):
+            cached = self._tables[field] = (len(rows), _by_spec(rows))
+        return cached[1]
 
     def predict_ms(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
         p = self.prediction(impl_name, spec)
@@ -250,16 +287,13 @@ class CostModel:
 
     # -- fitting --
     def fit(self, holdout: float = 0.25, seed: int = 0) -> "CostModel":
-        """Fit every implementation's terms; store held-out validation, then refit on everything."""
-        specs = sorted({m["spec"] for m in self.measurements})
-        rng = np.random.default_rng(seed)
-        held = set(rng.choice(specs, size=int(len(specs) * holdout), replace=False)) if holdout and len(specs) > 8 else set()
-        train = [m for m in self.measurements if m["spec"] not in held]
-        self.fits = fit_all(train)
-        if held:
-            self.validation = held_out_quality(self.fits, [m for m in self.measurements if m["spec"] in held],
-                                               choose_by_prediction)
-        self.fits = fit_all(self.measurements)
+        """Fit every implementation's terms; store held-out validation, then refit on everything. The same
+        for the forward + backward timings where the profile has them."""
+        self.fits, validation = _fit_with_validation(self.measurements, holdout, seed)
+        self.validation = validation or self.validation
+        if self.training_measurements:
+            self.training_fits, validation = _fit_with_validation(self.training_measurements, holdout, seed)
+            self.training_validation = validation or self.training_validation
         return self
 
     # -- persistence --
@@ -275,6 +309,9 @@ class CostModel:
             "measurements": self.measurements,
             "canaries": self.canaries,
             "measured": {k: v for k, v in self.measured.items() if v["timings"]},
+            **({"training": {"measurements": self.training_measurements, "validation": self.training_validation,
+                             "fits": {k: dataclasses.asdict(v) for k, v in self.training_fits.items()}}}
+               if self.training_measurements or self.training_fits else {}),
         }
 
     def save(self, path) -> Path:
@@ -307,13 +344,16 @@ class CostModel:
         try:
             check_profile(data, path)
             fits = {k: ImplFit(**v) for k, v in data["fits"].items()}
+            training = data.get("training") or {}
+            training = {**training, "fits": {k: ImplFit(**v) for k, v in training.get("fits", {}).items()}}
             measured = {device.fingerprint_id(v["fingerprint"]): v for v in data.get("measured", {}).values()}
             cm = cls(data["fingerprint"], data.get("measurements", []), fits, measured,
                      data.get("validation", {}), data.get("name"), path, data.get("mode", ""),
-                     read_only=_is_shipped(path), canaries=data.get("canaries", []))
+                     read_only=_is_shipped(path), canaries=data.get("canaries", []), training=training)
             cm._check_fit_features(path)
             cm._refit_if_features_changed()
             fill_error_bands(cm.fits, cm.measurements)
+            fill_error_bands(cm.training_fits, cm.training_measurements)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProfileError(f"Profile '{path}' is truncated or corrupt ({type(exc).__name__}: {exc}); re-create it with `convrewrite profile`.") from None
         return cm
@@ -321,29 +361,27 @@ class CostModel:
     def _check_fit_features(self, path):
         """A fit over feature names this version does not compute would predict from missing (zero) terms,
         i.e. garbage; with measurements stored, `_refit_if_features_changed` refits instead."""
-        refittable = {m["impl"] for m in self.measurements}
-        for name, fit in self.fits.items():
-            if name not in implementations.names() or name in refittable:
-                continue  # an implementation this version lacks is never asked for
-            unknown = sorted(set(fit.features) - known_terms(name))
-            if unknown:
-                raise ProfileError(
-                    f"Profile '{path}' fits {name!r} on features {unknown} that this convrewrite does not compute "
-                    f"(it computes {sorted(known_terms(name))}), and holds no measurements to refit from; "
-                    f"re-create it with `convrewrite profile` for this version.")
+        for fits, rows, field in ((self.fits, self.measurements, "fits"),
+                                  (self.training_fits, self.training_measurements, "training fits")):
+            refittable = {m["impl"] for m in rows}
+            for name, fit in fits.items():
+                if name not in implementations.names() or name in refittable:
+                    continue  # an implementation this version lacks is never asked for
+                unknown = sorted(set(fit.features) - known_terms(name))
+                if unknown:
+                    raise ProfileError(
+                        f"Profile '{path}' {field} {name!r} on features {unknown} that this convrewrite does not "
+                        f"compute (it computes {sorted(known_terms(name))}), and holds no measurements to refit from; "
+                        f"re-create it with `convrewrite profile` for this version.")
 
     def _refit_if_features_changed(self):
         """Refit from the stored measurements when this version's features differ from the stored fits'.
 
         The timings stay valid when a feature definition changes; weights fitted on old features do not."""
-        stale = False
-        for m in self.measurements:
-            fit = self.fits.get(m["impl"])
-            if fit is not None and m["impl"] in implementations.names():
-                current = regression_terms(implementations.get(m["impl"]), ConvSpec.from_json(m["spec"]))
-                stale = stale or sorted(current) != sorted(fit.features)
-        if stale:
+        if _stale(self.fits, self.measurements):
             self.fits = fit_all(self.measurements)
+        if _stale(self.training_fits, self.training_measurements):
+            self.training_fits = fit_all(self.training_measurements)
 
     # -- measured mode (timing itself is `profiles.measure_tactics`) --
     def untimed_specs(self, specs, batch: int = 8) -> List[ConvSpec]:
@@ -402,6 +440,38 @@ class CostModel:
     def __repr__(self):
         n = sum(len(v["timings"]) for v in self.measured.values())
         return f"<CostModel {self.name!r}: {sorted(self.fits)} fitted, {n} specs in the tactic cache>"
+
+
+def _by_spec(rows) -> Dict[str, Dict[str, float]]:
+    """{spec json: {impl: seconds}} of timing rows."""
+    table: Dict[str, Dict[str, float]] = {}
+    for m in rows:
+        table.setdefault(m["spec"], {})[m["impl"]] = m["seconds"]
+    return table
+
+
+def _fit_with_validation(rows, holdout: float, seed: int):
+    """(fits on all `rows`, held-out validation or {}): fitted first without a random `holdout` share of the
+    specs, whose choices are scored (fitting.held_out_quality), then refitted on everything."""
+    specs = sorted({m["spec"] for m in rows})
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(specs, size=int(len(specs) * holdout), replace=False)) if holdout and len(specs) > 8 else set()
+    validation = {}
+    if held:
+        validation = held_out_quality(fit_all([m for m in rows if m["spec"] not in held]),
+                                      [m for m in rows if m["spec"] in held], choose_by_prediction)
+    return fit_all(rows), validation
+
+
+def _stale(fits: Dict[str, ImplFit], rows) -> bool:
+    """Whether a fit's feature names differ from what this version computes for its rows' specs."""
+    for m in rows:
+        fit = fits.get(m["impl"])
+        if fit is not None and m["impl"] in implementations.names():
+            current = regression_terms(implementations.get(m["impl"]), ConvSpec.from_json(m["spec"]))
+            if sorted(current) != sorted(fit.features):
+                return True
+    return False
 
 
 def _merge_timings(mine: dict, other: dict):

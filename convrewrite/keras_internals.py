@@ -9,6 +9,13 @@ from __future__ import annotations
 
 
 # ---- the Functional node graph (graph.py) ------------------------------------------------------------
+def ops_add_class():
+    """The operation a functional sum `x + y` / `keras.ops.add(x, y)` records in a Functional graph."""
+    from keras.src.ops.numpy import Add
+
+    return Add
+
+
 def functional_class():
     """keras.src's Functional (a Sequential's or keras.Model(inputs, outputs)'s class)."""
     from keras.src.models.functional import Functional

@@ -86,6 +86,7 @@ class Plan:
         self.target_fingerprint: Optional[dict] = None  # the device planned for (None: this one)
         self.mode: Optional[str] = None  # "inference": the graph was rewritten before planning; "training": not
         self.rewrites: List[dict] = []  # rewrite.Rewrite.to_dict() per rewrite applied, in order
+        self.prediction_note: Optional[str] = None  # mode="training": whether predictions are forward+backward
 
     def __iter__(self):
         return iter(self.rows)
@@ -165,6 +166,8 @@ class Plan:
             tail += f"; memory limit {_format_bytes(self.constraints['memory_limit'])}"
         if self.constraints.get("rtol") is not None:
             tail += f"; rtol {self.constraints['rtol']:g}"
+        if self.prediction_note:
+            tail += f"; {self.prediction_note}"
         if self.cost_model_name:
             tail += f"; cost model: {self.cost_model_name}"
             if self.cost_model_note:
@@ -231,6 +234,7 @@ class Plan:
                 "calibration": self.calibration, "predicted_speedup": speedup,
                 "policy_overhead": dict(self.policy_overhead), "constraints": dict(self.constraints),
                 "mode": self.mode, "rewrites": [dict(r) for r in self.rewrites],
+                "prediction_note": self.prediction_note,
                 "rows": [r.to_dict() for r in self.rows]}
 
     @classmethod
@@ -242,6 +246,7 @@ class Plan:
         plan.constraints = dict(d.get("constraints") or {})
         plan.mode = d.get("mode")
         plan.rewrites = [dict(r) for r in d.get("rewrites") or []]
+        plan.prediction_note = d.get("prediction_note")
         return plan
 
     def to_json(self) -> str:

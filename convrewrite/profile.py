@@ -138,9 +138,14 @@ def random_spec(rng, max_macs: float) -> ConvSpec:
     spec = ConvSpec(kind="depthwise_conv2d" if kind == "dw" else "conv2d", in_channels=cin, filters=cout,
                     kernel=(k, k), height=hw, width=hw, batch=batch, strides=(stride, stride), padding=padding,
                     groups=groups if kind != "dw" else cin)
-    # TF's grouped Conv2D runs ~30x slower per MAC than a dense one: budget it accordingly.
+    return shrink(spec, max_macs)
+
+
+def shrink(spec: ConvSpec, max_macs: float) -> ConvSpec:
+    """`spec` with batch, then spatial size, then channels reduced until its direct convolution does at
+    most `max_macs` (a grouped Conv2D counts 30x: TF runs it ~30x slower per MAC than a dense one)."""
     budget = max_macs / (30 if spec.kind == "conv2d" and spec.groups > 1 else 1)
-    min_hw = k if padding == "valid" else 7
+    min_hw = spec.kernel[0] if spec.padding == "valid" else 7
     while (spec.macs() or 0) > budget:  # shrink to keep one direct call near a second
         if spec.batch > 1:
             spec = spec.with_input(batch=spec.batch // 2)
@@ -193,7 +198,21 @@ def grid(mode: str = "quick", seed: int = 0) -> List[ConvSpec]:
     return list(dict.fromkeys(specs))
 
 
-def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed: int = 0, specs=None) -> CostModel:
+TRAINING_COST = 3.0
+"""Forward + backward costs about this many forwards (the input's and the kernel's gradient are each a
+convolution as large as the forward): the training grid's specs are shrunk by it to keep a timing near a
+second."""
+
+
+def training_grid(mode: str = "quick", seed: int = 0) -> List[ConvSpec]:
+    """The specs a training profile times forward + backward: `grid(mode, seed)`'s, each shrunk
+    (`shrink`) to MAX_DIRECT_MACS / TRAINING_COST."""
+    budget = MAX_DIRECT_MACS[mode if mode in MAX_DIRECT_MACS else "quick"] / TRAINING_COST
+    return list(dict.fromkeys(shrink(spec, budget) for spec in grid(mode, seed)))
+
+
+def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed: int = 0, specs=None,
+                   training: bool = False) -> CostModel:
     """Measure this device and return a fitted CostModel.
 
     Args:
@@ -202,6 +221,9 @@ def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed:
         allow: implementation names to time (default: every registered one that applies).
         seed: the random grid's seed.
         specs: time these ConvSpecs instead of the grid.
+        training: also time every implementation forward + backward (a training step's share) on
+            `training_grid(mode)` (or `specs`), fitted like the inference times: `plan(mode="training")`
+            predicts from them. About three times the inference grid's time.
 
     Returns:
         A fitted CostModel of this device (`device.fingerprint()`) with its canaries timed, so that
@@ -211,10 +233,22 @@ def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed:
         >>> cm = convrewrite.profile_device(mode="quick")
         >>> cm.save("my-device.json")
     """
-    specs = list(specs) if specs is not None else grid(mode, seed)
-    measurements = []
-    for spec in progress_bar(specs, f"profiling ({mode})", progress):
-        for impl, seconds in time_spec(spec, allow=allow, repeats=3).items():
-            measurements.append({"spec": spec.to_json(), "impl": impl, "seconds": seconds})
+    given = list(specs) if specs is not None else None
+    measurements = _time_grid(given or grid(mode, seed), allow, f"profiling ({mode})", progress, False)
+    trained = None
+    if training:
+        rows = _time_grid(given or training_grid(mode, seed), allow, f"profiling ({mode}, forward+backward)",
+                          progress, True)
+        trained = {"measurements": rows}
     canaries = time_canaries(allow=allow)
-    return CostModel(device.fingerprint(), measurements, mode=mode, canaries=canaries).fit()
+    return CostModel(device.fingerprint(), measurements, mode=mode, canaries=canaries, training=trained).fit()
+
+
+def _time_grid(specs, allow, label: str, progress: bool, training: bool) -> List[dict]:
+    """[{"spec", "impl", "seconds"}] of every applicable implementation on every spec (forward, or forward +
+    backward with `training`)."""
+    rows = []
+    for spec in progress_bar(specs, label, progress):
+        for impl, seconds in time_spec(spec, allow=allow, repeats=3, training=training).items():
+            rows.append({"spec": spec.to_json(), "impl": impl, "seconds": seconds})
+    return rows

@@ -20,11 +20,13 @@ from .spec import ConvSpec
 FORMAT = "convrewrite-profile"
 
 
-VERSION = 3
-"""3: the fingerprint records the hardware ("hardware") and kernel settings, and the profile carries its
+VERSION = 4
+"""4: an optional "training" section (forward + backward timings and their fits: `convrewrite profile
+--training`), which `plan(mode="training")` predicts from. 3: the fingerprint records the hardware ("hardware") and kernel settings, and the profile carries its
 canaries ("canaries": timings of `calibration.canary_pairs()` measured with the grid). 2: the tactic cache
 ("measured") is keyed by device fingerprint. Versions 1 and 2 still load: version 2 as "hardware
-unknown" with no canaries (calibration then compares against the fit), version 1 through `migrate_v1`."""
+unknown" with no canaries (calibration then compares against the fit), version 1 through `migrate_v1`;
+versions before 4 have no training section."""
 
 
 TACTICS_FORMAT = "convrewrite-tactics"
@@ -110,36 +112,59 @@ def check_profile(data: dict, path):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise _bad(path, f'"{key}"', "a string", data[key])
     fits = data.get("fits")
-    if not isinstance(fits, dict):
-        raise _bad(path, '"fits"', "an object {implementation: fit}", fits)
-    for name, fit in fits.items():
-        if not isinstance(fit, dict):
-            raise _bad(path, f'"fits"."{name}"', 'an object {"features", "weights", "n_samples", "median_rel_error"}', fit)
-        feats, weights = fit.get("features"), fit.get("weights")
-        if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
-            raise _bad(path, f'"fits"."{name}"."features"', "a list of feature names", feats)
-        if not isinstance(weights, list) or len(weights) != len(feats) or not all(_number(w) and w >= 0 for w in weights):
-            raise _bad(path, f'"fits"."{name}"."weights"', f"a list of {len(feats)} finite numbers >= 0, one per feature", weights)
-        for key in ("median_rel_error", "p90_rel_error"):
-            if fit.get(key) is not None and not (_number(fit[key]) and fit[key] >= 0):
-                raise _bad(path, f'"fits"."{name}"."{key}"', "a finite number >= 0", fit[key])
-        if not (isinstance(fit.get("n_samples"), int) and fit["n_samples"] >= 0):
-            raise _bad(path, f'"fits"."{name}"."n_samples"', "an integer >= 0", fit.get("n_samples"))
+    _check_fits(fits, path, '"fits"')
     for field in ("measurements", "canaries"):
-        rows = data.get(field, [])
-        if not isinstance(rows, list):
-            raise _bad(path, f'"{field}"', 'a list of {"spec", "impl", "seconds"}', rows)
-        for i, m in enumerate(rows):
-            if not (isinstance(m, dict) and isinstance(m.get("spec"), str) and isinstance(m.get("impl"), str)
-                    and _number(m.get("seconds")) and m["seconds"] > 0):
-                raise _bad(path, f'"{field}"[{i}]', 'an object {"spec": ConvSpec JSON, "impl": name, "seconds": > 0}', m)
-            _check_spec(m["spec"], path, f'"{field}"[{i}]."spec"')
+        _check_rows(data.get(field, []), path, f'"{field}"')
     if not isinstance(data.get("validation", {}), dict):
         raise _bad(path, '"validation"', "an object", data.get("validation"))
     check_measured(data.get("measured", {}), path)
+    check_training(data.get("training"), path)
     if not fits and not data.get("measurements"):
         raise ProfileError(f"Profile '{path}' has no fits and no measurements, so it predicts nothing; re-create it "
                            f"with `convrewrite profile`.")
+
+
+def _check_fits(fits, path, field: str):
+    """{implementation: fit} as ImplFit stores it; `field` names it in the error ('"fits"')."""
+    if not isinstance(fits, dict):
+        raise _bad(path, field, "an object {implementation: fit}", fits)
+    for name, fit in fits.items():
+        if not isinstance(fit, dict):
+            raise _bad(path, f'{field}."{name}"', 'an object {"features", "weights", "n_samples", "median_rel_error"}', fit)
+        feats, weights = fit.get("features"), fit.get("weights")
+        if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
+            raise _bad(path, f'{field}."{name}"."features"', "a list of feature names", feats)
+        if not isinstance(weights, list) or len(weights) != len(feats) or not all(_number(w) and w >= 0 for w in weights):
+            raise _bad(path, f'{field}."{name}"."weights"', f"a list of {len(feats)} finite numbers >= 0, one per feature", weights)
+        for key in ("median_rel_error", "p90_rel_error"):
+            if fit.get(key) is not None and not (_number(fit[key]) and fit[key] >= 0):
+                raise _bad(path, f'{field}."{name}"."{key}"', "a finite number >= 0", fit[key])
+        if not (isinstance(fit.get("n_samples"), int) and fit["n_samples"] >= 0):
+            raise _bad(path, f'{field}."{name}"."n_samples"', "an integer >= 0", fit.get("n_samples"))
+
+
+def _check_rows(rows, path, field: str):
+    """A list of timings {"spec", "impl", "seconds"}; `field` names it in the error ('"measurements"')."""
+    if not isinstance(rows, list):
+        raise _bad(path, field, 'a list of {"spec", "impl", "seconds"}', rows)
+    for i, m in enumerate(rows):
+        if not (isinstance(m, dict) and isinstance(m.get("spec"), str) and isinstance(m.get("impl"), str)
+                and _number(m.get("seconds")) and m["seconds"] > 0):
+            raise _bad(path, f'{field}[{i}]', 'an object {"spec": ConvSpec JSON, "impl": name, "seconds": > 0}', m)
+        _check_spec(m["spec"], path, f'{field}[{i}]."spec"')
+
+
+def check_training(section, path):
+    """The optional training section (version 4): {"measurements": [forward + backward timings], "fits":
+    {implementation: fit}, "validation": {...}}, checked like the inference fields; None where absent."""
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise _bad(path, '"training"', 'an object {"measurements", "fits", "validation"} (forward + backward timings)', section)
+    _check_rows(section.get("measurements", []), path, '"training"."measurements"')
+    _check_fits(section.get("fits", {}), path, '"training"."fits"')
+    if not isinstance(section.get("validation", {}), dict):
+        raise _bad(path, '"training"."validation"', "an object", section.get("validation"))
 
 
 def _check_spec(text, path, field):

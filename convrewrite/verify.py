@@ -361,14 +361,14 @@ def check_rewrites(original, new, rewrites, rtol=None, seed: int = 0, batch: int
     rewrites: Plan.rewrites (rewrite.Rewrite dicts), combined per site."""
     import keras
 
-    from .rewrite import Rewrite, by_site
+    from .rewrite import Rewrite, by_site, node_of
 
-    graph, new_layers = walk(original).graph, walk(new).layers
+    graph, new_layers = walk(original), walk(new).layers
     rng = np.random.default_rng(seed)
     checks = []
     for r in by_site([Rewrite.from_dict(d) for d in rewrites]):
-        x_t = graph.nodes[r.input]["node"].outputs[r.input_index]
-        span = keras.Model(x_t, graph.nodes[r.output]["node"].outputs[0], name=f"{r.site}_rewritten_span")
+        x_t = node_of(graph, r.input).outputs[r.input_index]  # in a nested model's graph for its rewrites
+        span = keras.Model(x_t, node_of(graph, r.output).outputs[0], name=f"{r.site.replace('/', '_')}_rewritten_span")
         shape = [batch if i == 0 and d is None else (spatial if d is None else d) for i, d in enumerate(x_t.shape)]
         x = rng.standard_normal(shape).astype(keras.backend.standardize_dtype(x_t.dtype))
         new_layer = new_layers.get(r.site)

@@ -493,7 +493,8 @@ def test_profile_command_writes_profile_and_plot(tmp_path, monkeypatch, capsys):
     specs = [ConvSpec(kind="conv2d", in_channels=c, filters=4, kernel=(k, k), height=12, width=12, batch=1, padding="same")
              for c, k in ((2, 3), (4, 5), (3, 7), (4, 1))]
     monkeypatch.setattr(convrewrite, "profile_device",
-                        lambda mode, progress, allow: real(mode=mode, progress=progress, allow=["direct", "fft"], specs=specs))
+                        lambda mode, progress, allow, training=False: real(mode=mode, progress=progress, allow=["direct", "fft"],
+                                                                           specs=specs, training=training))
     out, png = tmp_path / "dev.json", tmp_path / "fit.png"
     assert main(["profile", "-o", str(out), "--plot", str(png), "--no-progress"]) == 0
     assert set(CostModel.load(out).fits) == {"direct", "fft"}
@@ -502,6 +503,10 @@ def test_profile_command_writes_profile_and_plot(tmp_path, monkeypatch, capsys):
     assert main(["profile", "-o", str(out)]) == EXIT_CODES["output_exists"]
     assert out.read_bytes() == before and "--force" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.json", "fit.png"]
+    assert main(["profile", "-o", str(tmp_path / "train.json"), "--training", "--no-progress"]) == 0
+    trained = CostModel.load(tmp_path / "train.json")
+    assert trained.has_training and set(trained.training_fits) == {"direct", "fft"}
+    assert "training (forward+backward): 8 timings" in capsys.readouterr().out
 
 
 def test_tensorflow_startup_lines_are_filtered_but_warnings_kept():

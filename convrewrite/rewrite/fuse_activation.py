@@ -1,8 +1,15 @@
 """Fuse an activation layer into the convolution before it: conv -> Activation(f) becomes conv(activation=f).
 
 Pattern: a Keras conv layer (any of matching.conv_layout's, SeparableConv too: all apply `activation` to their
-whole output) followed by `keras.layers.Activation`, or by `keras.layers.ReLU` that is plain relu or relu6
-(no threshold, no negative slope).
+whole output) followed by `keras.layers.Activation`, by `keras.layers.ReLU` that is plain relu or relu6
+(no threshold, no negative slope), or by a leaky ReLU with negative_slope 0.2 (`keras.layers.LeakyReLU`, or
+`ReLU(negative_slope=0.2)` without max_value / threshold: both compute `backend.nn.leaky_relu(x, 0.2)`).
+
+Why only those: the fused conv can only be given an activation by name (a lambda or partial would not survive
+get_config / saving), and a named activation has fixed arguments: "relu6" is ReLU(max_value=6), and
+"leaky_relu" is keras.activations.leaky_relu with its default negative_slope 0.2. LeakyReLU's own default is
+0.3, so a LeakyReLU with any slope but 0.2 (and a ReLU with another max_value or a threshold) has no name that
+computes it, and is left alone.
 
 Exact (bit for bit: the conv layer applies the same function to the same tensor) when:
 - the conv has no activation of its own, is called once, and nothing but the activation reads its output
@@ -17,6 +24,9 @@ from .record import Rewrite
 
 KIND = "fuse_activation"
 
+LEAKY_RELU_SLOPE = 0.2
+"""The negative slope of the named activation "leaky_relu" (keras.activations.leaky_relu's default)."""
+
 
 def activation_of(layer):
     """The activation (a name or callable a conv's `activation=` accepts) `layer` applies, or None."""
@@ -29,6 +39,11 @@ def activation_of(layer):
             return "relu"
         if float(layer.max_value) == 6.0:
             return "relu6"
+    if type(layer) is keras.layers.ReLU and layer.max_value is None and not layer.threshold:
+        slope = layer.negative_slope  # nonzero here
+        return "leaky_relu" if float(slope) == LEAKY_RELU_SLOPE else None
+    if type(layer) is keras.layers.LeakyReLU and float(layer.negative_slope) == LEAKY_RELU_SLOPE:
+        return "leaky_relu"
     return None
 
 

@@ -1,8 +1,8 @@
 """What the rewrite patterns ask of a walked graph (graph.ModelGraph): who reads a tensor, whether a layer is
 called once, which conv layout a layer has, its weights as float64 numpy arrays.
 
-Node keys are the ModelGraph's ("layer name:call index"); only the outermost graph is matched (a nested model
-is rebuilt as it is)."""
+Node keys are the ModelGraph's ("layer name:call index"); each pattern matches in one graph (nested models
+are rewritten on their own: nested.py)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,19 @@ def input_tensor(mg, key, position: int = 0):
 
 def op(mg, key):
     return mg.graph.nodes[key]["op"]
+
+
+def is_sum(mg, key) -> bool:
+    """Node `key` adds its inputs elementwise: an `Add` layer, or a functional `x + y` / `keras.ops.add(x, y)`
+    of two tensors (an ops node; a sum with a constant has one tensor input and is no branch sum)."""
+    import keras
+
+    operation = op(mg, key)
+    if type(operation) is keras.layers.Add:
+        return True
+    node = mg.graph.nodes[key]["node"]
+    return (type(operation) is keras_internals.ops_add_class() and len(node.input_tensors) == 2
+            and not keras_internals.call_kwargs(node))
 
 
 def same_float_dtype(*layers) -> bool:

@@ -1,6 +1,7 @@
 """Merge parallel convolutions on one input, summed by an Add, into one convolution (RepVGG, RepLKNet).
 
-Pattern: Add([b1(x), b2(x), ...]) where every branch is one of
+Pattern: Add([b1(x), b2(x), ...]), or a functional sum b1(x) + b2(x) / keras.ops.add(b1(x), b2(x)) (an ops node
+of two tensors, no Add layer; a sum of three, (b1 + b2) + b3, merges in two rounds), where every branch is one of
 - a conv on x: Keras's own Conv1D/Conv2D (grouped too) or DepthwiseConv2D (a conv -> BN branch is one after
   fold_bn ran);
 - an identity: x itself, or a BatchNormalization of x (RepVGG's identity branch),
@@ -151,10 +152,7 @@ def _identities_ok(mg, identities, layer, x) -> bool:
 def match(mg, add_key):
     """(conv keys, identity branches [(kind, key)], x, merged kernel size, padding) for an Add node that merges
     exactly (module docstring), else None."""
-    import keras
-
-    add = m.op(mg, add_key)
-    if type(add) is not keras.layers.Add or m.calls(mg, add) != 1:
+    if not m.is_sum(mg, add_key) or m.calls(mg, m.op(mg, add_key)) != 1:
         return None
     found = _branches(mg, add_key)
     if found is None:

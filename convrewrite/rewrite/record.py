@@ -33,12 +33,33 @@ class Rewrite:
         index = next(i for i, t in enumerate(outputs) if t is x)
         return cls(kind, site, list(before), producer, last_key, index)
 
+    def nested(self, prefix: str) -> "Rewrite":
+        """This record of a nested model's rewrite as its parent names it: site, layers and node keys under
+        `prefix` ("backbone/")."""
+        return Rewrite(self.kind, prefix + self.site, [prefix + b for b in self.before], prefix + self.input,
+                       prefix + self.output, self.input_index)
+
     def to_dict(self):
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d):
         return cls(**d)
+
+
+def node_of(mg, key: str):
+    """The keras Node of a record's node key in walked graph `mg`: "conv:0" in its own graph, "backbone/bn:0"
+    in the graph of the nested model at that path (nested.py); KeyError where there is none."""
+    if key in mg.graph.nodes:
+        return mg.graph.nodes[key]["node"]
+    for child in mg.children.values():
+        rest = child.prefix[len(mg.prefix):]
+        if key.startswith(rest):
+            try:
+                return node_of(child, key[len(rest):])
+            except KeyError:
+                continue
+    raise KeyError(key)
 
 
 def by_site(records: List[Rewrite]) -> List[Rewrite]:
