@@ -244,3 +244,18 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
         return ConvSpec(kind="conv2d_transpose", filters=int(config["filters"]),
                         output_padding=None if op is None else tuple(op), **common)
     return ConvSpec(kind="conv2d", filters=int(config["filters"]), groups=int(config.get("groups", 1)), **common)
+
+
+def separable_stages(spec: ConvSpec):
+    """(depthwise spec, pointwise spec) of a separable_conv2d spec, the two convolutions SeparableConv2D runs:
+    what each stage's cost is estimated from."""
+    mid = spec.in_channels * spec.depth_multiplier
+    dw = ConvSpec(kind="depthwise_conv2d", in_channels=spec.in_channels, filters=mid, kernel=spec.kernel,
+                  height=spec.height, width=spec.width, batch=spec.batch, strides=spec.strides,
+                  dilation=spec.dilation, padding=spec.padding, groups=spec.in_channels,
+                  depth_multiplier=spec.depth_multiplier, use_bias=False, dtype=spec.dtype,
+                  data_format=spec.data_format)
+    ho, wo = dw.output_hw()
+    pw = ConvSpec(kind="conv2d", in_channels=mid, filters=spec.filters, kernel=(1, 1), height=ho, width=wo,
+                  batch=spec.batch, use_bias=spec.use_bias, dtype=spec.dtype, data_format=spec.data_format)
+    return dw, pw

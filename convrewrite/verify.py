@@ -129,12 +129,13 @@ class VerificationReport:
         return json.dumps(self.to_dict(), indent=1)
 
     def summary(self) -> str:
-        lines = [f"{'check':<40} {'impl':<12} {'rel err':>10} {'vs f64 ref':>10} {'tol':>8}  result"]
+        iw = max([12] + [len(c.implementation or "") for c in self.checks])  # long names keep the columns aligned
+        lines = [f"{'check':<40} {'impl':<{iw}} {'rel err':>10} {'vs f64 ref':>10} {'tol':>8}  result"]
         for c in self.checks:
             ref = "-" if c.rel_error_new_vs_reference is None else f"{c.rel_error_new_vs_reference:.2e}"
             label = f"{c.kind}:{c.name}"
             note = f" ({c.nonfinite_mismatches} positions with a different NaN/Inf pattern)" if c.nonfinite_mismatches else ""
-            lines.append(f"{label:<40} {c.implementation:<12} {c.rel_error:>10.2e} {ref:>10} {c.tolerance:>8.0e}  "
+            lines.append(f"{label:<40} {c.implementation:<{iw}} {c.rel_error:>10.2e} {ref:>10} {c.tolerance:>8.0e}  "
                          f"{'ok' if c.passed else 'FAIL'}{note}")
         kinds = sorted({c.inputs for c in self.checks})
         if kinds:

@@ -23,26 +23,13 @@ from .. import keras_internals
 from ..errors import PlanError
 from ..registry import Implementation, io_bytes, register
 from ..shapes import effective_length, pair
-from ..spec import ConvSpec
+from ..spec import ConvSpec, separable_stages
 from . import backend
 from .fft import FFTImplementation, FFTTiledImplementation, _FFTConvMixin, fft_cost_features
 from .wide import SLOW_WIDTHS, axis_plan, default_run_kernel
 
 __all__ = ["FFTSeparableConv2D", "WideSeparableConv2D", "SeparableFFTImplementation",
            "SeparableFFTTiledImplementation", "SeparableWideImplementation", "separable_stages"]
-
-
-def separable_stages(spec: ConvSpec):
-    """(depthwise spec, pointwise spec) of a separable_conv2d spec: what each stage's cost is estimated from."""
-    mid = spec.in_channels * spec.depth_multiplier
-    dw = ConvSpec(kind="depthwise_conv2d", in_channels=spec.in_channels, filters=mid, kernel=spec.kernel,
-                  height=spec.height, width=spec.width, batch=spec.batch, strides=spec.strides,
-                  dilation=spec.dilation, padding=spec.padding, groups=spec.in_channels,
-                  depth_multiplier=spec.depth_multiplier, use_bias=False, dtype=spec.dtype)
-    ho, wo = dw.output_hw()
-    pw = ConvSpec(kind="conv2d", in_channels=mid, filters=spec.filters, kernel=(1, 1), height=ho, width=wo,
-                  batch=spec.batch, use_bias=spec.use_bias, dtype=spec.dtype)
-    return dw, pw
 
 
 class _PointwiseMixin:
@@ -172,7 +159,7 @@ def _check_options(impl, options, allowed):
 class SeparableFFTImplementation(FFTImplementation):
     """SeparableConv2D with its depthwise stage by full-image FFT, then Keras's pointwise stage."""
 
-    name = "separable-fft"
+    name = "sep-fft"
     description = "SeparableConv2D: depthwise stage by full-image FFT (cached spectra), pointwise as Keras"
     layer_classes = (FFTSeparableConv2D,)
     simplicity = 21
@@ -215,7 +202,7 @@ class SeparableFFTImplementation(FFTImplementation):
 class SeparableFFTTiledImplementation(SeparableFFTImplementation):
     """SeparableConv2D with its depthwise stage by overlap-save tiled FFT (any input size)."""
 
-    name = "separable-fft-tiled"
+    name = "sep-fft-tiled"
     description = "SeparableConv2D: depthwise stage by overlap-save tiled FFT, pointwise as Keras"
     layer_classes = ()
     tile_size = None
@@ -228,7 +215,7 @@ class SeparableFFTTiledImplementation(SeparableFFTImplementation):
 class SeparableWideImplementation(Implementation):
     """SeparableConv2D whose depthwise kernel width is in TensorFlow's slow band, run at width 14."""
 
-    name = "separable-wide"
+    name = "sep-wide"
     description = "SeparableConv2D: depthwise kernel zero-padded to a width TF's depthwise kernel runs fast"
     layer_classes = (WideSeparableConv2D,)
     simplicity = 16

@@ -273,7 +273,7 @@ class TransposeSubpixelImplementation(Implementation):
     """Conv2DTranspose as one stride-1 Conv2D with s*s*filters outputs + depth_to_space (the sub-pixel
     decomposition): no zero-inserted input, TF's fast forward conv kernel instead of its backprop-input one."""
 
-    name = "transpose-subpixel"
+    name = "subpixel"
     description = "Conv2DTranspose as one stride-1 Conv2D with s*s*filters outputs + depth_to_space"
     layer_classes = (SubpixelConv2DTranspose,)
     simplicity = 12
@@ -319,9 +319,9 @@ class TransposeFFTImplementation(TransposeSubpixelImplementation):
     """The sub-pixel decomposition's stride-1 convolution through FFTs (layers/fft.py's full-image transforms,
     kernel spectrum cached per weight state): for large kernels. Needs the spatial size at build."""
 
-    name = "transpose-fft"
+    name = "subpixel-fft"
     description = "Conv2DTranspose through the sub-pixel decomposition, its stride-1 conv by FFT"
-    layer_classes = ()  # made by SubpixelConv2DTranspose too: `for_layer` names it transpose-subpixel
+    layer_classes = ()  # made by SubpixelConv2DTranspose too: `for_layer` names it subpixel
     simplicity = 22
     method = "fft"
     descriptive_features = frozenset({"fft_h", "fft_w", "matmul_m", "matmul_k", "matmul_n", "matmul_batch",
