@@ -162,6 +162,9 @@ def conv2d_transpose(x, kernel, bias=None, strides=1, padding="valid", dilation=
     for m, k, s, d, op in zip((h, w), (kh, kw), strides, dilation, ops):
         length = conv2d_transpose_length(m, k, s, padding, op, d)
         eff = (k - 1) * d + 1
+        if padding == "same" and -(-length // s) != m:  # TF refuses these (even kernel, output_padding 0)
+            raise ValueError(f"Received output_padding={output_padding} with SAME and kernel {k}; expected an output "
+                             f"length ({length}) that a SAME convolution with stride {s} maps back to {m}.")
         pb = same_padding(length, k, s, d)[0] if padding == "same" else 0
         sizes.append(length)
         pbs.append(pb)

@@ -38,7 +38,8 @@ from .fft import FFT_ERROR_SCALE, FFT_ERROR_TERMS_CAP, choose_fft_layout, fft_co
     spectral_correlate
 
 __all__ = ["SubpixelConv2DTranspose", "TransposeSubpixelImplementation", "TransposeFFTImplementation",
-           "phase_kernel", "phase_axis", "phase_spec"]
+           "phase_kernel", "phase_axis", "phase_spec",
+           "undefined_output_padding"]
 
 METHODS = ("conv", "fft")
 F32_MAX = 3.4028234663852886e38
@@ -63,6 +64,15 @@ def phase_axis(kernel: int, stride: int, dilation: int, padding: str, output_pad
     # L = (n - 1) * s + c; the forward SAME conv on L pads max((n - 1) s + k_eff - L, 0) in all, half before
     pb = max(k_eff - c, 0) // 2 if padding == "same" else 0
     return j, pad, pb, tail - pb - c
+
+
+def undefined_output_padding(kernel, dilation, padding: str, output_padding) -> bool:
+    """True where Keras's Conv2DTranspose output length is not one the forward convolution maps back to the
+    input length (SAME, even effective kernel, output_padding 0 on some axis: the output is one short), so
+    TensorFlow refuses the call; such a layer has no output to reproduce."""
+    if padding != "same" or output_padding is None:
+        return False
+    return any((k - 1) * d % 2 == 1 and p == 0 for k, d, p in zip(kernel, dilation, output_padding))
 
 
 def phase_kernel(kernel, strides):
@@ -154,6 +164,12 @@ class SubpixelConv2DTranspose(keras.layers.Conv2DTranspose):
         return choose_fft_layout(h + 2 * geo[0][1], w + 2 * geo[1][1], tuple(j_eff), (1, 1), "valid", "full")
 
     def build(self, input_shape):
+        if undefined_output_padding(self.kernel_size, self.dilation_rate, self.padding, self.output_padding):
+            raise ValueError(
+                f"Received output_padding={self.output_padding} with padding='same' and kernel_size="
+                f"{self.kernel_size} for {type(self).__name__} '{self.name}'; expected output_padding >= 1 where "
+                f"the (dilated) kernel is even: the output would be one shorter than the input maps to (Keras's "
+                f"Conv2DTranspose fails on it too).")
         super().build(input_shape)
         self._built_hw = tuple(self._hw(input_shape))
         if self.method == "fft":
@@ -284,6 +300,8 @@ class TransposeSubpixelImplementation(Implementation):
             return False, f"kind {spec.kind} is not a transposed convolution"
         if max(spec.strides) > 1 and max(spec.dilation) > 1:
             return False, "strides > 1 with dilation > 1"  # Keras refuses it too
+        if undefined_output_padding(spec.kernel, spec.dilation, spec.padding, spec.output_padding):
+            return False, "output_padding 0 with SAME and an even kernel (Keras's own layer fails on it)"
         return True, ""
 
     def make_layer(self, layer, spec: ConvSpec, **options):
