@@ -156,47 +156,48 @@ def _check_options(impl, options, allowed):
                         f"expected only {sorted(allowed)}.")
 
 
-class SeparableFFTImplementation(FFTImplementation):
-    """SeparableConv2D with its depthwise stage by full-image FFT, then Keras's pointwise stage."""
+class SeparableFFTImplementation(Implementation):
+    """SeparableConv2D with its depthwise stage by full-image FFT, then Keras's pointwise stage. The depthwise
+    stage is answered for by `stage` (the FFT implementation of DepthwiseConv2D) on `separable_stages`' spec."""
 
     name = "sep-fft"
     description = "SeparableConv2D: depthwise stage by full-image FFT (cached spectra), pointwise as Keras"
     layer_classes = (FFTSeparableConv2D,)
     simplicity = 21
+    stage = FFTImplementation()
+    descriptive_features = FFTImplementation.descriptive_features
 
     def applicable(self, spec: ConvSpec):
         if spec.kind != "separable_conv2d":
             return False, f"kind {spec.kind} is not a separable convolution"
-        return super().applicable(separable_stages(spec)[0])
+        return self.stage.applicable(separable_stages(spec)[0])
 
-    def canary_specs(self):
-        return []
-
-    def cost_regime(self, spec: ConvSpec):
-        return ""
+    def _tile(self, spec, options):
+        dw = separable_stages(spec)[0]
+        return self.stage._resolve(dw, options) if hasattr(self.stage, "_resolve") else self.stage._tile(options)
 
     def make_layer(self, layer, spec: ConvSpec, **options):
         _check_options(self, options, {"tile_size"})
         from ..graph import live_config
 
         config = {k: v for k, v in live_config(layer).items() if k not in ("tile_size", "run_kernel_size")}
-        return FFTSeparableConv2D.from_config({**config, "tile_size": self._resolve(spec, options)})
+        return FFTSeparableConv2D.from_config({**config, "tile_size": self._tile(spec, options)})
 
-    def _resolve(self, spec, options):
-        return self._tile(options)
+    def options_of(self, layer):
+        return {"tile_size": layer.tile_size}
 
     def features(self, spec: ConvSpec, **options):
-        f = fft_cost_features(separable_stages(spec)[0], self._resolve(spec, options))
+        f = fft_cost_features(separable_stages(spec)[0], self._tile(spec, options))
         return {**f, **_pointwise_features(spec)}
 
     def workspace_bytes(self, spec: ConvSpec, options=None):
         dw, pw = separable_stages(spec)
-        need = super().workspace_bytes(dw, options)
+        need = self.stage.workspace_bytes(dw, options)
         return None if need is None else need + io_bytes(pw)
 
     def expected_error(self, spec: ConvSpec):
         dw, pw = separable_stages(spec)
-        return super().expected_error(dw) + Implementation.expected_error(self, pw)
+        return self.stage.expected_error(dw) + Implementation.expected_error(self, pw)
 
 
 class SeparableFFTTiledImplementation(SeparableFFTImplementation):
@@ -205,11 +206,8 @@ class SeparableFFTTiledImplementation(SeparableFFTImplementation):
     name = "sep-fft-tiled"
     description = "SeparableConv2D: depthwise stage by overlap-save tiled FFT, pointwise as Keras"
     layer_classes = ()
-    tile_size = None
     simplicity = 31
-
-    def _resolve(self, spec, options):
-        return FFTTiledImplementation._resolve(self, spec, options)
+    stage = FFTTiledImplementation()
 
 
 class SeparableWideImplementation(Implementation):
