@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import keras
 from keras import ops
 
+from .. import keras_internals
 from ..errors import PlanError
 from ..registry import Implementation, io_bytes, register
 from ..spec import ConvSpec
@@ -208,9 +209,9 @@ class SubpixelConv2DTranspose(keras.layers.Conv2DTranspose):
                         lambda: super(SubpixelConv2DTranspose, self).call(inputs))
 
     def _fft_branch(self, inputs, layout, training):
+        """The FFT result where it provably equals Keras's (the checks of layers/fft.py's `_fft_is_exact` on the
+        padded stride-1 conv: finite, in range, not subnormal, float16-safe), else Keras's own call."""
         x = ops.cast(inputs, "float32")
-        from .. import keras_internals
-
         with keras_internals.autocast_disabled():
             kernel = ops.cast(self.kernel, "float32")
             bias = ops.cast(self.bias, "float32") if self.use_bias else None
