@@ -153,6 +153,21 @@ def test_nonfinite_inputs_propagate_like_keras(rng, method, kernel):
 
 
 @pytest.mark.parametrize("method", ["conv", "fft"])
+def test_nonfinite_kernel_propagates_like_keras(rng, method):
+    config = dict(filters=3, kernel_size=4, strides=2, padding="same")
+    keras_layer = keras.layers.Conv2DTranspose(**config)
+    layer = SubpixelConv2DTranspose(**config, method=method)
+    x = rng.standard_normal((1, 5, 5, 2)).astype("float32")
+    keras_layer(x), layer(x)
+    weights = [rng.standard_normal(v.shape).astype("float32") for v in keras_layer.get_weights()]
+    weights[0][0, 3, 1, 0] = np.nan
+    keras_layer.set_weights(weights)
+    layer.set_weights(weights)
+    want, got = np.asarray(keras_layer(x)), np.asarray(layer(x))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+@pytest.mark.parametrize("method", ["conv", "fft"])
 def test_gradients_match_keras(rng, method):
     config = dict(filters=3, kernel_size=3, strides=2, padding="same", output_padding=1, activation="tanh")
     keras_layer = keras.layers.Conv2DTranspose(**config)

@@ -17,9 +17,10 @@ FFT machinery of layers/fft.py with a cached kernel spectrum ("fft", for large k
 
 x: (batch, H, W, Cin) or channels_first; kernel (kh, kw, Cout, Cin) as Conv2DTranspose stores it.
 
-Non-finite inputs: where the sub-kernels hold zero taps (k not a multiple of s), x[i] also meets those zeros,
-so a NaN/Inf in x would reach outputs Keras leaves finite (NaN * 0). Such calls, and every call the FFT
-cannot compute exactly (see `_fft_is_exact` in layers/fft.py), run Keras's own Conv2DTranspose instead.
+Non-finite values: where the sub-kernels hold zero taps (k not a multiple of s), x[i] also meets those zeros,
+so a NaN/Inf in x would reach outputs Keras leaves finite (NaN * 0); a NaN/Inf kernel tap likewise meets the
+zero padding of x. Such calls, and every call the FFT cannot compute exactly (see `_fft_is_exact` in
+layers/fft.py), run Keras's own Conv2DTranspose instead.
 """
 
 from __future__ import annotations
@@ -200,12 +201,13 @@ class SubpixelConv2DTranspose(keras.layers.Conv2DTranspose):
             layout = self._fft_layout if (h, w) == self._built_hw else self._layout(h, w)
         if layout is not None:
             return self._fft_branch(inputs, layout, training)
-        if not _has_zero_taps(self.kernel_size, self.strides):
-            return self._subpixel(inputs, phase_kernel(self.kernel, self.strides), self.compute_dtype)
-        finite = ops.isfinite(backend.l2_norm(ops.cast(inputs, "float32"))
-                              * backend.l2_norm(ops.cast(self.kernel, "float32")))
-        return ops.cond(finite, lambda: self._subpixel(inputs, phase_kernel(self.kernel, self.strides),
-                                                       self.compute_dtype),
+        # A NaN/Inf kernel tap meets the zero padding of x (Keras never multiplies those pairs); a NaN/Inf input
+        # meets the zero sub-kernel taps where k is not a multiple of s: both go to Keras's own computation.
+        finite = backend.l2_norm(ops.cast(self.kernel, "float32"))
+        if _has_zero_taps(self.kernel_size, self.strides):
+            finite = finite * backend.l2_norm(ops.cast(inputs, "float32"))
+        return ops.cond(ops.isfinite(finite),
+                        lambda: self._subpixel(inputs, phase_kernel(self.kernel, self.strides), self.compute_dtype),
                         lambda: super(SubpixelConv2DTranspose, self).call(inputs))
 
     def _fft_branch(self, inputs, layout, training):
