@@ -47,7 +47,9 @@ def known_terms(impl_name: str) -> set:
             return ConvSpec(**{**base, **kw})
 
         probes = [conv(), conv(groups=4), conv(groups=8), conv(kind="depthwise_conv2d", groups=8),
-                  conv(strides=(2, 2), kernel=(5, 5)), conv(dilation=(2, 2)), conv(padding="valid", kernel=(7, 7))]
+                  conv(strides=(2, 2), kernel=(5, 5)), conv(dilation=(2, 2)), conv(padding="valid", kernel=(7, 7)),
+                  conv(kind="conv2d_transpose", strides=(2, 2), kernel=(4, 4)), conv(kind="conv2d_transpose", in_channels=1),
+                  conv(kind="separable_conv2d", kernel=(13, 13))]
         impl = implementations.get(impl_name)
         names = set()
         for spec in probes:

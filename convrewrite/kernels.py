@@ -7,7 +7,7 @@ import numpy as np
 
 from .graph import live_config, recreate
 from .registry import Implementation, canary_spec, register
-from .spec import keras_class
+from .spec import keras_class, separable_stages
 
 
 DEPTHWISE_SLOW_WIDTHS = range(12, 14)
@@ -48,8 +48,11 @@ class Direct(Implementation):
         # Per-MAC cost also grows when the channels per group are few (poor vectorization), so MACs
         # divided by input and by output channels per group get terms too (validated on held-out specs:
         # median relative error 39% -> 28%).
+        if spec.kind == "separable_conv2d":  # TF runs it as its depthwise conv, then a dense 1x1 conv
+            return _summed(self.features(stage) for stage in separable_stages(spec))
         f = super().features(spec)
         macs = f.pop("macs")
+        # a transposed conv is the input gradient of a dense conv (TF's Conv2DBackpropInput): dense terms
         kind = "dw" if spec.kind == "depthwise_conv2d" else ("grouped" if spec.groups > 1 else "dense")
         per_cin = macs / max(spec.in_channels // spec.groups, 1)
         per_cout = macs / max(spec.filters // spec.groups, 1)
@@ -60,6 +63,16 @@ class Direct(Implementation):
         # TF's depthwise kernel runs some kernel widths about 2x slower per MAC (see DEPTHWISE_SLOW_WIDTHS)
         f["dw_slow_width_macs"] = macs if kind == "dw" and spec.kernel[1] in DEPTHWISE_SLOW_WIDTHS else 0.0
         return f
+
+
+def _summed(feature_dicts) -> dict:
+    """Feature-wise sum of several stages' features, counted as one call."""
+    out = {}
+    for f in feature_dicts:
+        for k, v in f.items():
+            out[k] = out.get(k, 0.0) + v
+    out["calls"] = 1.0
+    return out
 
 
 class Depthwise(Implementation):

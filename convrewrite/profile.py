@@ -38,13 +38,18 @@ def _within_memory_cap(name: str, spec: ConvSpec) -> bool:
 
 
 def layer_from_spec(spec: ConvSpec, seed: int = 0):
-    """A built Keras Conv2D / DepthwiseConv2D computing `spec`, with random (non-zero) weights."""
+    """A built Keras Conv2D / DepthwiseConv2D / Conv2DTranspose / SeparableConv2D computing `spec`, with random
+    (non-zero) weights."""
     import keras
 
     common = dict(kernel_size=spec.kernel, strides=spec.strides, padding=spec.padding, data_format=spec.data_format,
                   dilation_rate=spec.dilation, use_bias=spec.use_bias, activation=spec.activation, dtype=spec.dtype)
     if spec.kind == "depthwise_conv2d":
         layer = keras.layers.DepthwiseConv2D(depth_multiplier=spec.depth_multiplier, **common)
+    elif spec.kind == "separable_conv2d":
+        layer = keras.layers.SeparableConv2D(spec.filters, depth_multiplier=spec.depth_multiplier, **common)
+    elif spec.kind == "conv2d_transpose":
+        layer = keras.layers.Conv2DTranspose(spec.filters, output_padding=spec.output_padding, **common)
     else:
         layer = keras.layers.Conv2D(spec.filters, groups=spec.groups, **common)
     h, w = spec.height or 32, spec.width or 32
@@ -161,6 +166,43 @@ def shrink(spec: ConvSpec, max_macs: float) -> ConvSpec:
     return spec
 
 
+def random_other_kind_spec(rng, max_macs: float) -> ConvSpec:
+    """A Conv2DTranspose (decoder-like: kernel 2..5, stride 1-2, SAME) or SeparableConv2D (kernel 3..31)
+    spec, shrunk (batch, then size) to the direct-MAC budget."""
+    batch = int(rng.choice([1, 2, 4, 8]))
+    hw = _log_uniform_int(rng, 7, 128)
+    cin, cout = _log_uniform_int(rng, 4, 256), _log_uniform_int(rng, 4, 256)
+    if rng.random() < 0.5:
+        k, s = int(rng.choice([2, 3, 4, 5])), int(rng.choice([1, 2, 2]))
+        spec = ConvSpec(kind="conv2d_transpose", in_channels=cin, filters=cout, kernel=(k, k), height=hw, width=hw,
+                        batch=batch, strides=(s, s), padding="same")
+    else:
+        k = int(rng.choice([3, 5, 7, 13, 21, 31]))
+        spec = ConvSpec(kind="separable_conv2d", in_channels=cin, filters=cout, kernel=(k, k), height=hw,
+                        width=hw, batch=batch, padding="same")
+    while (spec.macs() or 0) > max_macs and (spec.batch > 1 or spec.height > 7):
+        spec = (spec.with_input(batch=spec.batch // 2) if spec.batch > 1
+                else spec.with_input(height=max(spec.height * 3 // 4, 7), width=max(spec.height * 3 // 4, 7)))
+    return spec
+
+
+def other_kind_specs(batch: int = 8) -> List[ConvSpec]:
+    """Conv2DTranspose and SeparableConv2D shapes of decoders (U-Net, DCGAN: 4x4 / 3x3 / 2x2 stride 2) and of
+    separable large-kernel nets (Xception-style 3x3, 13x13 and 31x31 separable at 56x56; three 12-13 wide
+    kernels, so that sep-wide, which applies to those widths only, gets the 3 timings a fit needs)."""
+    def convt(k, cin, cout, hw, s=2):
+        return ConvSpec(kind="conv2d_transpose", in_channels=cin, filters=cout, kernel=(k, k), height=hw, width=hw,
+                        batch=batch, strides=(s, s), padding="same")
+
+    def sep(k, cin, cout, hw):
+        return ConvSpec(kind="separable_conv2d", in_channels=cin, filters=cout, kernel=(k, k), height=hw, width=hw,
+                        batch=batch, padding="same")
+
+    return [convt(4, 64, 32, 56), convt(3, 128, 64, 28), convt(2, 256, 128, 14), convt(4, 512, 256, 7),
+            convt(3, 64, 64, 56, s=1), sep(3, 128, 128, 56), sep(13, 128, 128, 56), sep(31, 128, 128, 56),
+            sep(3, 728, 728, 14), sep(13, 256, 256, 28), sep(12, 64, 64, 56), sep(13, 512, 512, 14)]
+
+
 def canonical_specs(batch: int = 8) -> List[ConvSpec]:
     """Shapes common architectures are made of (ResNet, MobileNet/EfficientNet, ConvNeXt, large-kernel
     nets), so the fit is dense where most convolutions are; random specs cover the rest of the space."""
@@ -182,7 +224,7 @@ def canonical_specs(batch: int = 8) -> List[ConvSpec]:
         conv(29, 256, 256, 28, groups=256, kind="depthwise_conv2d"), conv(13, 256, 256, 28, groups=256, kind="depthwise_conv2d"),
         conv(27, 512, 512, 14, groups=512, kind="depthwise_conv2d"), conv(13, 1024, 1024, 7, groups=1024, kind="depthwise_conv2d"),
         conv(13, 512, 512, 14, groups=512, kind="depthwise_conv2d"),
-    ]
+    ] + other_kind_specs(batch)
 
 
 def grid(mode: str = "quick", seed: int = 0) -> List[ConvSpec]:
@@ -195,6 +237,9 @@ def grid(mode: str = "quick", seed: int = 0) -> List[ConvSpec]:
     canonical = canonical_specs()
     canonical = canonical if mode == "full" else canonical[::3]
     specs = canonical + [random_spec(rng, MAX_DIRECT_MACS[mode]) for _ in range(n)]
+    # transposed and separable convs from a generator of their own, so the specs above stay as they were
+    other = np.random.default_rng(seed + 1)
+    specs += [random_other_kind_spec(other, MAX_DIRECT_MACS[mode]) for _ in range(4 if mode == "quick" else 16)]
     return list(dict.fromkeys(specs))
 
 

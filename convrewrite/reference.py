@@ -113,6 +113,11 @@ def spec_forward(spec, x, weights, dtype=np.float64, activation=None):
     common = dict(strides=spec.strides, padding=spec.padding, dilation=spec.dilation, dtype=dtype)
     if spec.kind == "depthwise_conv2d":
         out = depthwise_conv2d(x, weights[0], bias, **common)
+    elif spec.kind == "separable_conv2d":
+        bias = weights[2] if spec.use_bias else None
+        out = separable_conv2d(x, weights[0], weights[1], bias, **common)
+    elif spec.kind == "conv2d_transpose":
+        out = conv2d_transpose(x, weights[0], bias, output_padding=spec.output_padding, **common)
     else:
         out = conv2d(x, weights[0], bias, groups=spec.groups, **common)
     if activation is not None or spec.activation not in ("linear", None):
@@ -122,6 +127,70 @@ def spec_forward(spec, x, weights, dtype=np.float64, activation=None):
         out = np.asarray(keras.ops.convert_to_numpy(fn(out)), dtype=dtype)
     if channels_first:
         out = out.transpose(0, 3, 1, 2)
+    return out
+
+
+# ==== transposed and separable convolution =======================================================
+__all__ += ["conv2d_transpose_length", "conv2d_transpose", "separable_conv2d"]
+
+
+def conv2d_transpose_length(size: int, kernel: int, stride: int, padding: str, output_padding=None, dilation: int = 1):
+    """Output length of Keras's Conv2DTranspose along one axis (see `conv2d_transpose`)."""
+    eff = (kernel - 1) * dilation + 1
+    if output_padding is None:
+        return size * stride + (0 if padding == "same" else max(eff - stride, 0))
+    pad = eff // 2 if padding == "same" else 0
+    return (size - 1) * stride + eff - 2 * pad + output_padding
+
+
+def conv2d_transpose(x, kernel, bias=None, strides=1, padding="valid", dilation=1, output_padding=None, dtype=None):
+    """Transposed convolution as Keras Conv2DTranspose (tf.nn.conv2d_transpose) computes it: the gradient of
+    the forward convolution `padding` from an (L, L') input to x's size, with respect to that input.
+
+    x: (N, H, W, Cin); kernel: (kh, kw, Cout, Cin) as Conv2DTranspose stores it; bias: (Cout,) or None.
+    Every input pixel i scatters x[i] W[t] to the uncropped output position i * s + t * d; the result is the
+    window [pb, pb + L) of that, where L is Keras's output length and pb the top/left pad the forward
+    convolution would use on an L-long input (SAME: TF's asymmetric pad; VALID: 0). Returns (N, L, L', Cout).
+    """
+    x = np.asarray(x, dtype=dtype)
+    kernel = np.asarray(kernel, dtype=dtype)
+    strides, dilation = _pair(strides), _pair(dilation)
+    ops = (None, None) if output_padding is None else _pair(output_padding)
+    n, h, w, _ = x.shape
+    kh, kw, cout, _ = kernel.shape
+    sizes, pbs, fulls = [], [], []
+    for m, k, s, d, op in zip((h, w), (kh, kw), strides, dilation, ops):
+        length = conv2d_transpose_length(m, k, s, padding, op, d)
+        eff = (k - 1) * d + 1
+        if padding == "same" and -(-length // s) != m:  # TF refuses these (even kernel, output_padding 0)
+            raise ValueError(f"Received output_padding={output_padding} with SAME and kernel {k}; expected an output "
+                             f"length ({length}) that a SAME convolution with stride {s} maps back to {m}.")
+        pb = same_padding(length, k, s, d)[0] if padding == "same" else 0
+        sizes.append(length)
+        pbs.append(pb)
+        fulls.append(max((m - 1) * s + eff, pb + length))
+    full = np.zeros((n, fulls[0], fulls[1], cout), np.result_type(x, kernel))
+    for a in range(kh):  # one vectorized scatter per kernel tap
+        for b in range(kw):
+            r0, c0 = a * dilation[0], b * dilation[1]
+            full[:, r0: r0 + (h - 1) * strides[0] + 1: strides[0], c0: c0 + (w - 1) * strides[1] + 1: strides[1]] += \
+                np.einsum("nhwc,oc->nhwo", x, kernel[a, b])
+    out = full[:, pbs[0]: pbs[0] + sizes[0], pbs[1]: pbs[1] + sizes[1]]
+    if bias is not None:
+        out = out + np.asarray(bias, dtype=out.dtype)
+    return out
+
+
+def separable_conv2d(x, depthwise_kernel, pointwise_kernel, bias=None, strides=1, padding="valid", dilation=1,
+                     dtype=None):
+    """SeparableConv2D: the depthwise convolution (kh, kw, C, M), then a 1x1 convolution (1, 1, C*M, F), then bias.
+
+    x: (N, H, W, C) -> (N, Ho, Wo, F)."""
+    mid = depthwise_conv2d(x, depthwise_kernel, None, strides=strides, padding=padding, dilation=dilation, dtype=dtype)
+    pw = np.asarray(pointwise_kernel, dtype=dtype)
+    out = np.einsum("nhwc,cf->nhwf", mid, pw.reshape(pw.shape[-2], pw.shape[-1]), optimize=True)
+    if bias is not None:
+        out = out + np.asarray(bias, dtype=out.dtype)
     return out
 
 

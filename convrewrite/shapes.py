@@ -57,3 +57,16 @@ def same_pads(size, effective_kernel: int, stride: int):
 
         total = keras.ops.maximum(total, 0)
     return total // 2, total - total // 2
+
+
+def transpose_output_length(size: Optional[int], effective_kernel: int, stride: int, padding: str,
+                            output_padding: Optional[int] = None) -> Optional[int]:
+    """Output length of a transposed convolution (Keras's Conv2DTranspose) along one axis, None where the input
+    length is unknown. Without output_padding: size * stride (SAME), size * stride + max(k_eff - stride, 0)
+    (VALID); with it: (size - 1) * stride + k_eff - 2 * pad + output_padding, pad = k_eff // 2 (SAME) or 0."""
+    if size is None:
+        return None
+    if output_padding is None:
+        return size * stride + (0 if padding == "same" else max(effective_kernel - stride, 0))
+    pad = effective_kernel // 2 if padding == "same" else 0
+    return (size - 1) * stride + effective_kernel - 2 * pad + output_padding

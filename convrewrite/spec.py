@@ -10,11 +10,11 @@ import dataclasses
 import json
 from typing import Optional, Tuple
 
-from .shapes import effective_length, output_length, pair
+from .shapes import effective_length, output_length, pair, transpose_output_length
 
-CONV_KINDS = ("conv2d", "depthwise_conv2d")
-"""Kinds the walker recognises today. Conv1D/Conv3D/SeparableConv2D/Conv2DTranspose get kinds of their own
-when an implementation for them exists; until then they are ordinary (kept) layers."""
+CONV_KINDS = ("conv2d", "depthwise_conv2d", "conv2d_transpose", "separable_conv2d")
+"""Kinds the walker recognises. Conv1D/Conv3D get kinds of their own when an implementation for them exists;
+until then they are ordinary (kept) layers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +24,19 @@ class ConvSpec:
     `height`/`width`/`batch` are None when unknown at build time (e.g. `Input((None, None, 3))`).
     `filters` is the number of output channels (for depthwise: in_channels * depth_multiplier).
     `groups` is 1 for ordinary Conv2D, Cin for depthwise.
+
+    The other 2-D kinds use the same fields:
+      * "conv2d_transpose" (keras.layers.Conv2DTranspose): height/width/in_channels describe the layer's
+        *input*; `filters` its output channels; `kernel`, `strides`, `dilation`, `padding` as the layer's
+        arguments (the forward convolution it transposes); `output_padding` the layer's output_padding (None
+        when the layer leaves it None: the output is then H*s for SAME, H*s + max(k_eff - s, 0) for VALID);
+        groups 1. `output_hw()` is the (larger) output size, `macs()` counts Cin*filters*kh*kw per *input*
+        pixel (the scatter's work, the same as the forward convolution it transposes).
+      * "separable_conv2d" (keras.layers.SeparableConv2D): a depthwise stage (kernel, strides, dilation,
+        padding, `depth_multiplier` M: Cin*M channels) followed by a 1x1 pointwise stage to `filters`
+        channels; groups 1. `macs()` is the sum of both stages' work.
+    `output_padding` is None for every kind but conv2d_transpose (and left out of the JSON when None, so
+    the specs of the other kinds serialize exactly as before it existed).
     """
 
     kind: str
@@ -42,12 +55,20 @@ class ConvSpec:
     activation: str = "linear"
     dtype: str = "float32"
     data_format: str = "channels_last"
+    output_padding: Optional[Tuple[int, int]] = None
 
     def __post_init__(self):
         if self.kind not in CONV_KINDS:
             raise ValueError(f"Received kind={self.kind!r}; expected one of {CONV_KINDS}.")
         for name in ("kernel", "strides", "dilation"):
             object.__setattr__(self, name, pair(getattr(self, name), name, "ConvSpec"))
+        if self.output_padding is not None:
+            if self.kind != "conv2d_transpose":
+                raise ValueError(f"Received output_padding={self.output_padding!r} for kind {self.kind!r}; "
+                                 f"expected None (only conv2d_transpose has an output padding).")
+            object.__setattr__(self, "output_padding", pair(self.output_padding, "output_padding", "ConvSpec", 0))
+        if self.kind in ("conv2d_transpose", "separable_conv2d") and self.groups != 1:
+            raise ValueError(f"Received groups={self.groups} for kind {self.kind!r}; expected 1.")
         if self.padding not in ("same", "valid"):
             raise ValueError(f"Received padding={self.padding!r}; expected 'same' or 'valid'.")
         if self.data_format not in ("channels_last", "channels_first"):
@@ -79,6 +100,10 @@ class ConvSpec:
 
     def output_hw(self) -> Tuple[Optional[int], Optional[int]]:
         """Output spatial size under TF/Keras padding rules, None where the input size is unknown."""
+        if self.kind == "conv2d_transpose":
+            ops = self.output_padding or (None, None)
+            return tuple(transpose_output_length(n, k, s, self.padding, p)
+                         for n, k, s, p in zip((self.height, self.width), self.effective_kernel, self.strides, ops))
         return tuple(output_length(n, k, s, self.padding)
                      for n, k, s in zip((self.height, self.width), self.effective_kernel, self.strides))
 
@@ -88,6 +113,11 @@ class ConvSpec:
         if ho is None or wo is None:
             return None
         b = batch or self.batch or 1
+        if self.kind == "conv2d_transpose":  # every input pixel scatters Cin x filters x taps products
+            return b * self.height * self.width * self.in_channels * self.filters * self.kernel[0] * self.kernel[1]
+        if self.kind == "separable_conv2d":
+            mid = self.in_channels * self.depth_multiplier
+            return b * ho * wo * mid * (self.kernel[0] * self.kernel[1] + self.filters)
         return b * ho * wo * self.filters * (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
 
     def with_input(self, batch=None, height=None, width=None) -> "ConvSpec":
@@ -104,6 +134,10 @@ class ConvSpec:
         d = dataclasses.asdict(self)
         for key in ("kernel", "strides", "dilation"):
             d[key] = list(d[key])
+        if d["output_padding"] is None:
+            del d["output_padding"]  # the JSON of every spec without one stays as it was (profile keys)
+        else:
+            d["output_padding"] = list(d["output_padding"])
         return d
 
     @classmethod
@@ -123,14 +157,18 @@ class ConvSpec:
 
     def short(self) -> str:
         """Compact one-line description for tables: `dw 7x7 s1 96->96 @56x56`."""
-        tag = {"conv2d": "conv", "depthwise_conv2d": "dw"}[self.kind]
+        tag = {"conv2d": "conv", "depthwise_conv2d": "dw", "conv2d_transpose": "convT",
+               "separable_conv2d": "sep"}[self.kind]
         if self.kind == "conv2d" and self.groups > 1:
             tag += f" g{self.groups}"
+        if self.kind == "separable_conv2d" and self.depth_multiplier > 1:
+            tag += f" m{self.depth_multiplier}"
         k = f"{self.kernel[0]}x{self.kernel[1]}"
         s = f"s{self.strides[0]}" if self.strides[0] == self.strides[1] else f"s{self.strides[0]}x{self.strides[1]}"
         d = "" if self.dilation == (1, 1) else f" d{self.dilation[0]}"
         hw = f"{self.height}x{self.width}" if self.height else "?x?"
-        return f"{tag} {k} {s}{d} {self.padding} {self.in_channels}->{self.filters} @{hw}"
+        op = "" if self.output_padding is None else f" op{self.output_padding[0]}x{self.output_padding[1]}"
+        return f"{tag} {k} {s}{d} {self.padding}{op} {self.in_channels}->{self.filters} @{hw}"
 
 
 def keras_class(layer):
@@ -143,7 +181,8 @@ def keras_class(layer):
     import keras
 
     t = type(layer)
-    if t in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D):
+    if t in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Conv2DTranspose,
+             keras.layers.SeparableConv2D):
         return t
     return t.__dict__.get("convrewrite_keras_class")
 
@@ -154,14 +193,16 @@ def is_conv_site(layer) -> bool:
 
 
 def spec_from_layer(layer, input_shape) -> ConvSpec:
-    """Describe a Keras Conv2D / DepthwiseConv2D layer called on a tensor of `input_shape`.
+    """Describe a Keras Conv2D / DepthwiseConv2D / Conv2DTranspose / SeparableConv2D layer called on a tensor
+    of `input_shape`.
 
     input_shape: the full shape including batch, in the layer's data_format.
     """
     import keras
 
     if not is_conv_site(layer):
-        raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a Conv2D or DepthwiseConv2D.")
+        raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a Conv2D, DepthwiseConv2D, "
+                         f"Conv2DTranspose or SeparableConv2D.")
     config = layer.get_config()
     data_format = config.get("data_format") or "channels_last"
     shape = tuple(input_shape)
@@ -195,4 +236,26 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
     if keras_class(layer) is keras.layers.DepthwiseConv2D:
         m = int(config["depth_multiplier"])
         return ConvSpec(kind="depthwise_conv2d", filters=int(cin) * m, groups=int(cin), depth_multiplier=m, **common)
+    if keras_class(layer) is keras.layers.SeparableConv2D:
+        return ConvSpec(kind="separable_conv2d", filters=int(config["filters"]),
+                        depth_multiplier=int(config["depth_multiplier"]), **common)
+    if keras_class(layer) is keras.layers.Conv2DTranspose:
+        op = config.get("output_padding")
+        return ConvSpec(kind="conv2d_transpose", filters=int(config["filters"]),
+                        output_padding=None if op is None else tuple(op), **common)
     return ConvSpec(kind="conv2d", filters=int(config["filters"]), groups=int(config.get("groups", 1)), **common)
+
+
+def separable_stages(spec: ConvSpec):
+    """(depthwise spec, pointwise spec) of a separable_conv2d spec, the two convolutions SeparableConv2D runs:
+    what each stage's cost is estimated from."""
+    mid = spec.in_channels * spec.depth_multiplier
+    dw = ConvSpec(kind="depthwise_conv2d", in_channels=spec.in_channels, filters=mid, kernel=spec.kernel,
+                  height=spec.height, width=spec.width, batch=spec.batch, strides=spec.strides,
+                  dilation=spec.dilation, padding=spec.padding, groups=spec.in_channels,
+                  depth_multiplier=spec.depth_multiplier, use_bias=False, dtype=spec.dtype,
+                  data_format=spec.data_format)
+    ho, wo = dw.output_hw()
+    pw = ConvSpec(kind="conv2d", in_channels=mid, filters=spec.filters, kernel=(1, 1), height=ho, width=wo,
+                  batch=spec.batch, use_bias=spec.use_bias, dtype=spec.dtype, data_format=spec.data_format)
+    return dw, pw

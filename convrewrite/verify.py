@@ -133,7 +133,7 @@ class VerificationReport:
     def summary(self) -> str:
         # columns as wide as the longest entry, so long nested site paths never shift them
         w = max([40] + [len(f"{c.kind}:{c.name}") for c in self.checks])
-        iw = max([12] + [len(c.implementation) for c in self.checks])
+        iw = max([12] + [len(c.implementation or "") for c in self.checks])
         lines = [f"{'check':<{w}} {'impl':<{iw}} {'rel err':>10} {'vs f64 ref':>10} {'tol':>8}  result"]
         for c in self.checks:
             ref = "-" if c.rel_error_new_vs_reference is None else f"{c.rel_error_new_vs_reference:.2e}"

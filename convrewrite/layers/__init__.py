@@ -2,3 +2,5 @@
 from .fft import FFTConv2D, FFTDepthwiseConv2D
 from .pac import PacConv2D, PacConv2DTranspose, PacPool2D
 from .wide import WideDepthwiseConv2D
+from .separable import FFTSeparableConv2D, WideSeparableConv2D
+from .transpose import SubpixelConv2DTranspose
