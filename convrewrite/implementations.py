@@ -1,14 +1,15 @@
 """What implementations exist: the registry's interface, with every built-in implementation registered.
 
     from convrewrite import implementations
-    implementations.names()            # ['direct', 'depthwise', 'depthwise-wide', 'fft', 'fft-tiled', 'pac']
+    implementations.names()            # ['direct', 'direct-bf16', 'depthwise', 'subpixel', ..., 'pac']
     implementations.get("fft").applicable(spec)
 
 Each built-in lives beside its layers and registers itself when imported (`convrewrite/kernels.py`:
-direct and depthwise; `layers/wide.py`: depthwise-wide; `layers/fft.py`: fft and fft-tiled; `layers/pac/`:
-pac). Adding an implementation
-means one module with an `Implementation` subclass (see `convrewrite.registry`) that calls `register`,
-and one import line here (or, outside the package, just `register(...)`).
+direct and depthwise; `precision.py`: direct-bf16 and depthwise-bf16; `layers/wide.py`: depthwise-wide;
+`layers/fft.py`: fft and fft-tiled; `layers/transpose.py`: subpixel and subpixel-fft (Conv2DTranspose);
+`layers/separable.py`: sep-fft, sep-fft-tiled and sep-wide (SeparableConv2D); `layers/pac/`: pac). Adding an
+implementation means one module with an `Implementation` subclass (see `convrewrite.registry`) that calls
+`register`, and one import line here (or, outside the package, just `register(...)`).
 """
 
 from . import kernels  # noqa: F401  registers direct, depthwise
