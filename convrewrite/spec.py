@@ -12,9 +12,18 @@ from typing import Optional, Tuple
 
 from .shapes import effective_length, output_length, pair
 
-CONV_KINDS = ("conv2d", "depthwise_conv2d")
-"""Kinds the walker recognises today. Conv1D/Conv3D/SeparableConv2D/Conv2DTranspose get kinds of their own
+CONV_KINDS = ("conv2d", "depthwise_conv2d", "conv1d", "depthwise_conv1d")
+"""Kinds the walker recognises today. Conv3D/SeparableConv2D/Conv2DTranspose get kinds of their own
 when an implementation for them exists; until then they are ordinary (kept) layers."""
+
+KINDS_1D = ("conv1d", "depthwise_conv1d")
+"""1-D kinds (Keras Conv1D / DepthwiseConv1D). A 1-D site is described as a 2-D spec of height 1: kernel
+(1, k), strides (1, s), dilation (1, d), width = the sequence length. Why not fields of their own: every
+consumer of a spec (io_bytes, macs, output sizes, the cost features and the fits regressed on them, the
+profiler's grids) then works on 1-D sites unchanged, and a Conv1D is computed by TensorFlow as exactly
+such a height-1 Conv2D, so its costs are comparable. The kind keeps them apart where it matters (the layer
+class to build, the numpy reference, 'causal' padding, which only 1-D kinds accept)."""
+DEPTHWISE_KINDS = ("depthwise_conv2d", "depthwise_conv1d")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +57,16 @@ class ConvSpec:
             raise ValueError(f"Received kind={self.kind!r}; expected one of {CONV_KINDS}.")
         for name in ("kernel", "strides", "dilation"):
             object.__setattr__(self, name, pair(getattr(self, name), name, "ConvSpec"))
-        if self.padding not in ("same", "valid"):
+        if self.kind in KINDS_1D:
+            self._check_1d()
+        elif self.padding not in ("same", "valid"):
             raise ValueError(f"Received padding={self.padding!r}; expected 'same' or 'valid'.")
         if self.data_format not in ("channels_last", "channels_first"):
             raise ValueError(f"Received data_format={self.data_format!r}; expected 'channels_last' or 'channels_first'.")
         for name in ("in_channels", "filters", "groups", "depth_multiplier"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"Received {name}={getattr(self, name)!r}; expected a positive int.")
-        if self.kind == "depthwise_conv2d" and self.filters != self.in_channels * self.depth_multiplier:
+        if self.kind in DEPTHWISE_KINDS and self.filters != self.in_channels * self.depth_multiplier:
             raise ValueError(
                 f"Received a depthwise spec with filters={self.filters}, in_channels={self.in_channels}, "
                 f"depth_multiplier={self.depth_multiplier}; expected filters = in_channels * depth_multiplier."
@@ -66,7 +77,23 @@ class ConvSpec:
                 f"filters={self.filters}; expected groups to divide both."
             )
 
+    def _check_1d(self):
+        """A 1-D kind is a height-1 2-D spec (see KINDS_1D): its first axis must be trivial."""
+        if self.height not in (None, 1):
+            raise ValueError(f"Received a {self.kind} spec with height={self.height}; expected 1 (a 1-D site).")
+        object.__setattr__(self, "height", 1)
+        for name in ("kernel", "strides", "dilation"):
+            if getattr(self, name)[0] != 1:
+                raise ValueError(f"Received a {self.kind} spec with {name}={getattr(self, name)}; expected (1, n).")
+        if self.padding not in ("same", "valid", "causal"):
+            raise ValueError(f"Received padding={self.padding!r}; expected 'same', 'valid' or 'causal'.")
+
     # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def is_1d(self) -> bool:
+        """True for Conv1D / DepthwiseConv1D sites (height-1 specs, see KINDS_1D)."""
+        return self.kind in KINDS_1D
+
     @property
     def effective_kernel(self) -> Tuple[int, int]:
         """Kernel extent once dilation spreads its taps: (k - 1) * d + 1 per axis."""
@@ -75,11 +102,13 @@ class ConvSpec:
     @property
     def is_depthwise_like(self) -> bool:
         """True when every group holds exactly one input channel (depthwise, possibly grouped Conv2D)."""
-        return self.groups == self.in_channels and self.groups > 1 or self.kind == "depthwise_conv2d"
+        return self.groups == self.in_channels and self.groups > 1 or self.kind in DEPTHWISE_KINDS
 
     def output_hw(self) -> Tuple[Optional[int], Optional[int]]:
         """Output spatial size under TF/Keras padding rules, None where the input size is unknown."""
-        return tuple(output_length(n, k, s, self.padding)
+        # causal (1-D only) pads k_eff - 1 before and nothing after: as many outputs as SAME
+        padding = "same" if self.padding == "causal" else self.padding
+        return tuple(output_length(n, k, s, padding)
                      for n, k, s in zip((self.height, self.width), self.effective_kernel, self.strides))
 
     def macs(self, batch: Optional[int] = None) -> Optional[int]:
@@ -122,7 +151,9 @@ class ConvSpec:
         return cls.from_dict(json.loads(text))
 
     def short(self) -> str:
-        """Compact one-line description for tables: `dw 7x7 s1 96->96 @56x56`."""
+        """Compact one-line description for tables: `dw 7x7 s1 96->96 @56x56`, `conv1d k251 s1 16->16 @16000`."""
+        if self.is_1d:
+            return self._short_1d()
         tag = {"conv2d": "conv", "depthwise_conv2d": "dw"}[self.kind]
         if self.kind == "conv2d" and self.groups > 1:
             tag += f" g{self.groups}"
@@ -131,6 +162,14 @@ class ConvSpec:
         d = "" if self.dilation == (1, 1) else f" d{self.dilation[0]}"
         hw = f"{self.height}x{self.width}" if self.height else "?x?"
         return f"{tag} {k} {s}{d} {self.padding} {self.in_channels}->{self.filters} @{hw}"
+
+    def _short_1d(self) -> str:
+        tag = {"conv1d": "conv1d", "depthwise_conv1d": "dw1d"}[self.kind]
+        if self.kind == "conv1d" and self.groups > 1:
+            tag += f" g{self.groups}"
+        d = "" if self.dilation[1] == 1 else f" d{self.dilation[1]}"
+        n = self.width if self.width is not None else "?"
+        return f"{tag} k{self.kernel[1]} s{self.strides[1]}{d} {self.padding} {self.in_channels}->{self.filters} @{n}"
 
 
 def keras_class(layer):
@@ -143,7 +182,7 @@ def keras_class(layer):
     import keras
 
     t = type(layer)
-    if t in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D):
+    if t in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Conv1D, keras.layers.DepthwiseConv1D):
         return t
     return t.__dict__.get("convrewrite_keras_class")
 
@@ -154,7 +193,8 @@ def is_conv_site(layer) -> bool:
 
 
 def spec_from_layer(layer, input_shape) -> ConvSpec:
-    """Describe a Keras Conv2D / DepthwiseConv2D layer called on a tensor of `input_shape`.
+    """Describe a Keras Conv2D / DepthwiseConv2D / Conv1D / DepthwiseConv1D layer called on a tensor of
+    `input_shape`.
 
     input_shape: the full shape including batch, in the layer's data_format.
     """
@@ -162,6 +202,8 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
 
     if not is_conv_site(layer):
         raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a Conv2D or DepthwiseConv2D.")
+    if keras_class(layer) in (keras.layers.Conv1D, keras.layers.DepthwiseConv1D):
+        return _spec_from_1d_layer(layer, input_shape)
     config = layer.get_config()
     data_format = config.get("data_format") or "channels_last"
     shape = tuple(input_shape)
@@ -171,13 +213,8 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
         batch, cin, h, w = shape
     else:
         batch, h, w, cin = shape
-    activation = config.get("activation", "linear")
-    if not isinstance(activation, str):
-        activation = keras.activations.serialize(layer.activation)
-        if isinstance(activation, dict):
-            activation = activation.get("config", {}).get("name", str(activation))
-    policy = getattr(layer, "dtype_policy", None)
-    dtype = getattr(policy, "name", None) or str(layer.compute_dtype)
+    activation = _activation_name(layer, config)
+    dtype = _layer_dtype(layer)
     common = dict(
         in_channels=int(cin),
         kernel=tuple(config["kernel_size"]),
@@ -196,3 +233,52 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
         m = int(config["depth_multiplier"])
         return ConvSpec(kind="depthwise_conv2d", filters=int(cin) * m, groups=int(cin), depth_multiplier=m, **common)
     return ConvSpec(kind="conv2d", filters=int(config["filters"]), groups=int(config.get("groups", 1)), **common)
+
+
+def _activation_name(layer, config) -> str:
+    import keras
+
+    activation = config.get("activation", "linear")
+    if not isinstance(activation, str):
+        activation = keras.activations.serialize(layer.activation)
+        if isinstance(activation, dict):
+            activation = activation.get("config", {}).get("name", str(activation))
+    return str(activation)
+
+
+def _layer_dtype(layer) -> str:
+    policy = getattr(layer, "dtype_policy", None)
+    return getattr(policy, "name", None) or str(layer.compute_dtype)
+
+
+def _spec_from_1d_layer(layer, input_shape) -> ConvSpec:
+    """A Conv1D / DepthwiseConv1D on (batch, steps, C) (or (batch, C, steps)) as a height-1 spec (see KINDS_1D)."""
+    import keras
+
+    config = layer.get_config()
+    data_format = config.get("data_format") or "channels_last"
+    shape = tuple(input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"Layer '{layer.name}' received input of rank {len(shape)}; expected rank 3.")
+    if data_format == "channels_first":
+        batch, cin, n = shape
+    else:
+        batch, n, cin = shape
+    common = dict(
+        in_channels=int(cin),
+        kernel=(1, int(config["kernel_size"][0])),
+        height=1,
+        width=None if n is None else int(n),
+        batch=None if batch is None else int(batch),
+        strides=(1, int(config["strides"][0])),
+        dilation=(1, int(config["dilation_rate"][0])),
+        padding=config["padding"],
+        use_bias=bool(config["use_bias"]),
+        activation=_activation_name(layer, config),
+        dtype=_layer_dtype(layer),
+        data_format=data_format,
+    )
+    if keras_class(layer) is keras.layers.DepthwiseConv1D:
+        m = int(config["depth_multiplier"])
+        return ConvSpec(kind="depthwise_conv1d", filters=int(cin) * m, groups=int(cin), depth_multiplier=m, **common)
+    return ConvSpec(kind="conv1d", filters=int(config["filters"]), groups=int(config.get("groups", 1)), **common)
