@@ -187,6 +187,13 @@ def keras_class(layer):
     return t.__dict__.get("convrewrite_keras_class")
 
 
+def input_rank(layer) -> int:
+    """Rank of the input a conv site layer takes: 3 for Conv1D / DepthwiseConv1D, 4 for the 2-D kinds."""
+    import keras
+
+    return 3 if keras_class(layer) in (keras.layers.Conv1D, keras.layers.DepthwiseConv1D) else 4
+
+
 def is_conv_site(layer) -> bool:
     """True for the layer types the walker describes as sites (see `keras_class`)."""
     return keras_class(layer) is not None

@@ -339,3 +339,35 @@ def test_optimize_with_forced_fft_plan(rng):
     assert rel_error(fast.predict(x, verbose=0), model.predict(x, verbose=0)) <= TOL
     report = convrewrite.verify(model, fast)
     assert report.passed
+
+
+@keras.saving.register_keras_serializable(package="convrewrite_tests")
+class _SeqBlock(keras.layers.Layer):
+    """A custom layer holding a causal Conv1D and a DepthwiseConv1D in attributes (a residual sequence block)."""
+
+    def __init__(self, channels=4, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.mix = keras.layers.Conv1D(channels, 33, padding="causal")
+        self.long = keras.layers.DepthwiseConv1D(65, padding="same")
+
+    def call(self, x):
+        return x + self.long(self.mix(x))
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+def test_convs_held_in_a_custom_layer_are_sites_and_swapped(rng):
+    inputs = keras.Input((200, 4))
+    model = keras.Model(inputs, _SeqBlock(4, name="blk")(inputs))
+    for w in model.weights:
+        w.assign(rng.standard_normal(w.shape).astype("float32") * 0.2)
+    x = rng.standard_normal((2, 200, 4)).astype("float32")
+    plan = convrewrite.plan(model, cost_model=None)
+    assert {r.site: r.spec.kind for r in plan.rows} == {"blk/mix": "conv1d", "blk/long": "depthwise_conv1d"}
+    fast = convrewrite.optimize(model, plan=plan.force("blk/mix", "fft").force("blk/long", "fft-tiled"), inputs=x)
+    blk = fast.get_layer("blk")
+    assert type(blk.mix).__name__ == "FFTConv1D" and type(blk.long).__name__ == "FFTDepthwiseConv1D"
+    assert rel_error(keras.ops.convert_to_numpy(fast(x)), keras.ops.convert_to_numpy(model(x))) <= TOL
+    assert fast.convrewrite_report.passed
