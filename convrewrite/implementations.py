@@ -14,7 +14,7 @@ and one import line here (or, outside the package, just `register(...)`).
 from . import kernels  # noqa: F401  registers direct, depthwise
 from . import precision  # noqa: F401  registers direct-bf16, depthwise-bf16
 from .layers import fft, pac, wide  # noqa: F401  register fft, fft-tiled, pac, depthwise-wide
-from .layers import fft1d  # noqa: F401  Conv1D / DepthwiseConv1D sites for fft and fft-tiled
+from .layers import fft1d, fft3d  # noqa: F401  Conv1D / DepthwiseConv1D (fft, fft-tiled) and Conv3D (fft) sites
 from .registry import (  # noqa: F401  the registry's interface, re-exported
     Implementation, SitePolicy, canary_spec, candidates, for_layer, get, names, policy_implementations, register,
     speed_names, unregister,

@@ -45,6 +45,8 @@ def layer_from_spec(spec: ConvSpec, seed: int = 0):
                   dilation_rate=spec.dilation, use_bias=spec.use_bias, activation=spec.activation, dtype=spec.dtype)
     if spec.is_1d:
         return _layer_from_1d_spec(spec, common, seed)
+    if spec.kind == "conv3d":
+        return _layer_from_3d_spec(spec, common, seed)
     if spec.kind == "depthwise_conv2d":
         layer = keras.layers.DepthwiseConv2D(depth_multiplier=spec.depth_multiplier, **common)
     else:
@@ -69,6 +71,22 @@ def _layer_from_1d_spec(spec: ConvSpec, common: dict, seed: int):
     n = spec.width or max(256, spec.effective_kernel[1])
     b = spec.batch or 1
     shape = (b, spec.in_channels, n) if spec.data_format == "channels_first" else (b, n, spec.in_channels)
+    layer.build(shape)
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.standard_normal(v.shape).astype("float32") * 0.1 for v in layer.get_weights()])
+    return layer, shape
+
+
+def _layer_from_3d_spec(spec: ConvSpec, common: dict, seed: int):
+    """`layer_from_spec` for a Conv3D spec: a built Conv3D and its 5-D input shape."""
+    import keras
+
+    common = dict(common, kernel_size=(spec.kernel_depth, *spec.kernel), strides=(spec.stride_depth, *spec.strides),
+                  dilation_rate=(spec.dilation_depth, *spec.dilation))
+    layer = keras.layers.Conv3D(spec.filters, groups=spec.groups, **common)
+    size = (spec.depth or 16, spec.height or 16, spec.width or 16)
+    b = spec.batch or 1
+    shape = (b, spec.in_channels, *size) if spec.data_format == "channels_first" else (b, *size, spec.in_channels)
     layer.build(shape)
     rng = np.random.default_rng(seed)
     layer.set_weights([rng.standard_normal(v.shape).astype("float32") * 0.1 for v in layer.get_weights()])
@@ -212,7 +230,17 @@ def canonical_1d_specs(batch: int = 8) -> List[ConvSpec]:
         conv1d(3, 64, 64, 4096), conv1d(251, 16, 16, 16000, b=2), conv1d(31, 64, 64, 4096, padding="causal", b=2),
         conv1d(1024, 64, 64, 4096, groups=64, kind="depthwise_conv1d"), conv1d(10, 1, 64, 16000, s=5, padding="valid"),
         conv1d(127, 128, 128, 2048, groups=128, kind="depthwise_conv1d"),
-    ]
+    ] + canonical_3d_specs()
+
+
+def canonical_3d_specs(batch: int = 2) -> List[ConvSpec]:
+    """Conv3D shapes (video and volume models): the 3x3x3 most are made of, and larger kernels where the FFT
+    may pay (a k^3 kernel costs k^3 MACs per output and channel pair directly)."""
+    def conv3d(k, cin, cout, d, hw, s=1):
+        return ConvSpec(kind="conv3d", in_channels=cin, filters=cout, kernel=(k, k), height=hw, width=hw, batch=batch,
+                        strides=(s, s), padding="same", depth=d, kernel_depth=k, stride_depth=s)
+
+    return [conv3d(3, 32, 32, 16, 28), conv3d(5, 16, 16, 16, 32), conv3d(7, 16, 16, 16, 32), conv3d(9, 8, 8, 24, 24)]
 
 
 def grid(mode: str = "quick", seed: int = 0) -> List[ConvSpec]:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 from .shapes import effective_length, output_length, pair
 
-CONV_KINDS = ("conv2d", "depthwise_conv2d", "conv1d", "depthwise_conv1d")
+CONV_KINDS = ("conv2d", "depthwise_conv2d", "conv1d", "depthwise_conv1d", "conv3d")
 """Kinds the walker recognises today. Conv3D/SeparableConv2D/Conv2DTranspose get kinds of their own
 when an implementation for them exists; until then they are ordinary (kept) layers."""
 
@@ -24,6 +24,12 @@ profiler's grids) then works on 1-D sites unchanged, and a Conv1D is computed by
 such a height-1 Conv2D, so its costs are comparable. The kind keeps them apart where it matters (the layer
 class to build, the numpy reference, 'causal' padding, which only 1-D kinds accept)."""
 DEPTHWISE_KINDS = ("depthwise_conv2d", "depthwise_conv1d")
+
+DEPTH_FIELDS = {"depth": None, "kernel_depth": 1, "stride_depth": 1, "dilation_depth": 1}
+"""Conv3D's third (leading) spatial axis: input depth D (None: unknown), kernel, stride and dilation along it.
+Fields of their own rather than triples: the (height, width) pairs keep their meaning for every kind (a 3-D
+spec's 2-D features are those of one depth slice), and they are left out of a 2-D or 1-D spec's JSON, so the
+specs existing profiles hold read and write exactly as before."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +57,21 @@ class ConvSpec:
     activation: str = "linear"
     dtype: str = "float32"
     data_format: str = "channels_last"
+    depth: Optional[int] = None  # conv3d only (see DEPTH_FIELDS)
+    kernel_depth: int = 1
+    stride_depth: int = 1
+    dilation_depth: int = 1
 
     def __post_init__(self):
         if self.kind not in CONV_KINDS:
             raise ValueError(f"Received kind={self.kind!r}; expected one of {CONV_KINDS}.")
         for name in ("kernel", "strides", "dilation"):
             object.__setattr__(self, name, pair(getattr(self, name), name, "ConvSpec"))
+        if self.kind != "conv3d" and any(getattr(self, k) != v for k, v in DEPTH_FIELDS.items()):
+            raise ValueError(f"Received depth fields for a {self.kind} spec; expected them only for conv3d.")
+        for name in ("kernel_depth", "stride_depth", "dilation_depth"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Received {name}={getattr(self, name)!r}; expected a positive int.")
         if self.kind in KINDS_1D:
             self._check_1d()
         elif self.padding not in ("same", "valid"):
@@ -111,13 +126,22 @@ class ConvSpec:
         return tuple(output_length(n, k, s, padding)
                      for n, k, s in zip((self.height, self.width), self.effective_kernel, self.strides))
 
+    def output_depth(self) -> Optional[int]:
+        """Output length along a conv3d's depth axis (1 for other kinds; None where the depth is unknown)."""
+        if self.kind != "conv3d":
+            return 1
+        return output_length(self.depth, effective_length(self.kernel_depth, self.dilation_depth), self.stride_depth,
+                             self.padding)
+
     def macs(self, batch: Optional[int] = None) -> Optional[int]:
         """Multiply-accumulates of the direct algorithm (None if the spatial size is unknown)."""
         ho, wo = self.output_hw()
-        if ho is None or wo is None:
+        do = self.output_depth()
+        if ho is None or wo is None or do is None:
             return None
         b = batch or self.batch or 1
-        return b * ho * wo * self.filters * (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+        return (b * ho * wo * self.filters * (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+                * do * self.kernel_depth)
 
     def with_input(self, batch=None, height=None, width=None) -> "ConvSpec":
         """A copy with the input size filled in (the walker leaves it None when the model does)."""
@@ -133,6 +157,9 @@ class ConvSpec:
         d = dataclasses.asdict(self)
         for key in ("kernel", "strides", "dilation"):
             d[key] = list(d[key])
+        if self.kind != "conv3d":  # 2-D and 1-D specs serialize as they always did
+            for key in DEPTH_FIELDS:
+                d.pop(key)
         return d
 
     @classmethod
@@ -154,6 +181,8 @@ class ConvSpec:
         """Compact one-line description for tables: `dw 7x7 s1 96->96 @56x56`, `conv1d k251 s1 16->16 @16000`."""
         if self.is_1d:
             return self._short_1d()
+        if self.kind == "conv3d":
+            return self._short_3d()
         tag = {"conv2d": "conv", "depthwise_conv2d": "dw"}[self.kind]
         if self.kind == "conv2d" and self.groups > 1:
             tag += f" g{self.groups}"
@@ -162,6 +191,16 @@ class ConvSpec:
         d = "" if self.dilation == (1, 1) else f" d{self.dilation[0]}"
         hw = f"{self.height}x{self.width}" if self.height else "?x?"
         return f"{tag} {k} {s}{d} {self.padding} {self.in_channels}->{self.filters} @{hw}"
+
+    def _short_3d(self) -> str:
+        tag = "conv3d" + (f" g{self.groups}" if self.groups > 1 else "")
+        k = f"{self.kernel_depth}x{self.kernel[0]}x{self.kernel[1]}"
+        st = (self.stride_depth, *self.strides)
+        s = f"s{st[0]}" if len(set(st)) == 1 else "s" + "x".join(map(str, st))
+        dl = (self.dilation_depth, *self.dilation)
+        d = "" if dl == (1, 1, 1) else f" d{'x'.join(map(str, dl))}"
+        size = "x".join("?" if v is None else str(v) for v in (self.depth, self.height, self.width))
+        return f"{tag} {k} {s}{d} {self.padding} {self.in_channels}->{self.filters} @{size}"
 
     def _short_1d(self) -> str:
         tag = {"conv1d": "conv1d", "depthwise_conv1d": "dw1d"}[self.kind]
@@ -182,16 +221,18 @@ def keras_class(layer):
     import keras
 
     t = type(layer)
-    if t in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Conv1D, keras.layers.DepthwiseConv1D):
+    if t in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Conv1D, keras.layers.DepthwiseConv1D,
+             keras.layers.Conv3D):
         return t
     return t.__dict__.get("convrewrite_keras_class")
 
 
 def input_rank(layer) -> int:
-    """Rank of the input a conv site layer takes: 3 for Conv1D / DepthwiseConv1D, 4 for the 2-D kinds."""
+    """Rank of the input a conv site layer takes: 3 for Conv1D / DepthwiseConv1D, 5 for Conv3D, 4 for the 2-D kinds."""
     import keras
 
-    return 3 if keras_class(layer) in (keras.layers.Conv1D, keras.layers.DepthwiseConv1D) else 4
+    cls = keras_class(layer)
+    return 3 if cls in (keras.layers.Conv1D, keras.layers.DepthwiseConv1D) else (5 if cls is keras.layers.Conv3D else 4)
 
 
 def is_conv_site(layer) -> bool:
@@ -211,6 +252,8 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
         raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a Conv2D or DepthwiseConv2D.")
     if keras_class(layer) in (keras.layers.Conv1D, keras.layers.DepthwiseConv1D):
         return _spec_from_1d_layer(layer, input_shape)
+    if keras_class(layer) is keras.layers.Conv3D:
+        return _spec_from_3d_layer(layer, input_shape)
     config = layer.get_config()
     data_format = config.get("data_format") or "channels_last"
     shape = tuple(input_shape)
@@ -289,3 +332,25 @@ def _spec_from_1d_layer(layer, input_shape) -> ConvSpec:
         m = int(config["depth_multiplier"])
         return ConvSpec(kind="depthwise_conv1d", filters=int(cin) * m, groups=int(cin), depth_multiplier=m, **common)
     return ConvSpec(kind="conv1d", filters=int(config["filters"]), groups=int(config.get("groups", 1)), **common)
+
+
+def _spec_from_3d_layer(layer, input_shape) -> ConvSpec:
+    """A Conv3D on (batch, D, H, W, C) (or (batch, C, D, H, W)): (height, width) pairs plus the depth fields."""
+    config = layer.get_config()
+    data_format = config.get("data_format") or "channels_last"
+    shape = tuple(input_shape)
+    if len(shape) != 5:
+        raise ValueError(f"Layer '{layer.name}' received input of rank {len(shape)}; expected rank 5.")
+    if data_format == "channels_first":
+        batch, cin, d, h, w = shape
+    else:
+        batch, d, h, w, cin = shape
+    k, st, dl = (tuple(int(v) for v in config[key]) for key in ("kernel_size", "strides", "dilation_rate"))
+    return ConvSpec(
+        kind="conv3d", in_channels=int(cin), filters=int(config["filters"]), kernel=k[1:],
+        height=None if h is None else int(h), width=None if w is None else int(w),
+        batch=None if batch is None else int(batch), strides=st[1:], dilation=dl[1:], padding=config["padding"],
+        groups=int(config.get("groups", 1)), use_bias=bool(config["use_bias"]),
+        activation=_activation_name(layer, config), dtype=_layer_dtype(layer), data_format=data_format,
+        depth=None if d is None else int(d), kernel_depth=k[0], stride_depth=st[0], dilation_depth=dl[0],
+    )

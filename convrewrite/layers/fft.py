@@ -689,10 +689,12 @@ _OTHER_KINDS = {}
 live in other modules (`layers/fft1d.py`), so that `fft` and `fft-tiled` cover them too."""
 
 
-def register_fft_kind(kinds, layer_classes, make_layer, features):
-    """Let the `fft` / `fft-tiled` implementations build `layer_classes` for spec kinds `kinds`."""
+def register_fft_kind(kinds, layer_classes, make_layer, features, applicable=None):
+    """Let the `fft` / `fft-tiled` implementations build `layer_classes` for spec kinds `kinds`.
+
+    applicable(spec, tile_size) -> (bool, why), optional: further conditions (e.g. no tiled mode)."""
     for kind in kinds:
-        _OTHER_KINDS[kind] = (make_layer, features)
+        _OTHER_KINDS[kind] = (make_layer, features, applicable)
     FFTImplementation.layer_classes = tuple(dict.fromkeys(FFTImplementation.layer_classes + tuple(layer_classes)))
 
 
@@ -719,6 +721,8 @@ class FFTImplementation(Implementation):
             return False, f"dtype {spec.dtype}: FFT layers compute in float32"
         if self.tile_size == "full" and (spec.height is None or spec.width is None):
             return False, "spatial size unknown at build; full-image FFT needs it (fft-tiled does not)"
+        if spec.kind in _OTHER_KINDS and _OTHER_KINDS[spec.kind][2] is not None:
+            return _OTHER_KINDS[spec.kind][2](spec, self.tile_size)
         return True, ""
 
     def canary_specs(self):
