@@ -1,8 +1,9 @@
 """Keras model <-> networkx.DiGraph: find convolution sites, rebuild with substitutions.
 
 This module knows nothing about FFT or PAC. It walks Sequential and Functional models (recursively into
-nested models), describes every Conv2D / DepthwiseConv2D call as a `Site`, and rebuilds a new Functional
-model in which each layer is either re-created from its config with copied weights or replaced by what a
+nested models), describes every call of a conv site layer (`spec.is_conv_site`: Conv2D, DepthwiseConv2D,
+Conv1D, DepthwiseConv1D, Conv3D) as a `Site`, and rebuilds a new Functional model in which each layer is
+either re-created from its config with copied weights or replaced by what a
 `substitute(site) -> (Implementation, options)` callback says.
 
 Convolutions held inside a layer of the graph (a custom layer's attributes, lists, dicts; a subclassed
@@ -115,7 +116,8 @@ class ModelGraph:
                     self._add_site(site)
                 continue
             config = sub.get_build_config() if sub.built else None
-            shapes = [s for s in seen.get(id(sub)) or [(config or {}).get("input_shape")] if s and len(s) == input_rank(sub)]
+            shapes = [s for s in seen.get(id(sub)) or [(config or {}).get("input_shape")]
+                      if s and len(s) == input_rank(sub)]
             if not shapes:
                 continue
             # the batch it was built or probed with is incidental: planned at plan()'s batch, like a graph's

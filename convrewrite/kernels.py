@@ -50,7 +50,8 @@ class Direct(Implementation):
         # median relative error 39% -> 28%).
         f = super().features(spec)
         macs = f.pop("macs")
-        kind = "dw" if spec.kind in ("depthwise_conv2d", "depthwise_conv1d") else ("grouped" if spec.groups > 1 else "dense")
+        depthwise = spec.kind in ("depthwise_conv2d", "depthwise_conv1d")
+        kind = "dw" if depthwise else ("grouped" if spec.groups > 1 else "dense")
         per_cin = macs / max(spec.in_channels // spec.groups, 1)
         per_cout = macs / max(spec.filters // spec.groups, 1)
         for k in ("dense", "grouped", "dw"):

@@ -249,7 +249,8 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
     import keras
 
     if not is_conv_site(layer):
-        raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a Conv2D or DepthwiseConv2D.")
+        raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a conv site; expected Keras's own "
+                         f"Conv2D, DepthwiseConv2D, Conv1D, DepthwiseConv1D or Conv3D.")
     if keras_class(layer) in (keras.layers.Conv1D, keras.layers.DepthwiseConv1D):
         return _spec_from_1d_layer(layer, input_shape)
     if keras_class(layer) is keras.layers.Conv3D:

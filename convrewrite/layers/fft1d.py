@@ -32,8 +32,8 @@ from ..shapes import effective_length
 from ..spec import ConvSpec
 from . import backend
 from .fft import (
-    AxisLayout, _dilate, _dtype_max, _transform_work, FFTLayout, default_tile, full_axis_layout, register_fft_kind,
-    tiled_axis_layout,
+    AxisLayout, _dilate, _dtype_max, _transform_work, FFTLayout, default_tile, full_axis_layout, next_fast_length,
+    register_fft_kind, tiled_axis_layout,
 )
 
 __all__ = ["FFTConv1D", "FFTDepthwiseConv1D", "axis_layout_1d", "fft1d_cost_features"]
@@ -52,8 +52,6 @@ def _causal_layout(axis: AxisLayout, n: Optional[int], k_eff: int, stride: int, 
     span = (out - 1) * stride + 1
     # input at [0, n); output i reads i - (k_eff - 1) .. i: wrapped negatives must land at >= n
     need = max(n + k_eff - 1, span, k_eff, 1)
-    from .fft import next_fast_length
-
     return AxisLayout(fft=next_fast_length(need), pad_before=k_eff - 1, out=out, stride=stride, kernel=k_eff)
 
 
@@ -220,8 +218,8 @@ class _FFTConv1DMixin:
             raise ValueError(f"{type(self).__name__} '{self.name}': {exc}") from None
         groups, cg, cout = self._grouping()
         self._spectrum_cache = backend.SpectrumCache(
-            (self.kernel_size[0], cg, cout), self._spectrum_shape(self._fft_axis), "complex64" if cg == 1 else "float32",
-            name=f"{self.name}_spectrum_cache")
+            (self.kernel_size[0], cg, cout), self._spectrum_shape(self._fft_axis),
+            "complex64" if cg == 1 else "float32", name=f"{self.name}_spectrum_cache")
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         """TF's object graph minus the spectrum cache in checkpoints (derived state, see layers/fft.py)."""
@@ -300,7 +298,8 @@ class _FFTConv1DMixin:
 
     def _fft_call(self, x, spectrum, bias, axis):
         groups, cg, _ = self._grouping()
-        y = self._tiled(x, spectrum, axis, groups, cg) if axis.tile is not None else self._full(x, spectrum, axis, groups, cg)
+        run = self._tiled if axis.tile is not None else self._full
+        y = run(x, spectrum, axis, groups, cg)
         if bias is not None:
             y = y + ops.reshape(bias, (1, -1, 1) if self.data_format == "channels_first" else (1, 1, -1))
         y = ops.cast(y, self.compute_dtype)
