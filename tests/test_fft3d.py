@@ -163,3 +163,17 @@ def test_registry_plan_and_optimize(rng):
     assert fast.convrewrite_report.passed
     back = implementations.get("direct").make_layer(fast.get_layer("big"), plan.row("big").spec)
     assert type(back) is keras.layers.Conv3D
+
+
+def test_mixed_precision(rng):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        conv, layer, x = _pair(rng)
+        got = np.asarray(layer(x))
+        assert got.dtype == np.float16 and np.asarray(layer.kernel).dtype == np.float32
+        exact = reference.conv3d(x.astype(np.float16).astype(np.float64), *conv.get_weights(), padding="same")
+        assert rel_error(got, conv(x)) <= 1e-2
+        assert rel_error(got, exact) <= rel_error(conv(x), exact)
+    finally:
+        keras.config.set_dtype_policy(previous)
