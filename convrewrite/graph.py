@@ -1,8 +1,9 @@
 """Keras model <-> networkx.DiGraph: find convolution sites, rebuild with substitutions.
 
 This module knows nothing about FFT or PAC. It walks Sequential and Functional models (recursively into
-nested models), describes every Conv2D / DepthwiseConv2D call as a `Site`, and rebuilds a new Functional
-model in which each layer is either re-created from its config with copied weights or replaced by what a
+nested models), describes every call of a conv site layer (`spec.is_conv_site`: Conv2D, DepthwiseConv2D,
+Conv1D, DepthwiseConv1D, Conv3D) as a `Site`, and rebuilds a new Functional model in which each layer is
+either re-created from its config with copied weights or replaced by what a
 `substitute(site) -> (Implementation, options)` callback says.
 
 Convolutions held inside a layer of the graph (a custom layer's attributes, lists, dicts; a subclassed
@@ -28,7 +29,7 @@ from . import keras_internals as _keras
 from . import model_class as _model_class
 from . import sublayers
 from .errors import UnsupportedModelError
-from .spec import ConvSpec, is_conv_site, spec_from_layer
+from .spec import ConvSpec, input_rank, is_conv_site, spec_from_layer
 
 
 @dataclasses.dataclass(eq=False)
@@ -98,8 +99,8 @@ class ModelGraph:
     def _find_held(self, op, path: str):
         """Sites for the convs `op` holds (at any depth), each described from the shapes it sees when `op`'s
         calls are traced once (else from the shape it was built with); one never built (so never called) or
-        not 2-D is no site. Those of a layer that cannot be copied are kept as they are (`Site.kept`): they
-        can only be replaced on a copy."""
+        called on a tensor of another rank than its kind takes is no site. Those of a layer that cannot be
+        copied are kept as they are (`Site.kept`): they can only be replaced on a copy."""
         for steps, sub in sublayers.every_sublayer(op):  # addressable by path (weights copied by name)
             self.layers.setdefault("/".join(p for p in (path, sublayers.path_of(steps)) if p), sub)
         found = sublayers.held_sublayers(op, is_conv_site)
@@ -116,7 +117,8 @@ class ModelGraph:
                     self._add_site(site)
                 continue
             config = sub.get_build_config() if sub.built else None
-            shapes = [s for s in seen.get(id(sub)) or [(config or {}).get("input_shape")] if s and len(s) == 4]
+            shapes = [s for s in seen.get(id(sub)) or [(config or {}).get("input_shape")]
+                      if s and len(s) == input_rank(sub)]
             if not shapes:
                 continue
             # the batch it was built or probed with is incidental: planned at plan()'s batch, like a graph's

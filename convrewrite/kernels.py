@@ -53,7 +53,8 @@ class Direct(Implementation):
         f = super().features(spec)
         macs = f.pop("macs")
         # a transposed conv is the input gradient of a dense conv (TF's Conv2DBackpropInput): dense terms
-        kind = "dw" if spec.kind == "depthwise_conv2d" else ("grouped" if spec.groups > 1 else "dense")
+        depthwise = spec.kind in ("depthwise_conv2d", "depthwise_conv1d")
+        kind = "dw" if depthwise else ("grouped" if spec.groups > 1 else "dense")
         per_cin = macs / max(spec.in_channels // spec.groups, 1)
         per_cout = macs / max(spec.filters // spec.groups, 1)
         for k in ("dense", "grouped", "dw"):

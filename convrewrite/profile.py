@@ -44,6 +44,10 @@ def layer_from_spec(spec: ConvSpec, seed: int = 0):
 
     common = dict(kernel_size=spec.kernel, strides=spec.strides, padding=spec.padding, data_format=spec.data_format,
                   dilation_rate=spec.dilation, use_bias=spec.use_bias, activation=spec.activation, dtype=spec.dtype)
+    if spec.is_1d:
+        return _layer_from_1d_spec(spec, common, seed)
+    if spec.kind == "conv3d":
+        return _layer_from_3d_spec(spec, common, seed)
     if spec.kind == "depthwise_conv2d":
         layer = keras.layers.DepthwiseConv2D(depth_multiplier=spec.depth_multiplier, **common)
     elif spec.kind == "separable_conv2d":
@@ -54,6 +58,40 @@ def layer_from_spec(spec: ConvSpec, seed: int = 0):
         layer = keras.layers.Conv2D(spec.filters, groups=spec.groups, **common)
     h, w = spec.height or 32, spec.width or 32
     shape = (spec.batch or 1, spec.in_channels, h, w) if spec.data_format == "channels_first" else (spec.batch or 1, h, w, spec.in_channels)
+    layer.build(shape)
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.standard_normal(v.shape).astype("float32") * 0.1 for v in layer.get_weights()])
+    return layer, shape
+
+
+def _layer_from_1d_spec(spec: ConvSpec, common: dict, seed: int):
+    """`layer_from_spec` for a 1-D (height-1) spec: a built Conv1D / DepthwiseConv1D and its 3-D input shape."""
+    import keras
+
+    common = dict(common, kernel_size=spec.kernel[1], strides=spec.strides[1], dilation_rate=spec.dilation[1])
+    if spec.kind == "depthwise_conv1d":
+        layer = keras.layers.DepthwiseConv1D(depth_multiplier=spec.depth_multiplier, **common)
+    else:
+        layer = keras.layers.Conv1D(spec.filters, groups=spec.groups, **common)
+    n = spec.width or max(256, spec.effective_kernel[1])
+    b = spec.batch or 1
+    shape = (b, spec.in_channels, n) if spec.data_format == "channels_first" else (b, n, spec.in_channels)
+    layer.build(shape)
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.standard_normal(v.shape).astype("float32") * 0.1 for v in layer.get_weights()])
+    return layer, shape
+
+
+def _layer_from_3d_spec(spec: ConvSpec, common: dict, seed: int):
+    """`layer_from_spec` for a Conv3D spec: a built Conv3D and its 5-D input shape."""
+    import keras
+
+    common = dict(common, kernel_size=(spec.kernel_depth, *spec.kernel), strides=(spec.stride_depth, *spec.strides),
+                  dilation_rate=(spec.dilation_depth, *spec.dilation))
+    layer = keras.layers.Conv3D(spec.filters, groups=spec.groups, **common)
+    size = (spec.depth or 16, spec.height or 16, spec.width or 16)
+    b = spec.batch or 1
+    shape = (b, spec.in_channels, *size) if spec.data_format == "channels_first" else (b, *size, spec.in_channels)
     layer.build(shape)
     rng = np.random.default_rng(seed)
     layer.set_weights([rng.standard_normal(v.shape).astype("float32") * 0.1 for v in layer.get_weights()])
@@ -154,7 +192,9 @@ def shrink(spec: ConvSpec, max_macs: float) -> ConvSpec:
     while (spec.macs() or 0) > budget:  # shrink to keep one direct call near a second
         if spec.batch > 1:
             spec = spec.with_input(batch=spec.batch // 2)
-        elif spec.height > min_hw:
+        elif spec.is_1d and spec.width > max(spec.kernel[1], 256):  # a 1-D spec shrinks its length
+            spec = spec.with_input(width=max(spec.width * 3 // 4, spec.kernel[1], 256))
+        elif not spec.is_1d and spec.height > min_hw:
             h = max(spec.height * 3 // 4, min_hw)
             spec = spec.with_input(height=h, width=h)
         elif spec.in_channels > 1 or spec.filters > 1:
@@ -224,7 +264,32 @@ def canonical_specs(batch: int = 8) -> List[ConvSpec]:
         conv(29, 256, 256, 28, groups=256, kind="depthwise_conv2d"), conv(13, 256, 256, 28, groups=256, kind="depthwise_conv2d"),
         conv(27, 512, 512, 14, groups=512, kind="depthwise_conv2d"), conv(13, 1024, 1024, 7, groups=1024, kind="depthwise_conv2d"),
         conv(13, 512, 512, 14, groups=512, kind="depthwise_conv2d"),
-    ] + other_kind_specs(batch)
+    ] + other_kind_specs(batch) + canonical_1d_specs(batch)
+
+
+def canonical_1d_specs(batch: int = 8) -> List[ConvSpec]:
+    """Conv1D / DepthwiseConv1D shapes of audio and sequence models (height-1 specs, see spec.KINDS_1D):
+    short kernels over long sequences (wav2vec-style front ends, TCNs), long filters (learned filterbanks,
+    SincNet-like 251 taps) and long depthwise kernels (long-convolution sequence models, 1024 taps)."""
+    def conv1d(k, cin, cout, n, s=1, groups=1, kind="conv1d", padding="same", b=batch):
+        return ConvSpec(kind=kind, in_channels=cin, filters=cout, kernel=(1, k), height=1, width=n, batch=b,
+                        strides=(1, s), padding=padding, groups=groups, depth_multiplier=cout // cin if groups > 1 else 1)
+
+    return [
+        conv1d(3, 64, 64, 4096), conv1d(251, 16, 16, 16000, b=2), conv1d(31, 64, 64, 4096, padding="causal", b=2),
+        conv1d(1024, 64, 64, 4096, groups=64, kind="depthwise_conv1d"), conv1d(10, 1, 64, 16000, s=5, padding="valid"),
+        conv1d(127, 128, 128, 2048, groups=128, kind="depthwise_conv1d"),
+    ] + canonical_3d_specs()
+
+
+def canonical_3d_specs(batch: int = 2) -> List[ConvSpec]:
+    """Conv3D shapes (video and volume models): the 3x3x3 most are made of, and larger kernels where the FFT
+    may pay (a k^3 kernel costs k^3 MACs per output and channel pair directly)."""
+    def conv3d(k, cin, cout, d, hw, s=1):
+        return ConvSpec(kind="conv3d", in_channels=cin, filters=cout, kernel=(k, k), height=hw, width=hw, batch=batch,
+                        strides=(s, s), padding="same", depth=d, kernel_depth=k, stride_depth=s)
+
+    return [conv3d(3, 32, 32, 16, 28), conv3d(5, 16, 16, 16, 32), conv3d(7, 16, 16, 16, 32), conv3d(9, 8, 8, 24, 24)]
 
 
 def grid(mode: str = "quick", seed: int = 0) -> List[ConvSpec]:
@@ -240,6 +305,9 @@ def grid(mode: str = "quick", seed: int = 0) -> List[ConvSpec]:
     # transposed and separable convs from a generator of their own, so the specs above stay as they were
     other = np.random.default_rng(seed + 1)
     specs += [random_other_kind_spec(other, MAX_DIRECT_MACS[mode]) for _ in range(4 if mode == "quick" else 16)]
+    # 1-D sites from a stream of their own, so the 2-D grid stays the one earlier profiles measured
+    rng_1d = np.random.default_rng([seed, 1])
+    specs += [random_1d_spec(rng_1d, MAX_DIRECT_MACS[mode]) for _ in range(4 if mode == "quick" else 16)]
     return list(dict.fromkeys(specs))
 
 
@@ -254,6 +322,37 @@ def training_grid(mode: str = "quick", seed: int = 0) -> List[ConvSpec]:
     (`shrink`) to MAX_DIRECT_MACS / TRAINING_COST."""
     budget = MAX_DIRECT_MACS[mode if mode in MAX_DIRECT_MACS else "quick"] / TRAINING_COST
     return list(dict.fromkeys(shrink(spec, budget) for spec in grid(mode, seed)))
+
+
+
+
+KERNELS_1D = (3, 5, 9, 15, 31, 63, 127, 251, 511, 1023)
+
+
+def random_1d_spec(rng, max_macs: float) -> ConvSpec:
+    """One Conv1D / DepthwiseConv1D spec (height 1): kernels 3..1023, lengths 256..32768, channels 1..256,
+    same / valid / causal padding, strides 1-2, batch 1-8; shrunk to about `max_macs` like `random_spec`."""
+    depthwise = bool(rng.random() < 0.4)
+    k = int(rng.choice(KERNELS_1D))
+    padding = str(rng.choice(["same", "valid", "causal"] if not depthwise else ["same", "valid"]))
+    n = _log_uniform_int(rng, max(256, k), 32768)
+    cin = _log_uniform_int(rng, 1 if not depthwise else 8, 256)
+    cout = cin if depthwise else _log_uniform_int(rng, 1, 256)
+    spec = ConvSpec(kind="depthwise_conv1d" if depthwise else "conv1d", in_channels=cin, filters=cout,
+                    kernel=(1, k), height=1, width=n, batch=int(rng.choice([1, 2, 4, 8])),
+                    strides=(1, int(rng.choice([1, 1, 1, 2]))), padding=padding, groups=cin if depthwise else 1)
+    while (spec.macs() or 0) > max_macs:
+        if spec.batch > 1:
+            spec = spec.with_input(batch=spec.batch // 2)
+        elif spec.width > max(256, k):
+            spec = spec.with_input(width=max(spec.width * 3 // 4, 256, k))
+        elif spec.in_channels > 1 or spec.filters > 1:
+            cin = max(spec.in_channels // 2, 1)
+            cout = cin if depthwise else max(spec.filters // 2, 1)
+            spec = dataclasses.replace(spec, in_channels=cin, filters=cout, groups=cin if depthwise else 1)
+        else:
+            break
+    return spec
 
 
 def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed: int = 0, specs=None,

@@ -107,11 +107,22 @@ def spec_forward(spec, x, weights, dtype=np.float64, activation=None):
     """
     channels_first = spec.data_format == "channels_first"
     x = np.asarray(x, dtype=dtype)
+    if spec.kind == "conv3d":
+        return _spec_forward_3d(spec, x, weights, dtype, activation)
+    one_d = spec.kind in ("conv1d", "depthwise_conv1d")
+    if one_d:  # (N, L, C) / (N, C, L) -> a height-1 image
+        x = x[:, :, None, :] if channels_first else x[:, None]
     if channels_first:
         x = x.transpose(0, 2, 3, 1)
     bias = weights[1] if spec.use_bias else None
     common = dict(strides=spec.strides, padding=spec.padding, dilation=spec.dilation, dtype=dtype)
-    if spec.kind == "depthwise_conv2d":
+    if spec.kind in ("conv1d", "depthwise_conv1d"):  # x: (N, 1, L, C) here: a height-1 spec
+        common.update(strides=spec.strides[1], dilation=spec.dilation[1])
+        if spec.kind == "conv1d":
+            out = conv1d(x[:, 0], weights[0], bias, groups=spec.groups, **common)[:, None]
+        else:
+            out = depthwise_conv1d(x[:, 0], weights[0], bias, **common)[:, None]
+    elif spec.kind == "depthwise_conv2d":
         out = depthwise_conv2d(x, weights[0], bias, **common)
     elif spec.kind == "separable_conv2d":
         bias = weights[2] if spec.use_bias else None
@@ -127,7 +138,129 @@ def spec_forward(spec, x, weights, dtype=np.float64, activation=None):
         out = np.asarray(keras.ops.convert_to_numpy(fn(out)), dtype=dtype)
     if channels_first:
         out = out.transpose(0, 3, 1, 2)
+    if one_d:
+        out = out[:, :, 0] if channels_first else out[:, 0]
     return out
+
+
+# ==== 1-D convolution (Keras Conv1D / DepthwiseConv1D) ==========================================
+# x: (batch, steps, C), channels_last. 'causal' pads (k - 1) * d zeros before the sequence and none after,
+# so output t sees inputs <= t only; 'same' and 'valid' are TF's rules along the one axis.
+
+__all__ += ["pad_input_1d", "conv1d", "depthwise_conv1d"]
+
+
+def pad_input_1d(x, kernel: int, stride: int, dilation: int, padding: str):
+    """Zero-pad x: (N, L, C) along L as `padding` ('valid' | 'same' | 'causal') requires."""
+    padding = padding.lower()
+    if padding == "valid":
+        return x
+    if padding == "causal":
+        pads = ((kernel - 1) * dilation, 0)
+    elif padding == "same":
+        pads = same_padding(x.shape[1], kernel, stride, dilation)
+    else:
+        raise ValueError(f"Received padding={padding!r}; expected 'same', 'valid' or 'causal'.")
+    return np.pad(x, [(0, 0), pads, (0, 0)])
+
+
+def _windows_1d(x, kernel: int, stride: int, dilation: int, padding: str):
+    """(N, Lo, C, k) sliding windows of x: (N, L, C) (a strided view where possible)."""
+    xp = pad_input_1d(np.asarray(x), kernel, stride, dilation, padding)
+    eff = (kernel - 1) * dilation + 1
+    if xp.shape[1] < eff:
+        return np.zeros((xp.shape[0], 0, xp.shape[2], kernel), xp.dtype)
+    windows = np.lib.stride_tricks.sliding_window_view(xp, eff, axis=1)  # (N, L - eff + 1, C, eff)
+    return windows[:, ::stride, :, ::dilation]
+
+
+def conv1d(x, kernel, bias=None, strides=1, padding="valid", dilation=1, groups=1, dtype=None):
+    """Grouped 1-D convolution (cross-correlation) as Keras Conv1D computes it.
+
+    x: (N, L, Cin); kernel: (k, Cin // groups, Cout); bias: (Cout,) or None -> (N, Lo, Cout)."""
+    x = np.asarray(x, dtype=dtype)
+    kernel = np.asarray(kernel, dtype=dtype)
+    k, cg, cout = kernel.shape
+    n, _, cin = x.shape
+    if cin != cg * groups or cout % groups:
+        raise ValueError(f"Received x with {cin} channels, kernel {kernel.shape} and groups={groups}; expected "
+                         f"Cin = groups x kernel's Cin and Cout a multiple of groups.")
+    win = _windows_1d(x, k, int(strides), int(dilation), padding)  # (N, Lo, Cin, k)
+    lo = win.shape[1]
+    win = win.reshape(n, lo, groups, cg, k)
+    kk = kernel.reshape(k, cg, groups, cout // groups)
+    out = np.einsum("nlgci,icgo->nlgo", win, kk, optimize=True).reshape(n, lo, cout)
+    if bias is not None:
+        out = out + np.asarray(bias, dtype=out.dtype)
+    return out
+
+
+def depthwise_conv1d(x, kernel, bias=None, strides=1, padding="valid", dilation=1, dtype=None):
+    """Depthwise 1-D convolution as Keras DepthwiseConv1D computes it.
+
+    x: (N, L, C); kernel: (k, C, M) with depth multiplier M; output channel c * M + m -> (N, Lo, C * M)."""
+    x = np.asarray(x, dtype=dtype)
+    kernel = np.asarray(kernel, dtype=dtype)
+    k, c, m = kernel.shape
+    win = _windows_1d(x, k, int(strides), int(dilation), padding)  # (N, Lo, C, k)
+    n, lo = win.shape[:2]
+    out = np.einsum("nlci,icm->nlcm", win, kernel, optimize=True).reshape(n, lo, c * m)
+    if bias is not None:
+        out = out + np.asarray(bias, dtype=out.dtype)
+    return out
+
+
+# ==== 3-D convolution (Keras Conv3D) ===========================================================
+# x: (batch, D, H, W, Cin), kernel (kd, kh, kw, Cin // groups, Cout); TF's SAME rules on every axis.
+
+__all__ += ["conv3d"]
+
+
+def _triple(v):
+    return (int(v),) * 3 if np.isscalar(v) else tuple(int(i) for i in v)
+
+
+def conv3d(x, kernel, bias=None, strides=1, padding="valid", dilation=1, groups=1, dtype=None):
+    """Grouped 3-D convolution (cross-correlation) as Keras Conv3D computes it -> (N, Do, Ho, Wo, Cout)."""
+    x = np.asarray(x, dtype=dtype)
+    kernel = np.asarray(kernel, dtype=dtype)
+    strides, dilation = _triple(strides), _triple(dilation)
+    kd, kh, kw, cg, cout = kernel.shape
+    n, _, _, _, cin = x.shape
+    if cin != cg * groups or cout % groups:
+        raise ValueError(f"Received x with {cin} channels, kernel {kernel.shape} and groups={groups}; expected "
+                         f"Cin = groups x kernel's Cin and Cout a multiple of groups.")
+    eff = [(k - 1) * d + 1 for k, d in zip((kd, kh, kw), dilation)]
+    if padding.lower() == "same":
+        pads = [same_padding(x.shape[i + 1], k, s, d) for i, (k, s, d) in enumerate(zip((kd, kh, kw), strides, dilation))]
+        x = np.pad(x, [(0, 0), *pads, (0, 0)])
+    elif padding.lower() != "valid":
+        raise ValueError(f"Received padding={padding!r}; expected 'same' or 'valid'.")
+    if any(x.shape[i + 1] < eff[i] for i in range(3)):
+        return np.zeros((n, 0, 0, 0, cout), x.dtype)
+    win = np.lib.stride_tricks.sliding_window_view(x, eff, axis=(1, 2, 3))  # (N, D', H', W', C, ed, eh, ew)
+    win = win[:, :: strides[0], :: strides[1], :: strides[2], :, :: dilation[0], :: dilation[1], :: dilation[2]]
+    do, ho, wo = win.shape[1:4]
+    win = win.reshape(n, do, ho, wo, groups, cg, kd, kh, kw)
+    k = kernel.reshape(kd, kh, kw, cg, groups, cout // groups)
+    out = np.einsum("ndhwgcijl,ijlcgo->ndhwgo", win, k, optimize=True).reshape(n, do, ho, wo, cout)
+    if bias is not None:
+        out = out + np.asarray(bias, dtype=out.dtype)
+    return out
+
+
+def _spec_forward_3d(spec, x, weights, dtype, activation):
+    channels_first = spec.data_format == "channels_first"
+    if channels_first:
+        x = x.transpose(0, 2, 3, 4, 1)
+    out = conv3d(x, weights[0], weights[1] if spec.use_bias else None, groups=spec.groups, padding=spec.padding,
+                 strides=(spec.stride_depth, *spec.strides), dilation=(spec.dilation_depth, *spec.dilation), dtype=dtype)
+    if activation is not None or spec.activation not in ("linear", None):
+        import keras
+
+        fn = activation if activation is not None else keras.activations.get(spec.activation)
+        out = np.asarray(keras.ops.convert_to_numpy(fn(out)), dtype=dtype)
+    return out.transpose(0, 4, 1, 2, 3) if channels_first else out
 
 
 # ==== transposed and separable convolution =======================================================

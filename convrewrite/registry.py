@@ -49,15 +49,17 @@ def io_bytes(spec: ConvSpec) -> float:
     item = max(4, itemsize(spec.dtype))
     b = spec.batch or 1
     ho, wo = spec.output_hw()
-    n_in = b * (spec.height or 0) * (spec.width or 0) * spec.in_channels
-    n_out = b * (ho or 0) * (wo or 0) * spec.filters
+    n_in = b * (spec.height or 0) * (spec.width or 0) * spec.in_channels * (spec.depth or 1)
+    n_out = b * (ho or 0) * (wo or 0) * spec.filters * (spec.output_depth() or 1)
     kh, kw = spec.kernel
-    return float(item * (n_in + n_out) + item * kh * kw * (spec.in_channels // spec.groups) * spec.filters)
+    taps = kh * kw * spec.kernel_depth
+    return float(item * (n_in + n_out) + item * taps * (spec.in_channels // spec.groups) * spec.filters)
 
 
 def reduction_terms(spec: ConvSpec) -> int:
     """Terms summed per output value: taps x input channels per group."""
-    return spec.effective_kernel[0] * spec.effective_kernel[1] * (spec.in_channels // spec.groups)
+    depth = (spec.kernel_depth - 1) * spec.dilation_depth + 1  # 1 but for conv3d
+    return spec.effective_kernel[0] * spec.effective_kernel[1] * depth * (spec.in_channels // spec.groups)
 
 
 class Implementation:
@@ -179,9 +181,9 @@ class Implementation:
     def features(self, spec: ConvSpec) -> Dict[str, float]:
         """Numbers the cost model regresses time on. Must not depend on anything but the spec."""
         macs = spec.macs() or 0
-        n_in = (spec.batch or 1) * (spec.height or 0) * (spec.width or 0) * spec.in_channels
+        n_in = (spec.batch or 1) * (spec.height or 0) * (spec.width or 0) * spec.in_channels * (spec.depth or 1)
         ho, wo = spec.output_hw()
-        n_out = (spec.batch or 1) * (ho or 0) * (wo or 0) * spec.filters
+        n_out = (spec.batch or 1) * (ho or 0) * (wo or 0) * spec.filters * (spec.output_depth() or 1)
         return {"macs": float(macs), "bytes": 4.0 * (n_in + n_out), "calls": 1.0}
 
     def __repr__(self):

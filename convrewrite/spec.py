@@ -12,9 +12,25 @@ from typing import Optional, Tuple
 
 from .shapes import effective_length, output_length, pair, transpose_output_length
 
-CONV_KINDS = ("conv2d", "depthwise_conv2d", "conv2d_transpose", "separable_conv2d")
-"""Kinds the walker recognises. Conv1D/Conv3D get kinds of their own when an implementation for them exists;
-until then they are ordinary (kept) layers."""
+CONV_KINDS = ("conv2d", "depthwise_conv2d", "conv2d_transpose", "separable_conv2d", "conv1d", "depthwise_conv1d",
+              "conv3d")
+"""Kinds the walker recognises: Keras's Conv2D, DepthwiseConv2D, Conv2DTranspose, SeparableConv2D, Conv1D,
+DepthwiseConv1D and Conv3D."""
+
+KINDS_1D = ("conv1d", "depthwise_conv1d")
+"""1-D kinds (Keras Conv1D / DepthwiseConv1D). A 1-D site is described as a 2-D spec of height 1: kernel
+(1, k), strides (1, s), dilation (1, d), width = the sequence length. Why not fields of their own: every
+consumer of a spec (io_bytes, macs, output sizes, the cost features and the fits regressed on them, the
+profiler's grids) then works on 1-D sites unchanged, and a Conv1D is computed by TensorFlow as exactly
+such a height-1 Conv2D, so its costs are comparable. The kind keeps them apart where it matters (the layer
+class to build, the numpy reference, 'causal' padding, which only 1-D kinds accept)."""
+DEPTHWISE_KINDS = ("depthwise_conv2d", "depthwise_conv1d")
+
+DEPTH_FIELDS = {"depth": None, "kernel_depth": 1, "stride_depth": 1, "dilation_depth": 1}
+"""Conv3D's third (leading) spatial axis: input depth D (None: unknown), kernel, stride and dilation along it.
+Fields of their own rather than triples: the (height, width) pairs keep their meaning for every kind (a 3-D
+spec's 2-D features are those of one depth slice), and they are left out of a 2-D or 1-D spec's JSON, so the
+specs existing profiles hold read and write exactly as before."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +72,10 @@ class ConvSpec:
     dtype: str = "float32"
     data_format: str = "channels_last"
     output_padding: Optional[Tuple[int, int]] = None
+    depth: Optional[int] = None  # conv3d only (see DEPTH_FIELDS)
+    kernel_depth: int = 1
+    stride_depth: int = 1
+    dilation_depth: int = 1
 
     def __post_init__(self):
         if self.kind not in CONV_KINDS:
@@ -69,14 +89,21 @@ class ConvSpec:
             object.__setattr__(self, "output_padding", pair(self.output_padding, "output_padding", "ConvSpec", 0))
         if self.kind in ("conv2d_transpose", "separable_conv2d") and self.groups != 1:
             raise ValueError(f"Received groups={self.groups} for kind {self.kind!r}; expected 1.")
-        if self.padding not in ("same", "valid"):
+        if self.kind != "conv3d" and any(getattr(self, k) != v for k, v in DEPTH_FIELDS.items()):
+            raise ValueError(f"Received depth fields for a {self.kind} spec; expected them only for conv3d.")
+        for name in ("kernel_depth", "stride_depth", "dilation_depth"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Received {name}={getattr(self, name)!r}; expected a positive int.")
+        if self.kind in KINDS_1D:
+            self._check_1d()
+        elif self.padding not in ("same", "valid"):
             raise ValueError(f"Received padding={self.padding!r}; expected 'same' or 'valid'.")
         if self.data_format not in ("channels_last", "channels_first"):
             raise ValueError(f"Received data_format={self.data_format!r}; expected 'channels_last' or 'channels_first'.")
         for name in ("in_channels", "filters", "groups", "depth_multiplier"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"Received {name}={getattr(self, name)!r}; expected a positive int.")
-        if self.kind == "depthwise_conv2d" and self.filters != self.in_channels * self.depth_multiplier:
+        if self.kind in DEPTHWISE_KINDS and self.filters != self.in_channels * self.depth_multiplier:
             raise ValueError(
                 f"Received a depthwise spec with filters={self.filters}, in_channels={self.in_channels}, "
                 f"depth_multiplier={self.depth_multiplier}; expected filters = in_channels * depth_multiplier."
@@ -87,7 +114,23 @@ class ConvSpec:
                 f"filters={self.filters}; expected groups to divide both."
             )
 
+    def _check_1d(self):
+        """A 1-D kind is a height-1 2-D spec (see KINDS_1D): its first axis must be trivial."""
+        if self.height not in (None, 1):
+            raise ValueError(f"Received a {self.kind} spec with height={self.height}; expected 1 (a 1-D site).")
+        object.__setattr__(self, "height", 1)
+        for name in ("kernel", "strides", "dilation"):
+            if getattr(self, name)[0] != 1:
+                raise ValueError(f"Received a {self.kind} spec with {name}={getattr(self, name)}; expected (1, n).")
+        if self.padding not in ("same", "valid", "causal"):
+            raise ValueError(f"Received padding={self.padding!r}; expected 'same', 'valid' or 'causal'.")
+
     # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def is_1d(self) -> bool:
+        """True for Conv1D / DepthwiseConv1D sites (height-1 specs, see KINDS_1D)."""
+        return self.kind in KINDS_1D
+
     @property
     def effective_kernel(self) -> Tuple[int, int]:
         """Kernel extent once dilation spreads its taps: (k - 1) * d + 1 per axis."""
@@ -96,7 +139,7 @@ class ConvSpec:
     @property
     def is_depthwise_like(self) -> bool:
         """True when every group holds exactly one input channel (depthwise, possibly grouped Conv2D)."""
-        return self.groups == self.in_channels and self.groups > 1 or self.kind == "depthwise_conv2d"
+        return self.groups == self.in_channels and self.groups > 1 or self.kind in DEPTHWISE_KINDS
 
     def output_hw(self) -> Tuple[Optional[int], Optional[int]]:
         """Output spatial size under TF/Keras padding rules, None where the input size is unknown."""
@@ -104,13 +147,23 @@ class ConvSpec:
             ops = self.output_padding or (None, None)
             return tuple(transpose_output_length(n, k, s, self.padding, p)
                          for n, k, s, p in zip((self.height, self.width), self.effective_kernel, self.strides, ops))
-        return tuple(output_length(n, k, s, self.padding)
+        # causal (1-D only) pads k_eff - 1 before and nothing after: as many outputs as SAME
+        padding = "same" if self.padding == "causal" else self.padding
+        return tuple(output_length(n, k, s, padding)
                      for n, k, s in zip((self.height, self.width), self.effective_kernel, self.strides))
+
+    def output_depth(self) -> Optional[int]:
+        """Output length along a conv3d's depth axis (1 for other kinds; None where the depth is unknown)."""
+        if self.kind != "conv3d":
+            return 1
+        return output_length(self.depth, effective_length(self.kernel_depth, self.dilation_depth), self.stride_depth,
+                             self.padding)
 
     def macs(self, batch: Optional[int] = None) -> Optional[int]:
         """Multiply-accumulates of the direct algorithm (None if the spatial size is unknown)."""
         ho, wo = self.output_hw()
-        if ho is None or wo is None:
+        do = self.output_depth()
+        if ho is None or wo is None or do is None:
             return None
         b = batch or self.batch or 1
         if self.kind == "conv2d_transpose":  # every input pixel scatters Cin x filters x taps products
@@ -118,7 +171,8 @@ class ConvSpec:
         if self.kind == "separable_conv2d":
             mid = self.in_channels * self.depth_multiplier
             return b * ho * wo * mid * (self.kernel[0] * self.kernel[1] + self.filters)
-        return b * ho * wo * self.filters * (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+        return (b * ho * wo * self.filters * (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+                * do * self.kernel_depth)
 
     def with_input(self, batch=None, height=None, width=None) -> "ConvSpec":
         """A copy with the input size filled in (the walker leaves it None when the model does)."""
@@ -138,6 +192,9 @@ class ConvSpec:
             del d["output_padding"]  # the JSON of every spec without one stays as it was (profile keys)
         else:
             d["output_padding"] = list(d["output_padding"])
+        if self.kind != "conv3d":  # 2-D and 1-D specs serialize as they always did
+            for key in DEPTH_FIELDS:
+                d.pop(key)
         return d
 
     @classmethod
@@ -156,7 +213,11 @@ class ConvSpec:
         return cls.from_dict(json.loads(text))
 
     def short(self) -> str:
-        """Compact one-line description for tables: `dw 7x7 s1 96->96 @56x56`."""
+        """Compact one-line description for tables: `dw 7x7 s1 96->96 @56x56`, `conv1d k251 s1 16->16 @16000`."""
+        if self.is_1d:
+            return self._short_1d()
+        if self.kind == "conv3d":
+            return self._short_3d()
         tag = {"conv2d": "conv", "depthwise_conv2d": "dw", "conv2d_transpose": "convT",
                "separable_conv2d": "sep"}[self.kind]
         if self.kind == "conv2d" and self.groups > 1:
@@ -170,6 +231,24 @@ class ConvSpec:
         op = "" if self.output_padding is None else f" op{self.output_padding[0]}x{self.output_padding[1]}"
         return f"{tag} {k} {s}{d} {self.padding}{op} {self.in_channels}->{self.filters} @{hw}"
 
+    def _short_3d(self) -> str:
+        tag = "conv3d" + (f" g{self.groups}" if self.groups > 1 else "")
+        k = f"{self.kernel_depth}x{self.kernel[0]}x{self.kernel[1]}"
+        st = (self.stride_depth, *self.strides)
+        s = f"s{st[0]}" if len(set(st)) == 1 else "s" + "x".join(map(str, st))
+        dl = (self.dilation_depth, *self.dilation)
+        d = "" if dl == (1, 1, 1) else f" d{'x'.join(map(str, dl))}"
+        size = "x".join("?" if v is None else str(v) for v in (self.depth, self.height, self.width))
+        return f"{tag} {k} {s}{d} {self.padding} {self.in_channels}->{self.filters} @{size}"
+
+    def _short_1d(self) -> str:
+        tag = {"conv1d": "conv1d", "depthwise_conv1d": "dw1d"}[self.kind]
+        if self.kind == "conv1d" and self.groups > 1:
+            tag += f" g{self.groups}"
+        d = "" if self.dilation[1] == 1 else f" d{self.dilation[1]}"
+        n = self.width if self.width is not None else "?"
+        return f"{tag} k{self.kernel[1]} s{self.strides[1]}{d} {self.padding} {self.in_channels}->{self.filters} @{n}"
+
 
 def keras_class(layer):
     """The Keras class whose computation `layer` is known to perform, or None.
@@ -182,9 +261,17 @@ def keras_class(layer):
 
     t = type(layer)
     if t in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Conv2DTranspose,
-             keras.layers.SeparableConv2D):
+             keras.layers.SeparableConv2D, keras.layers.Conv1D, keras.layers.DepthwiseConv1D, keras.layers.Conv3D):
         return t
     return t.__dict__.get("convrewrite_keras_class")
+
+
+def input_rank(layer) -> int:
+    """Rank of the input a conv site layer takes: 3 for Conv1D / DepthwiseConv1D, 5 for Conv3D, 4 for the 2-D kinds."""
+    import keras
+
+    cls = keras_class(layer)
+    return 3 if cls in (keras.layers.Conv1D, keras.layers.DepthwiseConv1D) else (5 if cls is keras.layers.Conv3D else 4)
 
 
 def is_conv_site(layer) -> bool:
@@ -193,16 +280,21 @@ def is_conv_site(layer) -> bool:
 
 
 def spec_from_layer(layer, input_shape) -> ConvSpec:
-    """Describe a Keras Conv2D / DepthwiseConv2D / Conv2DTranspose / SeparableConv2D layer called on a tensor
-    of `input_shape`.
+    """Describe a Keras Conv2D / DepthwiseConv2D / Conv2DTranspose / SeparableConv2D / Conv1D / DepthwiseConv1D /
+    Conv3D layer called on a tensor of `input_shape`.
 
     input_shape: the full shape including batch, in the layer's data_format.
     """
     import keras
 
     if not is_conv_site(layer):
-        raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a Conv2D, DepthwiseConv2D, "
-                         f"Conv2DTranspose or SeparableConv2D.")
+        raise ValueError(f"Layer '{layer.name}' of type {type(layer).__name__} is not a conv site; expected Keras's own "
+                         f"Conv2D, DepthwiseConv2D, Conv2DTranspose, SeparableConv2D, Conv1D, DepthwiseConv1D or "
+                         f"Conv3D.")
+    if keras_class(layer) in (keras.layers.Conv1D, keras.layers.DepthwiseConv1D):
+        return _spec_from_1d_layer(layer, input_shape)
+    if keras_class(layer) is keras.layers.Conv3D:
+        return _spec_from_3d_layer(layer, input_shape)
     config = layer.get_config()
     data_format = config.get("data_format") or "channels_last"
     shape = tuple(input_shape)
@@ -212,13 +304,8 @@ def spec_from_layer(layer, input_shape) -> ConvSpec:
         batch, cin, h, w = shape
     else:
         batch, h, w, cin = shape
-    activation = config.get("activation", "linear")
-    if not isinstance(activation, str):
-        activation = keras.activations.serialize(layer.activation)
-        if isinstance(activation, dict):
-            activation = activation.get("config", {}).get("name", str(activation))
-    policy = getattr(layer, "dtype_policy", None)
-    dtype = getattr(policy, "name", None) or str(layer.compute_dtype)
+    activation = _activation_name(layer, config)
+    dtype = _layer_dtype(layer)
     common = dict(
         in_channels=int(cin),
         kernel=tuple(config["kernel_size"]),
@@ -259,3 +346,74 @@ def separable_stages(spec: ConvSpec):
     pw = ConvSpec(kind="conv2d", in_channels=mid, filters=spec.filters, kernel=(1, 1), height=ho, width=wo,
                   batch=spec.batch, use_bias=spec.use_bias, dtype=spec.dtype, data_format=spec.data_format)
     return dw, pw
+
+
+def _activation_name(layer, config) -> str:
+    import keras
+
+    activation = config.get("activation", "linear")
+    if not isinstance(activation, str):
+        activation = keras.activations.serialize(layer.activation)
+        if isinstance(activation, dict):
+            activation = activation.get("config", {}).get("name", str(activation))
+    return str(activation)
+
+
+def _layer_dtype(layer) -> str:
+    policy = getattr(layer, "dtype_policy", None)
+    return getattr(policy, "name", None) or str(layer.compute_dtype)
+
+
+def _spec_from_1d_layer(layer, input_shape) -> ConvSpec:
+    """A Conv1D / DepthwiseConv1D on (batch, steps, C) (or (batch, C, steps)) as a height-1 spec (see KINDS_1D)."""
+    import keras
+
+    config = layer.get_config()
+    data_format = config.get("data_format") or "channels_last"
+    shape = tuple(input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"Layer '{layer.name}' received input of rank {len(shape)}; expected rank 3.")
+    if data_format == "channels_first":
+        batch, cin, n = shape
+    else:
+        batch, n, cin = shape
+    common = dict(
+        in_channels=int(cin),
+        kernel=(1, int(config["kernel_size"][0])),
+        height=1,
+        width=None if n is None else int(n),
+        batch=None if batch is None else int(batch),
+        strides=(1, int(config["strides"][0])),
+        dilation=(1, int(config["dilation_rate"][0])),
+        padding=config["padding"],
+        use_bias=bool(config["use_bias"]),
+        activation=_activation_name(layer, config),
+        dtype=_layer_dtype(layer),
+        data_format=data_format,
+    )
+    if keras_class(layer) is keras.layers.DepthwiseConv1D:
+        m = int(config["depth_multiplier"])
+        return ConvSpec(kind="depthwise_conv1d", filters=int(cin) * m, groups=int(cin), depth_multiplier=m, **common)
+    return ConvSpec(kind="conv1d", filters=int(config["filters"]), groups=int(config.get("groups", 1)), **common)
+
+
+def _spec_from_3d_layer(layer, input_shape) -> ConvSpec:
+    """A Conv3D on (batch, D, H, W, C) (or (batch, C, D, H, W)): (height, width) pairs plus the depth fields."""
+    config = layer.get_config()
+    data_format = config.get("data_format") or "channels_last"
+    shape = tuple(input_shape)
+    if len(shape) != 5:
+        raise ValueError(f"Layer '{layer.name}' received input of rank {len(shape)}; expected rank 5.")
+    if data_format == "channels_first":
+        batch, cin, d, h, w = shape
+    else:
+        batch, d, h, w, cin = shape
+    k, st, dl = (tuple(int(v) for v in config[key]) for key in ("kernel_size", "strides", "dilation_rate"))
+    return ConvSpec(
+        kind="conv3d", in_channels=int(cin), filters=int(config["filters"]), kernel=k[1:],
+        height=None if h is None else int(h), width=None if w is None else int(w),
+        batch=None if batch is None else int(batch), strides=st[1:], dilation=dl[1:], padding=config["padding"],
+        groups=int(config.get("groups", 1)), use_bias=bool(config["use_bias"]),
+        activation=_activation_name(layer, config), dtype=_layer_dtype(layer), data_format=data_format,
+        depth=None if d is None else int(d), kernel_depth=k[0], stride_depth=st[0], dilation_depth=dl[0],
+    )

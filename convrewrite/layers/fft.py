@@ -44,7 +44,7 @@ from . import backend
 __all__ = [
     "FFTConv2D", "FFTDepthwiseConv2D", "FFTImplementation", "FFTTiledImplementation",
     "is_fast_length", "next_fast_length", "full_axis_layout", "tiled_axis_layout", "default_tile", "FFTLayout",
-    "choose_fft_layout", "fft_cost_features",
+    "choose_fft_layout", "fft_cost_features", "register_fft_kind",
 ]
 
 FAST_PRIMES = (2, 3, 5, 7)
@@ -684,6 +684,20 @@ at k=3 .. 2.7e-6 at k=51 depthwise) are 0.1-0.4x it, and it stays below the floa
 for those specs (8.4e-6 at k=51 dense, 7.2e-6 depthwise)."""
 
 
+_OTHER_KINDS = {}
+"""{kind: (make_layer(layer, spec, tile_size), features(spec, tile_size))} for site kinds whose FFT layers
+live in other modules (`layers/fft1d.py`), so that `fft` and `fft-tiled` cover them too."""
+
+
+def register_fft_kind(kinds, layer_classes, make_layer, features, applicable=None):
+    """Let the `fft` / `fft-tiled` implementations build `layer_classes` for spec kinds `kinds`.
+
+    applicable(spec, tile_size) -> (bool, why), optional: further conditions (e.g. no tiled mode)."""
+    for kind in kinds:
+        _OTHER_KINDS[kind] = (make_layer, features, applicable)
+    FFTImplementation.layer_classes = tuple(dict.fromkeys(FFTImplementation.layer_classes + tuple(layer_classes)))
+
+
 class FFTImplementation(Implementation):
     """Full-image FFT convolution: one transform per image, kernel spectra cached per weight state.
 
@@ -701,12 +715,14 @@ class FFTImplementation(Implementation):
                                       "strided_waste", "flops", "macs"})
 
     def applicable(self, spec: ConvSpec):
-        if spec.kind not in ("conv2d", "depthwise_conv2d"):
-            return False, f"kind {spec.kind} is not a 2-D convolution"
+        if spec.kind not in ("conv2d", "depthwise_conv2d") and spec.kind not in _OTHER_KINDS:
+            return False, f"kind {spec.kind} has no FFT layer"
         if "float64" in spec.dtype:
             return False, f"dtype {spec.dtype}: FFT layers compute in float32"
         if self.tile_size == "full" and (spec.height is None or spec.width is None):
             return False, "spatial size unknown at build; full-image FFT needs it (fft-tiled does not)"
+        if spec.kind in _OTHER_KINDS and _OTHER_KINDS[spec.kind][2] is not None:
+            return _OTHER_KINDS[spec.kind][2](spec, self.tile_size)
         return True, ""
 
     def canary_specs(self):
@@ -729,10 +745,14 @@ class FFTImplementation(Implementation):
         unknown = set(options) - {"tile_size"}
         if unknown:
             raise PlanError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only 'tile_size'.")
+        if spec.kind in _OTHER_KINDS:
+            return _OTHER_KINDS[spec.kind][0](layer, spec, self._tile(options))
         cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
         return cls.from_config({**layer.get_config(), "tile_size": self._tile(options)})
 
     def features(self, spec: ConvSpec, **options):
+        if spec.kind in _OTHER_KINDS:
+            return _OTHER_KINDS[spec.kind][1](spec, self._tile(options))
         return fft_cost_features(spec, self._tile(options))
 
     def workspace_bytes(self, spec: ConvSpec, options=None):
@@ -773,6 +793,8 @@ class FFTTiledImplementation(FFTImplementation):
         unknown = set(options) - {"tile_size"}
         if unknown:
             raise PlanError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only 'tile_size'.")
+        if spec.kind in _OTHER_KINDS:
+            return _OTHER_KINDS[spec.kind][0](layer, spec, self._resolve(spec, options))
         cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
         return cls.from_config({**layer.get_config(), "tile_size": self._resolve(spec, options)})
 
@@ -783,6 +805,8 @@ class FFTTiledImplementation(FFTImplementation):
         return tile
 
     def features(self, spec, **options):
+        if spec.kind in _OTHER_KINDS:
+            return _OTHER_KINDS[spec.kind][1](spec, self._resolve(spec, options))
         return fft_cost_features(spec, self._resolve(spec, options))
 
 
