@@ -22,11 +22,11 @@ from keras import ops
 from .. import keras_internals
 from ..errors import PlanError
 from ..registry import Implementation, io_bytes, register
-from ..shapes import effective_length, pair
+from ..shapes import effective_length
 from ..spec import ConvSpec, separable_stages
 from . import backend
 from .fft import FFTImplementation, FFTTiledImplementation, _FFTConvMixin, fft_cost_features
-from .wide import SLOW_WIDTHS, axis_plan, default_run_kernel
+from .wide import SLOW_WIDTHS, RunsWide, default_run_kernel
 
 __all__ = ["FFTSeparableConv2D", "WideSeparableConv2D", "SeparableFFTImplementation",
            "SeparableFFTTiledImplementation", "SeparableWideImplementation", "separable_stages"]
@@ -84,7 +84,7 @@ class FFTSeparableConv2D(_PointwiseMixin, _FFTConvMixin, keras.layers.SeparableC
 
 
 @keras.saving.register_keras_serializable(package="convrewrite")
-class WideSeparableConv2D(_PointwiseMixin, keras.layers.SeparableConv2D):
+class WideSeparableConv2D(RunsWide, _PointwiseMixin, keras.layers.SeparableConv2D):
     """keras.layers.SeparableConv2D with its depthwise kernel zero-padded to `run_kernel_size` (see
     layers/wide.py: TensorFlow's depthwise kernel runs widths 12-13 about 2x slower than width 14).
 
@@ -99,21 +99,8 @@ class WideSeparableConv2D(_PointwiseMixin, keras.layers.SeparableConv2D):
     convrewrite_keras_class = keras.layers.SeparableConv2D
     convrewrite_extra_config = ("run_kernel_size",)
 
-    def __init__(self, *args, run_kernel_size=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        run = default_run_kernel(self.kernel_size) if run_kernel_size is None else run_kernel_size
-        run = pair(run, "run_kernel_size", f"{type(self).__name__} '{self.name}'")
-        if any(r < k for r, k in zip(run, self.kernel_size)):
-            raise ValueError(f"Received invalid run_kernel_size={run} for {type(self).__name__} '{self.name}'; "
-                             f"expected sizes >= kernel_size={tuple(self.kernel_size)}.")
-        self.run_kernel_size = run
-
-    def _axes(self):
-        return (1, 2) if self.data_format == "channels_last" else (2, 3)
-
     def call(self, inputs):
-        plans = [axis_plan(inputs.shape[ax], k, r, d, s, self.padding) for ax, k, r, d, s in
-                 zip(self._axes(), self.kernel_size, self.run_kernel_size, self.dilation_rate, self.strides)]
+        plans = self._plans(inputs.shape)
         small = self.padding == "valid" and any(
             inputs.shape[ax] is not None and inputs.shape[ax] < effective_length(k, d)
             for ax, k, d in zip(self._axes(), self.kernel_size, self.dilation_rate))

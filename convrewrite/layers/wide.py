@@ -47,6 +47,17 @@ def default_run_kernel(kernel: Tuple[int, int]) -> Tuple[int, int]:
     return kh, (FAST_WIDTH if kw in SLOW_WIDTHS else kw)
 
 
+def run_kernel_for(layer, run_kernel_size) -> Tuple[int, int]:
+    """The kernel size `layer` (a depthwise-stage layer with `kernel_size`) runs at: `run_kernel_size`, or by
+    default `default_run_kernel`; ValueError naming the layer where it is smaller than the kernel."""
+    run = default_run_kernel(layer.kernel_size) if run_kernel_size is None else run_kernel_size
+    run = pair(run, "run_kernel_size", f"{type(layer).__name__} '{layer.name}'")
+    if any(r < k for r, k in zip(run, layer.kernel_size)):
+        raise ValueError(f"Received invalid run_kernel_size={run} for {type(layer).__name__} '{layer.name}'; "
+                         f"expected sizes >= kernel_size={tuple(layer.kernel_size)}.")
+    return run
+
+
 def axis_plan(size: Optional[int], kernel: int, run: int, dilation: int, stride: int, padding: str):
     """How one spatial axis of the wide convolution runs: (extra_before, (pad_before, pad_after), native), or
     None where that depends on a size unknown until run time (SAME with strides).
@@ -74,8 +85,24 @@ def axis_plan(size: Optional[int], kernel: int, run: int, dilation: int, stride:
     return 0, (before, after + extra * dilation), False
 
 
+class RunsWide:
+    """What a layer running a depthwise stage at `run_kernel_size` shares (WideDepthwiseConv2D, the separable
+    one): the argument, checked, and each spatial axis's `axis_plan` for an input shape."""
+
+    def __init__(self, *args, run_kernel_size=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_kernel_size = run_kernel_for(self, run_kernel_size)
+
+    def _axes(self):
+        return (1, 2) if self.data_format == "channels_last" else (2, 3)
+
+    def _plans(self, shape):
+        return [axis_plan(shape[ax], k, r, d, s, self.padding) for ax, k, r, d, s in
+                zip(self._axes(), self.kernel_size, self.run_kernel_size, self.dilation_rate, self.strides)]
+
+
 @keras.saving.register_keras_serializable(package="convrewrite")
-class WideDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+class WideDepthwiseConv2D(RunsWide, keras.layers.DepthwiseConv2D):
     """keras.layers.DepthwiseConv2D computed with its kernel zero-padded to `run_kernel_size`.
 
     Same arguments and weights as DepthwiseConv2D (kernel (kh, kw, C, M), bias (C * M,)), plus:
@@ -94,21 +121,6 @@ class WideDepthwiseConv2D(keras.layers.DepthwiseConv2D):
     convrewrite_keras_class = keras.layers.DepthwiseConv2D
     convrewrite_extra_config = ("run_kernel_size",)
 
-    def __init__(self, *args, run_kernel_size=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        run = default_run_kernel(self.kernel_size) if run_kernel_size is None else run_kernel_size
-        run = pair(run, "run_kernel_size", f"{type(self).__name__} '{self.name}'")
-        if any(r < k for r, k in zip(run, self.kernel_size)):
-            raise ValueError(f"Received invalid run_kernel_size={run} for {type(self).__name__} '{self.name}'; "
-                             f"expected sizes >= kernel_size={tuple(self.kernel_size)}.")
-        self.run_kernel_size = run
-
-    def _axes(self):
-        return (1, 2) if self.data_format == "channels_last" else (2, 3)
-
-    def _plans(self, shape):
-        return [axis_plan(shape[ax], k, r, d, s, self.padding) for ax, k, r, d, s in
-                zip(self._axes(), self.kernel_size, self.run_kernel_size, self.dilation_rate, self.strides)]
 
     def call(self, inputs):
         """The wide kernel's result where it provably equals Keras's (finite input and kernel), else Keras's."""
