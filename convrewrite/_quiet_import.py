@@ -4,7 +4,10 @@ TensorFlow 2.21 logs "oneDNN custom operations are on" through absl before absl'
 TF_CPP_MIN_LOG_LEVEL does not silence it: every `convrewrite` command would print two such lines before
 its own one-line answer. While TensorFlow is imported, stderr's file descriptor points at a temporary
 file; afterwards everything but absl INFO lines (and absl's note that logging is not yet initialized) is
-written back, so warnings and errors still reach the user. (If the import kills the process outright, e.g.
+written back, so warnings and errors still reach the user. One error line is dropped too: a CUDA build of
+TensorFlow (the `tensorflow` package, which e.g. keras-hub's tensorflow-text installs beside tensorflow-cpu)
+reports "failed call to cuInit" when it looks for GPUs on a machine without a CUDA driver, which is no error
+for CPU use; the devices are therefore listed once while stderr is captured. (If the import kills the process outright, e.g.
 TensorFlow's fatal CPU-feature check, its message is lost with it: set TF_CPP_MIN_LOG_LEVEL=0 to import
 without this filter and see it.)
 """
@@ -16,12 +19,14 @@ import tempfile
 
 _ABSL_INFO = re.compile(r"^I\d{4} \d\d:\d\d:\d\d")
 _ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_NO_CUDA_DRIVER = re.compile(r"^E\d{4} \d\d:\d\d:\d\d.*\] failed call to cuInit")
 
 
 def filter_startup_lines(text: str) -> str:
-    """`text` without absl INFO lines and absl's preamble line; every other line kept, in order."""
+    """`text` without absl INFO lines, absl's preamble line and a CUDA build's "failed call to cuInit" on a
+    machine without a CUDA driver; every other line kept, in order."""
     kept = [line for line in text.splitlines(keepends=True)
-            if not (_ABSL_INFO.match(line) or line.startswith(_ABSL_PREAMBLE))]
+            if not (_ABSL_INFO.match(line) or line.startswith(_ABSL_PREAMBLE) or _NO_CUDA_DRIVER.match(line))]
     return "".join(kept)
 
 
@@ -56,6 +61,7 @@ def import_tensorflow_quietly() -> None:
 
 def _import_tensorflow():
     try:
-        import tensorflow  # noqa: F401
+        import tensorflow
     except ImportError:  # Keras reports a missing backend itself, with install advice
-        pass
+        return
+    tensorflow.config.list_physical_devices()  # device discovery now, while its start-up lines are filtered

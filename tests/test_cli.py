@@ -515,6 +515,10 @@ def test_tensorflow_startup_lines_are_filtered_but_warnings_kept():
     text = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
             "I0000 00:00:1795457700.002023    2175 port.cc:153] oneDNN custom operations are on.\n"
             "W0000 00:00:1795457700.1    2175 cpu.cc:1] a real warning\n"
+            "E0000 00:00:1795819637.008423   10882 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA "
+            "error: Failed call to cuInit: UNKNOWN ERROR (303)\n"
+            "E0000 00:00:1795819637.1   10882 other.cc:1] a real error\n"
             "Traceback: something else\n")
     assert filter_startup_lines(text) == ("W0000 00:00:1795457700.1    2175 cpu.cc:1] a real warning\n"
+                                          "E0000 00:00:1795819637.1   10882 other.cc:1] a real error\n"
                                           "Traceback: something else\n")
