@@ -112,16 +112,7 @@ class WideSeparableConv2D(RunsWide, _PointwiseMixin, keras.layers.SeparableConv2
                         lambda: super(WideSeparableConv2D, self).call(inputs))
 
     def _wide_call(self, inputs, plans):
-        kernel_pads = [(e, r - k - e) for (e, _, _), k, r in zip(plans, self.kernel_size, self.run_kernel_size)]
-        kernel = ops.pad(self.depthwise_kernel, kernel_pads + [(0, 0), (0, 0)])
-        x, padding = inputs, self.padding
-        if not all(native for _, _, native in plans):
-            input_pads = [(0, 0)] * 4
-            for ax, (_, pads, _) in zip(self._axes(), plans):
-                input_pads[ax] = pads
-            x, padding = ops.pad(inputs, input_pads), "valid"
-        y = ops.depthwise_conv(x, kernel, strides=self.strides, padding=padding, dilation_rate=self.dilation_rate,
-                               data_format=self.data_format)
+        y = self._run_depthwise(inputs, plans, self.depthwise_kernel)
         return self._pointwise(y)
 
     def get_config(self):

@@ -100,6 +100,20 @@ class RunsWide:
         return [axis_plan(shape[ax], k, r, d, s, self.padding) for ax, k, r, d, s in
                 zip(self._axes(), self.kernel_size, self.run_kernel_size, self.dilation_rate, self.strides)]
 
+    def _run_depthwise(self, inputs, plans, kernel):
+        """The depthwise convolution of `inputs` with `kernel` (kh, kw, C, M) zero-padded to the run kernel,
+        the input padded as `plans` say where the run kernel's own padding would not match Keras's."""
+        kernel_pads = [(e, r - k - e) for (e, _, _), k, r in zip(plans, self.kernel_size, self.run_kernel_size)]
+        kernel = ops.pad(kernel, kernel_pads + [(0, 0), (0, 0)])
+        x, padding = inputs, self.padding
+        if not all(native for _, _, native in plans):
+            input_pads = [(0, 0)] * 4
+            for ax, (_, pads, _) in zip(self._axes(), plans):
+                input_pads[ax] = pads
+            x, padding = ops.pad(inputs, input_pads), "valid"
+        return ops.depthwise_conv(x, kernel, strides=self.strides, padding=padding, dilation_rate=self.dilation_rate,
+                                  data_format=self.data_format)
+
 
 @keras.saving.register_keras_serializable(package="convrewrite")
 class WideDepthwiseConv2D(RunsWide, keras.layers.DepthwiseConv2D):
@@ -140,16 +154,7 @@ class WideDepthwiseConv2D(RunsWide, keras.layers.DepthwiseConv2D):
 
     def _wide_call(self, inputs, plans):
         """The run kernel's convolution (see `axis_plan`), then bias and activation as Keras's layer."""
-        kernel_pads = [(e, r - k - e) for (e, _, _), k, r in zip(plans, self.kernel_size, self.run_kernel_size)]
-        kernel = ops.pad(self.kernel, kernel_pads + [(0, 0), (0, 0)])
-        x, padding = inputs, self.padding
-        if not all(native for _, _, native in plans):
-            input_pads = [(0, 0)] * 4
-            for ax, (_, pads, _) in zip(self._axes(), plans):
-                input_pads[ax] = pads
-            x, padding = ops.pad(inputs, input_pads), "valid"
-        outputs = ops.depthwise_conv(x, kernel, strides=self.strides, padding=padding,
-                                     dilation_rate=self.dilation_rate, data_format=self.data_format)
+        outputs = self._run_depthwise(inputs, plans, self.kernel)
         if self.use_bias:
             shape = (1, 1, 1, -1) if self.data_format == "channels_last" else (1, -1, 1, 1)
             outputs = ops.add(outputs, ops.reshape(self.bias, shape))
