@@ -149,6 +149,13 @@ class Implementation:
         another device's profile then stay unverified)."""
         return []
 
+    def check_options(self, options: dict, allowed) -> None:
+        """PlanError where `options` (make_layer's keyword arguments) holds a name not in `allowed`."""
+        unknown = set(options) - set(allowed)
+        if unknown:
+            raise PlanError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only "
+                            f"{', '.join(repr(a) for a in sorted(allowed))}.")
+
     def options_of(self, layer) -> dict:
         """The options that rebuild `layer` (one this implementation made) as it is, e.g. an FFT layer's
         tile size: how a re-optimized model's site is kept unchanged."""

@@ -101,37 +101,34 @@ def _irfft3d_composed(z, fft_length):
     return tf.signal.irfft(tf.transpose(tf.signal.ifft2d(y), back), fft_length=[int(fft_length[2])])
 
 
-def rfft3d(x, fft_length):
-    """Real 3-D DFT over the three innermost axes: x: (..., d, h, w) float32, zero-padded at the end to
-    fft_length = (P, Q, R). Returns (..., P, Q, R // 2 + 1) complex64. TF's fused RFFT3D forward; its gradient
-    (which TF does not register) through the same transform written as rfft + fft2d."""
+def _fused_differentiated_as(fused, composed, x):
+    """fused(x), with the gradient of composed(x) (the same function as ops TF can differentiate)."""
     @tf.custom_gradient
     def f(x):
         def grad(dy):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                y = _rfft3d_composed(x, fft_length)
+                y = composed(x)
             return tape.gradient(y, x, output_gradients=dy)
 
-        return tf.signal.rfft3d(x, fft_length=[int(n) for n in fft_length]), grad
+        return fused(x), grad
 
     return f(x)
+
+
+def rfft3d(x, fft_length):
+    """Real 3-D DFT over the three innermost axes: x: (..., d, h, w) float32, zero-padded at the end to
+    fft_length = (P, Q, R). Returns (..., P, Q, R // 2 + 1) complex64. TF's fused RFFT3D forward; its gradient
+    (which TF does not register) through the same transform written as rfft + fft2d."""
+    return _fused_differentiated_as(lambda t: tf.signal.rfft3d(t, fft_length=[int(n) for n in fft_length]),
+                                    lambda t: _rfft3d_composed(t, fft_length), x)
 
 
 def irfft3d(x, fft_length):
     """Inverse of `rfft3d`: x: (..., P, Q, R // 2 + 1) complex64 -> (..., P, Q, R) float32 (fused forward,
     gradient through ifft2d + irfft, as `rfft3d`)."""
-    @tf.custom_gradient
-    def f(z):
-        def grad(dy):
-            with tf.GradientTape() as tape:
-                tape.watch(z)
-                y = _irfft3d_composed(z, fft_length)
-            return tape.gradient(y, z, output_gradients=dy)
-
-        return tf.signal.irfft3d(z, fft_length=[int(n) for n in fft_length]), grad
-
-    return f(x)
+    return _fused_differentiated_as(lambda z: tf.signal.irfft3d(z, fft_length=[int(n) for n in fft_length]),
+                                    lambda z: _irfft3d_composed(z, fft_length), x)
 
 
 def l2_norm(x):

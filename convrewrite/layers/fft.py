@@ -35,7 +35,6 @@ import keras
 from keras import ops
 
 from .. import keras_internals
-from ..errors import PlanError
 from ..registry import Implementation, canary_spec, io_bytes, reduction_terms, register
 from ..shapes import output_length, same_pads
 from ..spec import ConvSpec
@@ -742,9 +741,7 @@ class FFTImplementation(Implementation):
         return options.get("tile_size", self.tile_size)
 
     def make_layer(self, layer, spec: ConvSpec, **options):
-        unknown = set(options) - {"tile_size"}
-        if unknown:
-            raise PlanError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only 'tile_size'.")
+        self.check_options(options, {"tile_size"})
         if spec.kind in _OTHER_KINDS:
             return _OTHER_KINDS[spec.kind][0](layer, spec, self._tile(options))
         cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
@@ -790,9 +787,7 @@ class FFTTiledImplementation(FFTImplementation):
     simplicity = 30
 
     def make_layer(self, layer, spec, **options):
-        unknown = set(options) - {"tile_size"}
-        if unknown:
-            raise PlanError(f"Received options {sorted(unknown)} for implementation {self.name!r}; expected only 'tile_size'.")
+        self.check_options(options, {"tile_size"})
         if spec.kind in _OTHER_KINDS:
             return _OTHER_KINDS[spec.kind][0](layer, spec, self._resolve(spec, options))
         cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D

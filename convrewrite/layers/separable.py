@@ -20,7 +20,6 @@ import keras
 from keras import ops
 
 from .. import keras_internals
-from ..errors import PlanError
 from ..registry import Implementation, io_bytes, register
 from ..shapes import effective_length
 from ..spec import ConvSpec, separable_stages
@@ -127,13 +126,6 @@ def _pointwise_features(spec: ConvSpec) -> dict:
     return {"pw_macs": float(pw.macs() or 0), "pw_bytes": 4.0 * n * (pw.in_channels + pw.filters)}
 
 
-def _check_options(impl, options, allowed):
-    unknown = set(options) - set(allowed)
-    if unknown:
-        raise PlanError(f"Received options {sorted(unknown)} for implementation {impl.name!r}; "
-                        f"expected only {sorted(allowed)}.")
-
-
 class SeparableFFTImplementation(Implementation):
     """SeparableConv2D with its depthwise stage by full-image FFT, then Keras's pointwise stage. The depthwise
     stage is answered for by `stage` (the FFT implementation of DepthwiseConv2D) on `separable_stages`' spec."""
@@ -155,7 +147,7 @@ class SeparableFFTImplementation(Implementation):
         return self.stage._resolve(dw, options) if hasattr(self.stage, "_resolve") else self.stage._tile(options)
 
     def make_layer(self, layer, spec: ConvSpec, **options):
-        _check_options(self, options, {"tile_size"})
+        self.check_options(options, {"tile_size"})
         from ..graph import live_config
 
         config = {k: v for k, v in live_config(layer).items() if k not in ("tile_size", "run_kernel_size")}
@@ -207,7 +199,7 @@ class SeparableWideImplementation(Implementation):
         return True, ""
 
     def make_layer(self, layer, spec: ConvSpec, **options):
-        _check_options(self, options, {"run_kernel_size"})
+        self.check_options(options, {"run_kernel_size"})
         from ..graph import live_config
 
         config = {k: v for k, v in live_config(layer).items() if k not in ("tile_size", "run_kernel_size")}

@@ -26,13 +26,12 @@ layers/fft.py), run Keras's own Conv2DTranspose instead.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import keras
 from keras import ops
 
 from .. import keras_internals
-from ..errors import PlanError
 from ..registry import Implementation, io_bytes, register
 from ..spec import ConvSpec
 from . import backend
@@ -308,10 +307,7 @@ class TransposeSubpixelImplementation(Implementation):
         return True, ""
 
     def make_layer(self, layer, spec: ConvSpec, **options):
-        unknown = set(options) - {"method"}
-        if unknown:
-            raise PlanError(f"Received options {sorted(unknown)} for implementation {self.name!r}; "
-                            f"expected only 'method'.")
+        self.check_options(options, {"method"})
         from ..graph import live_config
 
         config = {k: v for k, v in live_config(layer).items() if k != "method"}

@@ -26,7 +26,6 @@ from typing import Optional, Tuple
 import keras
 from keras import ops
 
-from ..errors import PlanError
 from ..kernels import DEPTHWISE_SLOW_WIDTHS, Depthwise
 from ..registry import Implementation, canary_spec, io_bytes, register
 from ..shapes import effective_length, pair, same_pads
@@ -189,10 +188,7 @@ class WideDepthwiseImplementation(Implementation):
         return True, ""
 
     def make_layer(self, layer, spec: ConvSpec, **options):
-        unknown = set(options) - {"run_kernel_size"}
-        if unknown:
-            raise PlanError(f"Received options {sorted(unknown)} for implementation {self.name!r}; "
-                            f"expected only 'run_kernel_size'.")
+        self.check_options(options, {"run_kernel_size"})
         base = Depthwise().make_layer(layer, spec) if spec.kind == "conv2d" else layer
         run = options.get("run_kernel_size") or default_run_kernel(spec.kernel)
         return WideDepthwiseConv2D.from_config({**base.get_config(), "run_kernel_size": run})
