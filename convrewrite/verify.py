@@ -333,34 +333,28 @@ def _output_checks(original, new, inputs, rtol, seed, batch) -> List[Check]:
     policy = getattr(original, "dtype_policy", None)
     compute = [getattr(layer, "compute_dtype", "float32") for layer in original.layers] + [getattr(policy, "name", "")]
     tol = rtol if rtol is not None else max(default_tolerance(c) for c in compute)
-    checks = []
-    for i, (e, a) in enumerate(zip(expected, actual)):
-        e, a = _numpy(e), _numpy(a)
-        err = relative_error(a, e)
-        name = names[i] if i < len(names) else f"output_{i}"
-        checks.append(Check(name, "output", err, max_abs_difference(a, e), tol, bool(err <= tol),
-                            nonfinite_mismatches=nonfinite_mismatches(a, e), inputs="given" if given else "random"))
-    if len(expected) != len(actual):
-        checks.append(Check("output count", "output", float("inf"), float("inf"), tol, False))
+    names = [names[i] if i < len(names) else f"output_{i}" for i in range(len(expected))]
+    checks = _compare_outputs(expected, actual, names, "output count", tol, given)
     if overrides_predict(original):
-        checks += _predict_checks(original, new, inputs, tol, given)
+        # the class makes predict more than a call (a keras_hub Task runs its preprocessor there): what users
+        # call must agree too, so a step the rebuild lost can never pass
+        expected = keras.tree.flatten(original.predict(inputs, verbose=0))
+        actual = keras.tree.flatten(new.predict(inputs, verbose=0))
+        names = ["predict()"] if len(expected) == 1 else [f"predict()[{i}]" for i in range(len(expected))]
+        checks += _compare_outputs(expected, actual, names, "predict() output count", tol, given)
     return checks
 
 
-def _predict_checks(original, new, inputs, tol, given) -> List[Check]:
-    """`new.predict(inputs)` against `original.predict(inputs)`, for a model whose class makes predict more than
-    a call (a keras_hub Task runs its preprocessor there): what users call must agree too, so a step the
-    rebuild lost can never pass."""
-    import keras
-
-    expected = keras.tree.flatten(original.predict(inputs, verbose=0))
-    actual = keras.tree.flatten(new.predict(inputs, verbose=0))
-    checks = [Check("predict()" if len(expected) == 1 else f"predict()[{i}]", "output", relative_error(a, e),
-                    max_abs_difference(a, e), tol, bool(relative_error(a, e) <= tol),
-                    nonfinite_mismatches=nonfinite_mismatches(a, e), inputs="given" if given else "random")
-              for i, (e, a) in enumerate(zip(map(_numpy, expected), map(_numpy, actual)))]
+def _compare_outputs(expected, actual, names, count_name, tol, given) -> List[Check]:
+    """One "output" check per pair of flat outputs (named `names`), and a failing `count_name` check where
+    the two models return different numbers of outputs."""
+    checks = []
+    for name, e, a in zip(names, map(_numpy, expected), map(_numpy, actual)):
+        err = relative_error(a, e)
+        checks.append(Check(name, "output", err, max_abs_difference(a, e), tol, bool(err <= tol),
+                            nonfinite_mismatches=nonfinite_mismatches(a, e), inputs="given" if given else "random"))
     if len(expected) != len(actual):
-        checks.append(Check("predict() output count", "output", float("inf"), float("inf"), tol, False))
+        checks.append(Check(count_name, "output", float("inf"), float("inf"), tol, False))
     return checks
 
 
