@@ -10,8 +10,8 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from . import reference  # noqa: I001  pure numpy: usable without TensorFlow
-from .errors import (ConvRewriteError, PlanError, ProfileError, UnsupportedModelError, VerificationError,
-                     WeightFileError)
+from .errors import (ConvRewriteError, PlanError, ProfileError, UnsupportedBackendError, UnsupportedModelError,
+                     VerificationError, WeightFileError)
 from .spec import ConvSpec
 
 try:
@@ -29,11 +29,14 @@ try:
     from .profile import profile_device
     from .verify import VerificationReport
     from .weights import RewrittenModel, transfer_weights
+except UnsupportedBackendError as _exc:  # e.g. KERAS_BACKEND=torch: only the numpy reference (and ConvSpec) work
+    _BACKEND_ERROR = f"is not available: {_exc} Only convrewrite.reference and convrewrite.ConvSpec work without it."
 except ModuleNotFoundError as _exc:  # no backend: only the numpy reference (and ConvSpec) work
     if (_exc.name or "").split(".")[0] not in ("tensorflow", "jax", "torch"):
         raise
     _BACKEND_ERROR = (f"needs Keras with a working backend, but importing it failed ({_exc}); install "
-                      f"TensorFlow with pip install 'convrewrite[cpu]' (or '[gpu]'). Only convrewrite.reference "
+                      f"TensorFlow with pip install 'convrewrite[cpu]' (or '[gpu]'), or JAX with "
+                      f"pip install 'convrewrite[jax]' and KERAS_BACKEND=jax. Only convrewrite.reference "
                       f"and convrewrite.ConvSpec work without it.")
 
     def __getattr__(name):

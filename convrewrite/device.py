@@ -132,35 +132,26 @@ def fingerprint() -> dict:
         "hardware": {"cpu": cpu_hardware()},
         "settings": {k: os.environ.get(k) for k in KERNEL_SETTINGS},
     }
-    if fp["backend"] == "tensorflow":
-        fp["tensorflow"], gpu = _tensorflow_details()
-        if gpu:
-            fp["device_kind"], fp["device_name"] = "gpu", gpu.pop("name")
-            fp["compute_capability"], fp["gpu_count"] = gpu.pop("compute_capability"), gpu.pop("count")
-            fp["hardware"]["gpu"] = gpu  # driver-side identity: CUDA / cuDNN versions
-    elif fp["backend"] == "jax":
-        import jax
-
-        dev = jax.devices()[0]
-        fp["jax"] = jax.__version__
-        fp["device_kind"] = dev.platform
-        if dev.platform != "cpu":
-            fp["device_name"] = dev.device_kind
-            fp["gpu_count"] = len(jax.devices())
+    library, fp[library], gpu = _backend_details()
+    if gpu:
+        fp["device_kind"], fp["device_name"] = "gpu", gpu.pop("name")
+        fp["compute_capability"], fp["gpu_count"] = gpu.pop("compute_capability"), gpu.pop("count")
+        fp["hardware"]["gpu"] = gpu  # driver-side identity: CUDA / cuDNN versions
     return fp
 
 
 @functools.lru_cache(maxsize=1)
-def _tensorflow_details_cached():
-    from .layers import backend as ops
+def _backend_details_cached():
+    from .layers import backend
 
-    return ops.tensorflow_device_details()
+    return backend.device_details()
 
 
-def _tensorflow_details():
-    """(TF version, GPU details or None), asked once per process (listing devices is slow); a copy."""
-    version, gpu = _tensorflow_details_cached()
-    return version, (dict(gpu) if gpu else None)
+def _backend_details():
+    """(backend library, its version, GPU details or None), asked once per process (listing devices is
+    slow); a copy."""
+    library, version, gpu = _backend_details_cached()
+    return library, version, (dict(gpu) if gpu else None)
 
 
 def hardware_known(fp: dict) -> bool:

@@ -29,3 +29,8 @@ class PlanError(ConvRewriteError):
 
 class WeightFileError(ConvRewriteError):
     """A weight file (or a source model) does not fit the model its weights are loaded into."""
+
+
+class UnsupportedBackendError(ConvRewriteError, ImportError):
+    """Keras runs a backend convrewrite has no operations for (it runs on TensorFlow and JAX), or a feature
+    that exists on one backend only (TensorFlow's SavedModel export) was asked for on another."""

@@ -8,6 +8,7 @@ interleaved repetitions; when repetitions disagree by more than 2x it takes more
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Dict, List
 
@@ -109,8 +110,8 @@ def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.
     import keras
 
     layer, shape = layer_from_spec(spec)
-    # A tensor, not a numpy array: a compiled function captures a tensor by reference, while it would
-    # embed an array as a constant in every graph it builds (memory that grew by ~60 MB per spec).
+    # A tensor passed as the compiled call's argument, never captured: a numpy array would be embedded as a
+    # constant in every graph it builds (memory that grew by ~60 MB per spec on TensorFlow).
     x = keras.ops.convert_to_tensor(np.random.default_rng(1).standard_normal(shape).astype("float32"))
     fns = {}
     for name, (ok, _) in implementations.candidates(spec, allowed=allow).items():
@@ -121,7 +122,8 @@ def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.
             new = impl.make_layer(layer, spec)
             impl.probe_call(new, x)  # builds it
             impl.transfer_weights(layer, new, spec)
-            fn = compiled(_timed_call(impl, new, x, training))
+            run = compiled(_timed_call(impl, new, training), [new])
+            fn = functools.partial(run, x)
             fn()  # the warm-up call (tracing, compiling) here, so that running out of memory skips this one only
         except Exception as exc:  # noqa: BLE001 - only running out of memory is expected here
             if not _out_of_memory(exc):
@@ -142,13 +144,13 @@ def _out_of_memory(exc) -> bool:
     return "ResourceExhausted" in type(exc).__name__ or "OOM" in str(exc) or "Out of memory" in str(exc)
 
 
-def _timed_call(impl, new, x, training: bool):
-    """The zero-argument call time_spec times: the layer forward, or forward + backward."""
+def _timed_call(impl, new, training: bool):
+    """The call time_spec times, of the input: the layer forward, or forward + backward."""
     if not training:
-        return lambda: impl.probe_call(new, x)
+        return lambda x: impl.probe_call(new, x)
     from .layers import backend
 
-    return lambda: backend.forward_backward(lambda t: impl.probe_call(new, t), x, new.trainable_variables)
+    return lambda x: backend.forward_backward(lambda t: impl.probe_call(new, t), x, new.trainable_variables)
 
 
 def time_canaries(allow=None, repeats: int = 5) -> List[dict]:

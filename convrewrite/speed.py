@@ -96,8 +96,12 @@ def measure(original, optimized, inputs, budget_s: float = SPEED_BUDGET_S) -> Sp
     """Time both models on `inputs` (interleaved, one warm-up call each excluded, medians)."""
     import keras
 
-    fns = {"original": compiled(lambda: original(inputs, training=False)),
-           "optimized": compiled(lambda: optimized(inputs, training=False))}
+    # weights and inputs are arguments of the compiled calls (on JAX, a captured array would be compiled in
+    # as a constant, and weight-only work folded away)
+    inputs = keras.tree.map_structure(keras.ops.convert_to_tensor, inputs)
+    run_original = compiled(lambda t: original(t, training=False), [original])
+    run_optimized = compiled(lambda t: optimized(t, training=False), [optimized])
+    fns = {"original": lambda: run_original(inputs), "optimized": lambda: run_optimized(inputs)}
     res = time_interleaved(fns, repeats=3, warmup=1, min_time=min(SPEED_MIN_S, budget_s), max_time=budget_s)
     batch = int(keras.tree.flatten(inputs)[0].shape[0])
     return SpeedCheck(res["original"]["median"], res["optimized"]["median"], len(res["original"]["samples"]), batch)

@@ -67,13 +67,10 @@ def progress(items, label, enabled=True):
         sys.stderr.write(f"\r{label} [{'#' * 30}] {n}/{n} {time.perf_counter() - start:4.0f}s{' ' * 10}\n")
 
 
-def compiled(fn):
-    """`fn` compiled for the active Keras backend (a graph function on TensorFlow), so timings measure the
-    kernels, not Python dispatch. One compiled function per variant is the point here."""
-    import keras
+def compiled(fn, layers=()):
+    """`fn` compiled for the active Keras backend (a tf.function on TensorFlow, a jax.jit on JAX that takes
+    the variables of `layers` as arguments), so timings measure the kernels, not Python dispatch. One
+    compiled function per variant is the point here. `layers`: the layers or models fn calls."""
+    from .layers import backend
 
-    if keras.backend.backend() == "tensorflow":
-        from .layers import backend
-
-        return backend.graph_function(fn)
-    return fn  # other backends: eager calls until their backend module exists (profiles are measured on TF)
+    return backend.graph_function(fn, layers)

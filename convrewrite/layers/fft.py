@@ -348,6 +348,14 @@ def _ceil_div(a, b):
     return (a + b - 1) // b
 
 
+def size_max(a, b):
+    """max(a, b) of sizes that are Python ints (static shapes; always on JAX) or scalar tensors (sizes known
+    only at run time in a TensorFlow graph): an int stays an int, so that it can size a pad or a slice."""
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    return ops.maximum(a, b)
+
+
 def _dynamic_axis(n, axis: AxisLayout, padding: str):
     """(out, pad_before, span, tiles) along an axis whose length n may be a scalar tensor."""
     k, s = axis.kernel, axis.stride
@@ -569,7 +577,7 @@ class _FFTConvMixin:
         for ax, n, (out, pb, span, tiles), a in zip((hax, wax), (shape[hax], shape[wax]), geo, (layout.rows, layout.cols)):
             need = tiles * a.tile + a.kernel - 1  # padded inputs the `tiles` frames read
             needs.append(need)
-            pads[ax] = (pb, ops.maximum(need - pb - n, 0))
+            pads[ax] = (pb, size_max(need - pb - n, 0))
         x = ops.pad(x, pads)
         # Under VALID with strides the padded input may run up to stride - 1 rows/cols past `need` (inputs
         # no kept output reads), which would give frame() extra windows: cut them off first, so that

@@ -33,7 +33,7 @@ from ..spec import ConvSpec
 from . import backend
 from .fft import (
     AxisLayout, _dilate, _dtype_max, _transform_work, FFTLayout, default_tile, full_axis_layout, next_fast_length,
-    register_fft_kind, tiled_axis_layout,
+    register_fft_kind, size_max, tiled_axis_layout,
 )
 
 __all__ = ["FFTConv1D", "FFTDepthwiseConv1D", "axis_layout_1d", "fft1d_cost_features"]
@@ -166,13 +166,11 @@ def _dynamic_axis_1d(n, axis: AxisLayout, padding: str):
         out = (n + s - 1) // s
         if padding == "causal":
             pb = k - 1
-        elif isinstance(n, int):
-            pb = max((out - 1) * s + k - n, 0) // 2
         else:
-            pb = ops.maximum((out - 1) * s + k - n, 0) // 2
+            pb = size_max((out - 1) * s + k - n, 0) // 2
     else:
         out = (n - k + s) // s
-        out = max(out, 0) if isinstance(out, int) else ops.maximum(out, 0)
+        out = size_max(out, 0)
         pb = 0
     span = (out - 1) * s + 1
     tiles = (span + axis.tile - 1) // axis.tile
@@ -321,7 +319,7 @@ class _FFTConv1DMixin:
         out, pb, span, tiles = _dynamic_axis_1d(n, axis, self.padding)
         need = tiles * axis.tile + axis.kernel - 1  # padded inputs the frames read
         pads = [(0, 0)] * 3
-        pads[lax] = (pb, ops.maximum(need - pb - n, 0))
+        pads[lax] = (pb, size_max(need - pb - n, 0))
         x = ops.pad(x, pads)
         x = x[:, :need, :] if last else x[:, :, :need]  # no extra frames from a VALID + stride tail
         x = backend.frame(x, axis.fft, axis.tile, axis=lax)  # (N, T, P, C) or (N, C, T, P)

@@ -1,9 +1,8 @@
-"""The backend-specific operations convrewrite's layers need, in one place.
+"""The backend operations on TensorFlow (see `convrewrite.layers.backend` for the interface).
 
-Everything that calls TensorFlow directly lives here (real FFTs, framing, complex batched matmul, the
-kernel-spectrum cache with its custom gradient), so that the layers themselves use `keras.ops` only and a
-JAX version of this module is the whole port. Every function documents shapes; complex tensors are
-complex64 unless noted.
+Everything in convrewrite that calls TensorFlow directly lives here (real FFTs, framing, complex batched
+matmul, the kernel-spectrum cache with its custom gradient, compiled calls for timing, device details).
+Every function documents shapes; complex tensors are complex64 unless noted.
 """
 
 from __future__ import annotations
@@ -13,14 +12,19 @@ import tensorflow as tf
 __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
     "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
-    "SpectrumCache", "cached_transform", "resize_bilinear", "after", "tensorflow_device_details", "graph_function",
+    "SpectrumCache", "cached_transform", "resize_bilinear", "after", "device_details", "graph_function",
+    "forward_backward", "jit", "custom_gradient", "CACHES_SPECTRA",
 ]
+
+CACHES_SPECTRA = True
+"""Whether `cached_transform` keeps a transform between calls (here: in tf.Variables, checked by key)."""
 
 
 # ---- compiled calls for timing -------------------------------------------------------------------
-def graph_function(fn):
+def graph_function(fn, layers=()):
     """`fn` as a TensorFlow graph function (traced once per input signature), with TF's retracing
-    warnings off: timing harnesses build one function per variant on purpose."""
+    warnings off: timing harnesses build one function per variant on purpose. (`layers`: the layers whose
+    variables fn reads; a graph function reads variables by reference already, so they are not needed here.)"""
     tf.get_logger().setLevel("ERROR")
     return tf.function(fn)
 
@@ -35,17 +39,17 @@ def forward_backward(call, x, variables):
 
 
 # ---- device identity ------------------------------------------------------------------------------
-def tensorflow_device_details():
-    """(TensorFlow version, GPU details or None) for `convrewrite.device.fingerprint`.
+def device_details():
+    """("tensorflow", its version, GPU details or None) for `convrewrite.device.fingerprint`.
 
     GPU details: {"name", "compute_capability": [major, minor], "count", "cuda", "cudnn"} of the first
     visible GPU, with the CUDA / cuDNN versions TensorFlow was built against."""
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
-        return tf.__version__, None
+        return "tensorflow", tf.__version__, None
     details = tf.config.experimental.get_device_details(gpus[0])
     build = tf.sysconfig.get_build_info()
-    return tf.__version__, {"name": details.get("device_name", gpus[0].name),
+    return "tensorflow", tf.__version__, {"name": details.get("device_name", gpus[0].name),
                             "compute_capability": list(details.get("compute_capability", ())), "count": len(gpus),
                             "cuda": build.get("cuda_version"), "cudnn": build.get("cudnn_version")}
 
