@@ -32,3 +32,34 @@ def rng(request):
     """A numpy Generator seeded per test (stable across runs, different between tests)."""
     seed = zlib.crc32(request.node.nodeid.encode())  # not hash(): Python salts str hashes per process
     return np.random.default_rng(seed)
+
+
+# ---- backends ------------------------------------------------------------------------------------
+# The suite runs on either Keras backend (KERAS_BACKEND=tensorflow, the default here, or jax). Tests of
+# TensorFlow-only features (tf.train.Checkpoint, SavedModel export, graph functions with unknown sizes, the
+# spectrum cache's variables) are marked `tensorflow_only` and skipped on other backends.
+import keras  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "tensorflow_only(reason): a TensorFlow-only feature; skipped on other backends")
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND == "tensorflow":
+        return
+    for item in items:
+        marker = item.get_closest_marker("tensorflow_only")
+        if marker is not None:
+            why = marker.args[0] if marker.args else "a TensorFlow-only feature"
+            item.add_marker(pytest.mark.skip(reason=f"TensorFlow backend only ({why})"))
+
+
+def gradients(fn, x, variables=()):
+    """[d sum(fn(x)) / d x, *(d sum(fn(x)) / d v for v in variables)] on the active backend (fn's output
+    weighted by whatever fn multiplies it with); x may be a tuple of arrays (its gradient is then a tuple)."""
+    from convrewrite.layers import backend
+
+    return backend.forward_backward(fn, keras.tree.map_structure(keras.ops.convert_to_tensor, x), list(variables))

@@ -34,8 +34,12 @@ class Tiny(keras.Model):
 class Noisy(keras.layers.Layer):
     """Adds fresh noise on every call: no rewrite of a model holding it can ever verify."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = keras.random.SeedGenerator(7)  # JAX traces only seeded random ops
+
     def call(self, x):
-        return x + keras.random.normal(keras.ops.shape(x))
+        return x + keras.random.normal(keras.ops.shape(x), seed=self.seed)
 '''
 
 # Imported only by the subprocesses (via --custom-objects clitest_hooks:Hook), never by this process: it

@@ -9,7 +9,6 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import convrewrite
 from convrewrite import implementations, reference
@@ -17,7 +16,8 @@ from convrewrite.layers import FFTConv2D, FFTDepthwiseConv2D
 from convrewrite.layers import fft
 from convrewrite.spec import ConvSpec, spec_from_layer
 
-from conftest import rel_error
+from convrewrite.timing import compiled
+from conftest import gradients, rel_error
 
 TOL = 1e-5
 
@@ -47,31 +47,37 @@ def test_full_plans_use_odd_lengths_too():
 
 def test_complex_views_and_real_block_matmul(rng):
     """The interleaved (re, im) views are exact inverses, the real block product equals the complex one,
-    and gradients through the views equal those through tf.math.real / tf.math.imag and tf.complex."""
+    and gradients through the views equal those through the real and imaginary parts of a complex matmul."""
     from convrewrite.layers import backend
 
     def c(*shape):
-        return tf.constant((rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype("complex64"))
+        return keras.ops.convert_to_tensor((rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype("complex64"))
 
     a, b = c(5, 2, 3, 4), c(5, 2, 4, 6)
     r = backend.complex_as_real(a)
-    assert r.shape == (5, 2, 3, 8) and r.dtype == tf.float32
-    np.testing.assert_array_equal(r.numpy()[..., 0::2], np.real(a.numpy()))
-    np.testing.assert_array_equal(r.numpy()[..., 1::2], np.imag(a.numpy()))
-    np.testing.assert_array_equal(backend.real_as_complex(r).numpy(), a.numpy())
+    assert tuple(r.shape) == (5, 2, 3, 8) and keras.backend.standardize_dtype(r.dtype) == "float32"
+    r_np, a_np, b_np = (keras.ops.convert_to_numpy(t) for t in (r, a, b))
+    np.testing.assert_array_equal(r_np[..., 0::2], np.real(a_np))
+    np.testing.assert_array_equal(r_np[..., 1::2], np.imag(a_np))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(backend.real_as_complex(r)), a_np)
     block = backend.real_block(b)
-    assert block.shape == (5, 2, 8, 12)
-    got = backend.real_block_matmul(a, block).numpy()
-    want = np.matmul(a.numpy().astype(np.complex128), b.numpy().astype(np.complex128))
+    assert tuple(block.shape) == (5, 2, 8, 12)
+    got = keras.ops.convert_to_numpy(backend.real_block_matmul(a, block))
+    want = np.matmul(a_np.astype(np.complex128), b_np.astype(np.complex128))
     assert got.dtype == np.complex64 and np.abs(got - want).max() <= TOL * np.abs(want).max()
-    w = tf.constant(rng.standard_normal((5, 2, 3, 12)).astype("float32"))
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([a, b])
-        via_views = tf.reduce_sum(backend.complex_as_real(backend.real_block_matmul(a, backend.real_block(b))) * w)
-        y = tf.linalg.matmul(a, b)
-        via_parts = tf.reduce_sum(tf.math.real(y) * w[..., 0::2] + tf.math.imag(y) * w[..., 1::2])
-    for v in (a, b):
-        g1, g2 = tape.gradient(via_views, v).numpy(), tape.gradient(via_parts, v).numpy()
+    w = rng.standard_normal((5, 2, 3, 12)).astype("float32")
+
+    def via_views(ab):
+        return backend.complex_as_real(backend.real_block_matmul(ab[0], backend.real_block(ab[1]))) * w
+
+    def via_parts(ab):
+        y = keras.ops.matmul(ab[0], ab[1])
+        return keras.ops.real(y) * w[..., 0::2] + keras.ops.imag(y) * w[..., 1::2]
+
+    (ga1, gb1), = gradients(via_views, (a, b))
+    (ga2, gb2), = gradients(via_parts, (a, b))
+    for g1, g2 in ((ga1, ga2), (gb1, gb2)):
+        g1, g2 = keras.ops.convert_to_numpy(g1), keras.ops.convert_to_numpy(g2)
         assert np.abs(g1 - g2).max() <= 1e-5 * np.abs(g2).max()
 
 
@@ -332,6 +338,7 @@ def _check(model, ref_model, x):
     assert rel_error(model.predict(x, verbose=0), ref_model.predict(x, verbose=0)) <= TOL  # tf.function
 
 
+@pytest.mark.tensorflow_only("spectra are cached between calls on TensorFlow; JAX recomputes them in each call")
 @pytest.mark.parametrize("tile_size", [None, 5])
 def test_cache_is_reused(rng, tile_size):
     """Proof of reuse: corrupt the cached spectrum behind the cache's back (key unchanged) and the
@@ -405,19 +412,18 @@ def test_fit_matches_conv2d_training(rng):
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_gradients_match(rng, training, depthwise):
     """Gradients w.r.t. kernel, bias and input equal Keras's, in training mode (uncached) and in
-    inference mode (through the cache's custom gradient), eagerly and under tf.function."""
+    inference mode (through the cache's custom gradient), eagerly and compiled (tf.function / jax.jit)."""
     conv, _, layer, _, x = _pair(rng, depthwise)
-    x = tf.constant(x)
-    target = tf.constant(rng.standard_normal(conv(x).shape).astype("float32"))
+    target = rng.standard_normal(conv(x).shape).astype("float32")
 
     def grads(lyr):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(lyr(x, training=training) * target)
-        return tape.gradient(loss, [x] + lyr.trainable_weights)
+        return gradients(lambda t: lyr(t, training=training) * target, x, lyr.trainable_weights)
+
+    def grads_compiled(lyr):
+        return compiled(lambda: grads(lyr), [lyr])()
 
     layer(x)  # fill the cache first so the inference path takes the cached branch
-    for fn in (grads, tf.function(grads)):
+    for fn in (grads, grads_compiled):
         got, want = fn(layer), fn(conv)
         for g, w in zip(got, want):
             assert g is not None
@@ -475,9 +481,12 @@ def _keras_twin(model, n):
     return twin
 
 
+@pytest.mark.tensorflow_only("tf.train.Checkpoint")
 def test_checkpoint_excludes_cache_and_restores_at_another_size(rng, tmp_path):
     """tf.train.Checkpoint holds the kernels and biases only, so it restores into the same architecture
     built for another input size (whose full-image spectra have another shape)."""
+    import tensorflow as tf
+
     small = _two_layer_model(16)
     small(rng.standard_normal((1, 16, 16, 2)).astype("float32"))  # caches filled
     path = tf.train.Checkpoint(model=small).save(str(tmp_path / "ck"))
@@ -491,9 +500,12 @@ def test_checkpoint_excludes_cache_and_restores_at_another_size(rng, tmp_path):
     assert rel_error(large(x), _keras_twin(small, 24)(x)) <= TOL
 
 
+@pytest.mark.tensorflow_only("tf.saved_model.load of the export")
 def test_saved_model_export_keeps_working(rng, tmp_path):
     """model.export (SavedModel) still captures the cache, which its functions read, and serves the
     right outputs after a reload."""
+    import tensorflow as tf
+
     model = _two_layer_model(16, tile_size=5)
     x = rng.standard_normal((2, 16, 16, 2)).astype("float32")
     want = np.asarray(_keras_twin(model, 16)(x))

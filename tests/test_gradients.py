@@ -8,8 +8,8 @@ mode (training=None: the FFT layers' cached spectra and their custom gradient). 
 step. PAC at conversion (kernel_blend = 0) must have Conv2D's gradients, and its blend gradient must equal a
 central difference of the float64 reference in the blend (the loss is linear in it, so that is exact).
 
-Part 2: PacConv2D (every strategy, the `wide` one has a hand-written gradient), PacConv2DTranspose and
-PacPool2D in float64, channels_last and channels_first, with a non-constant guidance and every PAC weight
+Part 2 (TensorFlow backend: JAX computes in float32 unless jax_enable_x64 is set): PacConv2D (every strategy,
+the `wide` one has a hand-written gradient), PacConv2DTranspose and PacPool2D in float64, channels_last and channels_first, with a non-constant guidance and every PAC weight
 trainable: tape gradients against central differences on randomly chosen entries of every input and weight.
 """
 
@@ -18,12 +18,11 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import convrewrite
 from convrewrite import reference as R
 from convrewrite.layers.pac import PacConv2D, PacConv2DTranspose, PacPool2D
-from conftest import rel_error
+from conftest import gradients, rel_error
 
 TOL = 1e-5
 FULL = os.environ.get("CONVREWRITE_FULL_MATRIX", "0") not in ("", "0")
@@ -77,12 +76,8 @@ def _pair(config, impl, rng):
 
 def _grads(model, layer, x, target, training):
     """Gradients of sum(model(x) * target) w.r.t. [x, kernel, bias] of `layer`."""
-    x = tf.constant(x)
     weights = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        loss = tf.reduce_sum(model(x, training=training) * target)
-    return loss, tape.gradient(loss, [x] + weights)
+    return gradients(lambda t: model(t, training=training) * target, x, weights)
 
 
 def _grad_cells():
@@ -100,10 +95,10 @@ def _grad_cells():
 @pytest.mark.parametrize("config,impl,training", list(_grad_cells()))
 def test_replacement_gradients_equal_keras(config, impl, training, rng):
     model, layer, new, new_layer, x = _pair(config, impl, rng)
-    target = tf.constant(rng.standard_normal(model(x).shape).astype("float32"))
+    target = keras.ops.convert_to_tensor(rng.standard_normal(model(x).shape).astype("float32"))
     new(x)  # fill a spectrum cache, so that inference mode takes its cached branch
-    want_loss, want = _grads(model, layer, x, target, training)
-    got_loss, got = _grads(new, new_layer, x, target, training)
+    want = _grads(model, layer, x, target, training)
+    got = _grads(new, new_layer, x, target, training)
     assert rel_error(new(x, training=training), model(x, training=training)) <= TOL  # (a scalar loss cancels)
     assert len(got) == len(want)
     names = ["input", "kernel", "bias"]
@@ -120,10 +115,8 @@ def test_replacement_gradients_equal_keras(config, impl, training, rng):
 def test_pac_blend_gradient_at_conversion_equals_reference_difference(config, rng):
     """dLoss/d(kernel_blend) at conversion drives PAC's learning: compare it with the float64 reference."""
     model, layer, new, new_layer, x = _pair(config, "pac", rng)
-    target = rng.standard_normal(model(x).shape)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(new(x, training=True) * target)
-    (g_blend,) = tape.gradient(loss, [new_layer.blend])
+    target = rng.standard_normal(model(x).shape).astype("float32")
+    _, g_blend = gradients(lambda t: new(t, training=True) * target, x, [new_layer.blend])
     cf = layer.data_format == "channels_first"
     to_last = (lambda t: np.transpose(t, (0, 2, 3, 1))) if cf else (lambda t: t)
     t_last = to_last(target)
@@ -168,17 +161,17 @@ def test_fit_matches_keras(config, impl, rng):
 def _numeric_check(layer, inputs, rng, n_entries=3, eps=1e-6):
     """Tape gradients of sum(layer(inputs) * target) w.r.t. inputs and trainable weights vs central differences
     on `n_entries` random entries of each (float64)."""
-    inputs = [tf.Variable(v) for v in inputs]
+    inputs = [keras.Variable(v, dtype="float64", trainable=False) for v in inputs]
     out = layer([inputs[0], inputs[1]])
-    target = tf.constant(rng.standard_normal(out.shape))
+    target = rng.standard_normal(out.shape)
 
     def loss():
-        return tf.reduce_sum(layer([inputs[0], inputs[1]]) * target)
+        return float(np.sum(keras.ops.convert_to_numpy(layer([inputs[0], inputs[1]])) * target))
 
-    with tf.GradientTape() as tape:
-        value = loss()
+    (gx, gg), *gw = gradients(lambda t: layer(list(t)) * target, (inputs[0].value, inputs[1].value),
+                              layer.trainable_variables)
     variables = inputs + list(layer.trainable_variables)
-    grads = tape.gradient(value, variables)
+    grads = [gx, gg, *gw]
     names = ["x", "guidance"] + [v.path for v in layer.trainable_variables]
     checked = []
     for name, var, grad in zip(names, variables, grads):
@@ -205,6 +198,7 @@ def _cf(a, channels_first):
     return np.transpose(a, (0, 3, 1, 2)) if channels_first else a
 
 
+@pytest.mark.tensorflow_only("float64 numerical differentiation: JAX runs float32 without jax_enable_x64")
 @pytest.mark.parametrize("strategy", ["patch", "shift", "wide"])
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_pac_conv_gradients_numerical(strategy, data_format, rng):
@@ -217,6 +211,7 @@ def test_pac_conv_gradients_numerical(strategy, data_format, rng):
     assert any("kernel_blend" in c for c in checked) and any("inv_alpha" in c for c in checked)
 
 
+@pytest.mark.tensorflow_only("float64 numerical differentiation: JAX runs float32 without jax_enable_x64")
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("kernel,strides,padding", [(3, 2, "same"), (4, 2, "valid"), ((2, 3), 1, "same")])
 def test_pac_transpose_gradients_numerical(kernel, strides, padding, data_format, rng):
@@ -234,6 +229,7 @@ def test_pac_transpose_gradients_numerical(kernel, strides, padding, data_format
     assert any("guidance_scale" in c for c in checked)
 
 
+@pytest.mark.tensorflow_only("float64 numerical differentiation: JAX runs float32 without jax_enable_x64")
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("pool,strides,padding", [(3, 2, "same"), (2, 1, "valid")])
 def test_pac_pool_gradients_numerical(pool, strides, padding, data_format, rng):
