@@ -8,29 +8,36 @@
     python benchmarks/models.py resnet50 --rtol 1e-3 1e-2    # float32 plan beside plans under error budgets
     python benchmarks/models.py resnet50 repvgg --bound --repeats 21   # also time the re-parameterization bound
     python benchmarks/models.py replk --mode training        # plan without the rewrite stage
+    KERAS_BACKEND=jax python benchmarks/models.py restoration --cost-model PROFILE.json   # on JAX
+
+Every variant is one compiled call for the active Keras backend (`convrewrite.timing.compiled`: a tf.function
+on TensorFlow, a jax.jit taking the model's weights as arguments on JAX), inference, on the same input.
 
 Prints, per model: original and optimized median seconds per batch, the speedup, the end-to-end relative
 error, and what the plan chose (and the rewrite stage did). With --bound, also the upper bound of what the
 rewrite stage can give, timed in the same interleaved rounds: the model with every BatchNormalization a
 pass-through (not equal to the original), or, for the re-parameterized examples, the merged structure on
-Keras's own layers; `of bound` is the achieved speedup's share of the bound's.
+Keras's own layers; `of bound` is the achieved speedup's share of the bound's. The header names the backend
+(KERAS_BACKEND, default tensorflow) and the device (`convrewrite.device.describe`).
 """
 
 import argparse
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import convrewrite  # noqa: E402
 from convrewrite import rewrite  # noqa: E402
 from convrewrite.graph import walk  # noqa: E402
-from convrewrite.timing import time_interleaved  # noqa: E402
+from convrewrite.timing import compiled, time_interleaved  # noqa: E402
 from convrewrite.verify import relative_error  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location(
@@ -98,16 +105,17 @@ def bench(name, batch, repeats, cost_model, also_rules=False, measure=False, bou
     if bound:
         variants["bound"] = upper_bound(name, model)
     shape = (batch,) + tuple(model.inputs[0].shape[1:])
-    x = tf.constant(np.random.default_rng(0).standard_normal(shape).astype("float32"))
-    fns = {"original": tf.function(lambda: model(x, training=False))}
+    x = keras.ops.convert_to_tensor(np.random.default_rng(0).standard_normal(shape).astype("float32"))
+    calls = {"original": compiled(lambda t: model(t, training=False), layers=[model])}
     for key, m in variants.items():
-        fns[key] = tf.function(lambda m=m: m(x, training=False))
+        calls[key] = compiled(lambda t, m=m: m(t, training=False), layers=[m])
+    fns = {key: (lambda f=f: f(x)) for key, f in calls.items()}
     res = time_interleaved(fns, repeats=repeats, warmup=1)
     o = res["original"]["median"]
     for key, m in variants.items():
         if key == "bound":
             continue
-        err = relative_error(fns[key]().numpy(), fns["original"]().numpy())
+        err = relative_error(keras.ops.convert_to_numpy(fns[key]()), keras.ops.convert_to_numpy(fns["original"]()))
         plan = m.convrewrite_plan
         counts = {}
         for c in plan.choices().values():
@@ -145,6 +153,8 @@ def main():
     if unknown:
         parser.error(f"unknown models {unknown}; expected any of {list(MODELS)}")
     args.models = args.models or list(MODELS)
+    fp = convrewrite.fingerprint()
+    print(f"{fp['backend']} {fp.get(fp['backend'])}, keras {keras.__version__}; device: {convrewrite.device.describe(fp)}")
     print(f"batch {args.batch}, {args.repeats} interleaved rounds, median seconds per batch")
     bound = f" {'bound':>8} {'of bound':>8}" if args.bound else ""
     print(f"{'model':<16} {'original':>10} {'optimized':>10} {'speedup':>9}{bound} {'rel err':>9}  plan, rewrites")

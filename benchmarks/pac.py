@@ -3,12 +3,17 @@
     python benchmarks/pac.py               # k = 3, 5, 7 at 4x64x64, 32 -> 32, 8 guidance channels
     python benchmarks/pac.py --quick       # k = 3 only, fewer rounds
     python benchmarks/pac.py --no-memory   # timings only (the memory columns start 2 processes per cell)
+    KERAS_BACKEND=jax python benchmarks/pac.py --quick   # on JAX (timings only)
 
-Time: every variant is a tf.function (no XLA around it: Keras does not use XLA on CPU by default; the
-layer's own small-op parts run as XLA computations inside it, see backend.jit), timed
-interleaved round by round with convrewrite.timing.time_interleaved after a warm-up call (tracing
-excluded); medians are reported, and ratios to Conv2D in the same round set, since the machine is shared.
-A small-Cin row (3 -> 32) checks the `auto` rule where it picks `patch`.
+Time: every variant is compiled for the active Keras backend with convrewrite.timing.compiled. On
+TensorFlow that is a tf.function (no XLA around it: Keras does not use XLA on CPU by default; the layer's
+own small-op parts run as XLA computations inside it, see backend.jit); on JAX, one jax.jit that takes the
+layer's weights as arguments. Forward+backward is `backend.forward_backward` (the gradients of
+sum(y * y) with respect to the input and the trainable weights) inside that compiled call. Variants are
+timed interleaved round by round with convrewrite.timing.time_interleaved after warm-up calls (tracing /
+compilation excluded); medians are reported, and ratios to Conv2D in the same round set, since the machine
+is shared. A small-Cin row (3 -> 32) checks the `auto` rule where it picks `patch`. The header names the
+backend (KERAS_BACKEND, default tensorflow) and the device (`convrewrite.device.describe`).
 
 Peak memory is *measured*: each variant runs in a fresh Python process, which creates the inputs and the
 layer (built on a small crop), traces the tf.function (not yet run), resets and reads its peak RSS
@@ -17,7 +22,8 @@ peak again. The growth is everything the first run touched: the intermediates, t
 fwd+bwd the gradients), padded copies, and TensorFlow's own first-run allocations (the Conv2D row is
 that baseline). Not ru_maxrss: a child process inherits its parent's peak there, which hides the growth.
 On CPU tf.config.experimental.get_memory_info is unavailable and tracemalloc does not see TensorFlow's
-allocator, hence RSS. `auto` reuses its chosen strategy's numbers.
+allocator, hence RSS. `auto` reuses its chosen strategy's numbers. The memory columns are measured on
+TensorFlow only (on JAX they are skipped, with a note, and print as nan).
 The analytic column is the forward formula of pac_contract's docstring (float32 intermediates besides
 x, guidance and output), for comparison.
 """
@@ -34,14 +40,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import logging  # noqa: E402
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
+import convrewrite  # noqa: E402
+from convrewrite.layers import backend  # noqa: E402
 from convrewrite.layers.pac import PacConv2D, choose_strategy  # noqa: E402
-from convrewrite.timing import time_interleaved  # noqa: E402
+from convrewrite.timing import compiled, time_interleaved  # noqa: E402
 
-tf.get_logger().setLevel("ERROR")  # one tf.function per variant is intended; silence the retracing notice
+# one tf.function per variant is intended; silence TensorFlow's retracing notice (its logger; unused on JAX)
+logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def analytic_bytes(strategy, n, h, w, c, o, f, k):
@@ -73,19 +83,30 @@ def _variant(name, x, g, o, k, conv_weights=None):
 
 
 def _fwd(layer, x, g, is_conv):
-    return tf.function(lambda: layer(x) if is_conv else layer([x, g]))
+    """A zero-argument call of the compiled forward (x and g are its arguments, the weights too on JAX)."""
+    f = compiled(lambda t, u: layer(t) if is_conv else layer([t, u]), layers=[layer])
+    return lambda: f(x, g)
 
 
 def _fwd_bwd(layer, x, g, is_conv):
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x) if is_conv else layer([x, g])
-            loss = tf.reduce_sum(y * y)
-        return tape.gradient(loss, [x] + layer.trainable_variables)
+    """A zero-argument call of the compiled forward + backward: the gradients of sum(y * y) with respect to x
+    and the layer's trainable weights."""
+    def step(t, u):
+        def squared(v):
+            y = layer(v) if is_conv else layer([v, u])
+            return y * y
 
-    return step
+        return backend.forward_backward(squared, t, layer.trainable_variables)
+
+    f = compiled(step, layers=[layer])
+    return lambda: f(x, g)
+
+
+def _tensors(n, h, w, c, f):
+    rng = np.random.default_rng(0)
+    x = keras.ops.convert_to_tensor(rng.standard_normal((n, h, w, c)).astype("float32"))
+    g = keras.ops.convert_to_tensor(rng.standard_normal((n, h, w, f)).astype("float32"))
+    return x, g
 
 
 def peak_rss_bytes(reset=False):
@@ -104,16 +125,36 @@ def peak_rss_bytes(reset=False):
 
 
 def peak_child(name, mode, n, h, w, c, o, f, k):
-    """In a fresh process: print the peak-RSS growth, in bytes, of the first run of one traced variant."""
+    """In a fresh process: print the peak-RSS growth, in bytes, of the first run of one traced variant.
+    TensorFlow only (a traced tf.function's concrete function)."""
+    import tensorflow as tf
+
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((n, h, w, c)), tf.float32)
     g = tf.constant(rng.standard_normal((n, h, w, f)), tf.float32)
     layer = _variant(name, x, g, o, k)
-    fn = (_fwd if mode == "fwd" else _fwd_bwd)(layer, x, g, name == "conv").get_concrete_function()
+    fn = _tf_traced(layer, x, g, name == "conv", mode)
     before = peak_rss_bytes(reset=True)
     out = fn()
     float(tf.reduce_sum(tf.nest.flatten(out)[0]))
     print(peak_rss_bytes() - before)
+
+
+def _tf_traced(layer, x, g, is_conv, mode):
+    """The variant's tf.function traced for x and g (a concrete function, not yet run): the memory child's."""
+    import tensorflow as tf
+
+    if mode == "fwd":
+        fn = tf.function(lambda: layer(x) if is_conv else layer([x, g]))
+    else:
+        @tf.function
+        def fn():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x) if is_conv else layer([x, g])
+                loss = tf.reduce_sum(y * y)
+            return tape.gradient(loss, [x] + layer.trainable_variables)
+    return fn.get_concrete_function()
 
 
 def measured_bytes(name, mode, shape):
@@ -126,9 +167,7 @@ def measured_bytes(name, mode, shape):
 
 
 def bench(n, h, w, c, o, f, k, repeats):
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.standard_normal((n, h, w, c)), tf.float32)
-    g = tf.constant(rng.standard_normal((n, h, w, f)), tf.float32)
+    x, g = _tensors(n, h, w, c, f)
     conv = _variant("conv", x, g, o, k)
     layers = {"conv": conv}
     for strategy in ("patch", "shift", "wide", "auto"):
@@ -152,6 +191,12 @@ def main(argv=None):
         name, mode, *dims = args.peak_child
         return peak_child(name, mode, *map(int, dims))
     repeats = args.repeats or (7 if args.quick else 15)
+    fp = convrewrite.fingerprint()
+    print(f"{fp['backend']} {fp.get(fp['backend'])}, keras {keras.__version__}; device: {convrewrite.device.describe(fp)}")
+    if not args.no_memory and backend.BACKEND != "tensorflow":
+        print(f"peak memory: measured on TensorFlow only (a traced tf.function in a child process); skipped on "
+              f"{backend.BACKEND}")
+        args.no_memory = True
     cases = [(4, 64, 64, 32, 32, 8, k) for k in ((3,) if args.quick else (3, 5, 7))]
     cases.append((4, 64, 64, 3, 32, 8, 3))
     print(f"{'shape':30s} {'variant':10s} {'fwd ms':>7s} {'x conv':>6s} {'fwd+bwd ms':>10s} {'x conv':>6s} "
