@@ -39,6 +39,11 @@ KERNEL_SETTINGS = ("TF_ENABLE_ONEDNN_OPTS", "TF_XLA_FLAGS", "XLA_FLAGS", "TF_NUM
                    "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS", "XLA_PYTHON_CLIENT_PREALLOCATE")
 """Environment variables that switch kernels or thread pools; recorded as set (None where unset)."""
 
+JAX_SETTINGS = ("JAX_DEFAULT_MATMUL_PRECISION",)
+"""Settings recorded on the JAX backend only (so TensorFlow fingerprints keep their ids): the matmul precision
+switches JAX's GPU float32 matmuls and convolutions between TF32 and full float32. A setting a profile does
+not record counts as unset there."""
+
 CLASS_KEYS = ("backend", "device_kind", "arch", "threads")
 """Keys that must agree for a profile's numbers to describe this device's class at all."""
 
@@ -133,6 +138,8 @@ def fingerprint() -> dict:
         "settings": {k: os.environ.get(k) for k in KERNEL_SETTINGS},
     }
     library, fp[library], gpu = _backend_details()
+    if library == "jax":
+        fp["settings"].update({k: os.environ.get(k) for k in JAX_SETTINGS})
     if gpu:
         fp["device_kind"], fp["device_name"] = "gpu", gpu.pop("name")
         fp["compute_capability"], fp["gpu_count"] = gpu.pop("compute_capability"), gpu.pop("count")
@@ -181,6 +188,9 @@ def differences(profile_fp: dict, here: dict) -> List[str]:
             out.append("hardware: unknown in the profile (written before hardware was recorded)")
         elif key == "hardware" and a != b:
             out.extend(_hardware_differences(a, b))
+        elif key == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            out.extend(f"setting {k}: profile {a.get(k)!r}, this device {b.get(k)!r}"
+                       for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
         elif a != b:
             out.append(f"{key}: profile {a!r}, this device {b!r}")
     return out
