@@ -33,11 +33,16 @@ def filter_startup_lines(text: str) -> str:
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow now, filtering its start-up INFO lines, unless that would hide what was asked for.
 
-    Does nothing when TensorFlow is already imported, when Keras is set to another backend, or when
+    Also on Keras's other backends where TensorFlow is installed: Keras imports it there too (its data
+    adapters and saving code do), and its start-up lines would then appear in the middle of a run. Does
+    nothing when TensorFlow is already imported, when it is not installed on another backend, or when
     TF_CPP_MIN_LOG_LEVEL asks for INFO lines (unset or "0" after convrewrite's default of "2")."""
+    import importlib.util
+
     level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
-    if ("tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow"
-            or not level.isdigit() or int(level) < 1):
+    if "tensorflow" in sys.modules or not level.isdigit() or int(level) < 1:
+        return
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
         return
     try:
         sys.stderr.flush()

@@ -296,12 +296,11 @@ def _convert_paths(args):
         raise CliError(f"output '{out}' is a folder; name a .keras file to write.", "usage")
     _refuse_existing(out, args.force)
     if args.export_savedmodel:
-        import keras
+        import importlib.util
 
-        if keras.backend.backend() != "tensorflow":
-            raise CliError(f"--export-savedmodel writes a TensorFlow SavedModel, which needs the TensorFlow backend; "
-                           f"found KERAS_BACKEND={keras.backend.backend()!r}: run convert with KERAS_BACKEND=tensorflow "
-                           f"for the export, or leave the option out.", "usage")
+        if importlib.util.find_spec("tensorflow") is None:  # Keras exports through TensorFlow on every backend
+            raise CliError("--export-savedmodel writes a TensorFlow SavedModel, which needs TensorFlow installed, and "
+                           "it is not: install it (pip install tensorflow-cpu), or leave the option out.", "usage")
     extras = [Path(e) for e in (args.export_savedmodel, args.report) if e]
     for extra in extras:
         _refuse_existing(extra, args.force)

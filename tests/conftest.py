@@ -63,3 +63,21 @@ def gradients(fn, x, variables=()):
     from convrewrite.layers import backend
 
     return backend.forward_backward(fn, keras.tree.map_structure(keras.ops.convert_to_tensor, x), list(variables))
+
+
+def host_sleep(y, seconds):
+    """y, after the host has slept `seconds` inside the (possibly compiled) computation: a deliberately slow
+    op for speed-check tests (tf.numpy_function / jax.pure_callback)."""
+    import time
+
+    def sleep(a):
+        time.sleep(seconds)
+        return a
+
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.numpy_function(sleep, [y], y.dtype, stateful=True)
+    import jax
+
+    return jax.pure_callback(sleep, jax.ShapeDtypeStruct(y.shape, y.dtype), y)

@@ -4,7 +4,6 @@ are replaced where a test needs timings of a given size."""
 
 import copy
 import json
-import time
 import warnings
 
 import keras
@@ -16,6 +15,7 @@ from convrewrite import calibration, cost, device, implementations, profiles
 from convrewrite import profile as profiling
 from convrewrite.cost import CostModel
 from convrewrite.spec import ConvSpec
+from conftest import host_sleep
 
 
 @pytest.fixture(autouse=True)
@@ -214,10 +214,8 @@ class _SleepyConv(keras.layers.Conv2D):
     """Conv2D that also sleeps 20 ms per call: a replacement that is deliberately slow."""
 
     def call(self, x):
-        import tensorflow as tf
-
         y = super().call(x)
-        return tf.numpy_function(lambda a: (time.sleep(0.02), a)[1], [y], y.dtype, stateful=True) + 0 * y
+        return host_sleep(y, 0.02) + 0 * y
 
 
 class _Sleepy(implementations.Implementation):
