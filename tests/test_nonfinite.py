@@ -1,15 +1,16 @@
 """Non-finite and overflow-range inputs: replacement layers give Keras's result pattern for pattern (NaN
 where Keras has NaN, +Inf where +Inf, -Inf where -Inf), and the per-call guard that routes such calls
-through the direct computation works under tf.function, fit, mixed precision and .keras round trips.
+through the direct computation works compiled (tf.function / jax.jit), under fit, mixed precision and .keras round trips.
 The last test is property-based: random small models, configs and inputs, seeded."""
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import convrewrite
 from convrewrite.layers import FFTConv2D, FFTDepthwiseConv2D
+from convrewrite.timing import compiled
+from conftest import BACKEND, gradients
 
 TOL = 1e-5
 
@@ -111,13 +112,13 @@ def _twins(rng, depthwise=False, tile_size="full", shape=(2, 12, 12, 3), **kwarg
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_under_tf_function_and_gradients(rng, depthwise):
+def test_compiled_and_gradients(rng, depthwise):
     k, f = _twins(rng, depthwise)
     x = rng.standard_normal((2, 12, 12, 3)).astype("float32")
     x[1, 4, 7, 2] = np.nan
     x[0, 2, 2, 0] = -np.inf
-    run_k = tf.function(lambda t: k(t))
-    run_f = tf.function(lambda t: f(t))
+    run_k = compiled(lambda t: k(t), [k])
+    run_f = compiled(lambda t: f(t), [f])
     assert _same_pattern(run_f(x), run_k(x)) <= TOL
     clean = rng.standard_normal((2, 12, 12, 3)).astype("float32")
     assert _same_pattern(run_f(clean), run_k(clean)) <= TOL
@@ -126,17 +127,14 @@ def test_under_tf_function_and_gradients(rng, depthwise):
     # overflow even for huge inputs and are compared for value, not only for pattern.
     pick = np.zeros((2, 12, 12, 3), "float32")
     pick[0, 6, 6, :] = 1.0
-    pick = tf.constant(pick)
 
     def grads(layer, t):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(layer(t, training=True) * pick)
-        return tape.gradient(loss, layer.trainable_variables)
+        return gradients(lambda u: layer(u, training=True) * pick, t, layer.trainable_variables)[1:]
 
     # clean: the FFT branch; 1e20 and 3e37: routed to Keras's branch, whose gradients must be Keras's
     huge = (clean / np.abs(clean).max() * 3e37).astype("float32")
     for t in (clean, (clean * 1e20).astype("float32"), huge):
-        for gk, gf in zip(tf.function(lambda t: grads(k, t))(t), tf.function(lambda t: grads(f, t))(t)):
+        for gk, gf in zip(compiled(lambda u: grads(k, u), [k])(t), compiled(lambda u: grads(f, u), [f])(t)):
             _same_pattern(gf, gk)
             assert relative_error(gf, gk) <= 1e-4
 
@@ -203,13 +201,23 @@ def test_keras_file_round_trip_keeps_the_guard(rng, tmp_path):
 def test_input_smaller_than_the_kernel_raises_like_keras(rng, tile_size):
     """Issue 15 reproduction: with an unknown size at build and an input smaller than the kernel under VALID
     padding, Keras raises and the FFT layer returned an empty tensor. It now raises Keras's own error,
-    eagerly and inside tf.function."""
+    eagerly and inside tf.function (with unknown sizes: TensorFlow; JAX's shapes are always known, and its
+    Keras raises a ValueError of its own, which the FFT layer must raise too)."""
     k = keras.layers.Conv2D(2, 5)
     k.build((None, None, None, 3))
     f = FFTConv2D(**k.get_config(), tile_size=tile_size)
     f.build((None, None, None, 3))
     f.set_weights(k.get_weights())
     x = np.ones((1, 3, 3, 3), "float32")
+    ok = rng.standard_normal((1, 9, 9, 3)).astype("float32")
+    if BACKEND != "tensorflow":
+        for layer in (k, f):
+            with pytest.raises(ValueError, match="empty output"):
+                layer(x)
+        assert relative_error(f(ok), k(ok)) <= TOL
+        return
+    import tensorflow as tf
+
     with pytest.raises(tf.errors.InvalidArgumentError, match="negative"):
         k(x)
     with pytest.raises(tf.errors.InvalidArgumentError, match="negative"):
@@ -217,7 +225,6 @@ def test_input_smaller_than_the_kernel_raises_like_keras(rng, tile_size):
     fn = tf.function(lambda t: f(t), input_signature=[tf.TensorSpec((None, None, None, 3))])
     with pytest.raises(tf.errors.InvalidArgumentError, match="negative"):
         fn(x)
-    ok = rng.standard_normal((1, 9, 9, 3)).astype("float32")
     assert relative_error(fn(ok), k(ok)) <= TOL
 
 

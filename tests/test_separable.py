@@ -9,13 +9,13 @@ config and .keras round trips; planning and optimize() on a model, also with the
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import convrewrite
 from convrewrite import implementations, reference
 from convrewrite.layers.separable import FFTSeparableConv2D, WideSeparableConv2D
 from convrewrite.spec import ConvSpec, separable_stages, spec_from_layer
-from conftest import rel_error
+from convrewrite.timing import compiled
+from conftest import gradients, rel_error
 
 TOL = 1e-5
 VARIANTS = {
@@ -81,7 +81,7 @@ def test_random_configs_match_reference(variant):
         _randomize(layer, rng)
         want = reference.spec_forward(spec_from_layer(layer, x.shape), x, layer.get_weights())
         assert rel_error(layer(x), want) <= TOL, (config, cf)
-        assert rel_error(tf.function(layer)(x), want) <= TOL, (config, cf)
+        assert rel_error(compiled(layer, [layer])(x), want) <= TOL, (config, cf)
 
 
 def test_channels_first_bias_is_added_along_channels(rng):
@@ -116,16 +116,13 @@ def test_gradients_match_keras(rng, variant):
     config = dict(filters=3, kernel_size=5, strides=2, padding="same", activation="tanh")
     keras_layer = keras.layers.SeparableConv2D(**config)
     layer = VARIANTS[variant](**config)
-    x = tf.constant(rng.standard_normal((2, 9, 8, 2)).astype("float32"))
+    x = rng.standard_normal((2, 9, 8, 2)).astype("float32")
     keras_layer(x), layer(x)
     _randomize(keras_layer, rng)
     layer.set_weights(keras_layer.get_weights())
     grads = []
     for lay in (keras_layer, layer):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(lay(x, training=True) ** 2)
-        grads.append(tape.gradient(loss, [x, *lay.trainable_variables]))
+        grads.append(gradients(lambda t, lay=lay: lay(t, training=True) ** 2, x, lay.trainable_variables))
     for got, want in zip(grads[1], grads[0]):
         assert rel_error(got, want) <= TOL
 

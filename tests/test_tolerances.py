@@ -122,8 +122,12 @@ def test_verify_reports_hand_computed_normwise_errors(monkeypatch, rng):
 class _Noisy(keras.layers.Layer):
     """Adds fresh noise on every call, so no rebuild can ever equal the original."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = keras.random.SeedGenerator(3)  # JAX traces only seeded random ops
+
     def call(self, x):
-        return x + keras.random.normal(keras.ops.shape(x), stddev=0.1)
+        return x + keras.random.normal(keras.ops.shape(x), stddev=0.1, seed=self.seed)
 
 
 def test_verification_error_from_the_api_carries_the_report(monkeypatch, rng):
