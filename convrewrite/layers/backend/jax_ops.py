@@ -45,17 +45,21 @@ def _unique_variables(layers):
 def graph_function(fn, layers=()):
     """`fn` compiled with `jax.jit`, the variables of `layers` passed as arguments (read when called, so
     later weight changes are seen) and bound inside through `keras.StatelessScope`. Variables fn reads that
-    are not among them are compiled in as constants."""
-    variables = _unique_variables(layers)
+    are not among them are compiled in as constants. While one of `layers` is not built yet, fn runs
+    eagerly (which builds it: variables created inside a trace would hold traced values)."""
+    layers = list(layers)
+    state = {}
 
     def body(values, *args):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+        with keras.StatelessScope(state_mapping=list(zip(state["variables"], values))):
             return fn(*args)
 
-    compiled = jax.jit(body)
-
     def call(*args):
-        return compiled([v.value for v in variables], *args)
+        if not all(layer.built for layer in layers):
+            return fn(*args)
+        if "variables" not in state:
+            state["variables"], state["compiled"] = _unique_variables(layers), jax.jit(body)
+        return state["compiled"]([v.value for v in state["variables"]], *args)
 
     return call
 
