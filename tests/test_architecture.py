@@ -161,3 +161,56 @@ def test_every_subpackage_is_installed():
     listed = set(re.findall(r'"(convrewrite[\w.]*)"', (PACKAGE.parent / "pyproject.toml").read_text()))
     folders = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
     assert folders <= listed, f"package folders missing from pyproject.toml's packages: {sorted(folders - listed)}"
+
+
+def _third_party_imports(path: Path):
+    """Top-level names of the non-convrewrite modules `path` imports, at any depth."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            yield node.module.split(".")[0]
+
+
+def test_only_the_backend_modules_import_tensorflow_or_jax():
+    """Backends behind one interface: tensorflow and jax are imported by layers/backend/ alone (and by the
+    start-up filter, which imports TensorFlow to silence its start-up lines)."""
+    allowed = {PACKAGE / "layers" / "backend" / "tensorflow_ops.py": {"tensorflow"},
+               PACKAGE / "layers" / "backend" / "jax_ops.py": {"jax"},
+               PACKAGE / "_quiet_import.py": {"tensorflow"}}
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        backends = {m for m in _third_party_imports(path) if m in ("tensorflow", "jax", "jaxlib")}
+        if backends - allowed.get(path, set()):
+            found[str(path.relative_to(PACKAGE))] = sorted(backends)
+    assert not found, f"backend libraries imported outside convrewrite/layers/backend/: {found}"
+
+
+def test_both_backend_modules_export_the_same_interface():
+    """One interface: every name one backend module exports, the other exports too (checked from their
+    source, so that this runs on either backend)."""
+    exports = {}
+    for name in ("tensorflow_ops", "jax_ops"):
+        tree = ast.parse((PACKAGE / "layers" / "backend" / f"{name}.py").read_text())
+        (node,) = [n for n in tree.body if isinstance(n, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+        exports[name] = set(ast.literal_eval(node.value))
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))} | {
+            t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        assert exports[name] <= defined, f"{name} exports undefined names {exports[name] - defined}"
+    assert exports["tensorflow_ops"] == exports["jax_ops"]
+
+
+def test_another_keras_backend_gets_an_error_naming_the_backends_that_work():
+    import subprocess
+    import sys
+
+    code = ("import convrewrite\n"
+            "print(convrewrite.reference.conv2d is not None)\n"
+            "try:\n    convrewrite.optimize\nexcept ImportError as e:\n    print('ERR', e)\n")
+    env = {**__import__("os").environ, "KERAS_BACKEND": "numpy"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "True"  # the numpy reference still works
+    assert lines[1].startswith("ERR ") and "tensorflow or jax" in lines[1] and "'numpy'" in lines[1], lines
