@@ -117,7 +117,7 @@ if [ "$DRY" = 1 ]; then
     step "b. tests (dry: collected only)" 120 python3 -m pytest -qq -p no:cacheprovider --collect-only $TESTS
 else
     # SIGINT at 110 s: pytest stops as on Ctrl-C and still prints its summary of what ran and failed
-    step "b. tests" 125 timeout -s INT 110 python3 -m pytest -q -p no:cacheprovider -rfE $TESTS
+    step "b. tests" 125 timeout -s INT 110 env CONVREWRITE_ALL_BACKENDS_FULL=1 python3 -m pytest -q -p no:cacheprovider -rfE $TESTS
 fi
 
 # ---- c. profile -------------------------------------------------------------------------------------

@@ -38,7 +38,10 @@ except ModuleNotFoundError as _exc:  # no backend: only the numpy reference (and
                       f"TensorFlow with pip install 'convrewrite[cpu]' (or '[gpu]'), or JAX with "
                       f"pip install 'convrewrite[jax]' and KERAS_BACKEND=jax. Only convrewrite.reference "
                       f"and convrewrite.ConvSpec work without it.")
+else:
+    _BACKEND_ERROR = None
 
+if _BACKEND_ERROR is not None:
     def __getattr__(name):
         if name.startswith("__"):
             raise AttributeError(name)

@@ -47,14 +47,32 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "tensorflow_only(reason): a TensorFlow-only feature; skipped on other backends")
 
 
+# On the second backend the suite runs a representative subset by default, so that CI's two runs stay well
+# under 30 minutes on 2 cores (JAX's eager dispatch and per-shape XLA compiles make each test several times
+# slower than on TensorFlow): these modules run on TensorFlow only unless CONVREWRITE_ALL_BACKENDS_FULL=1.
+SUBSET_ON_OTHER_BACKENDS = {
+    "test_shapes.py": "size arithmetic in pure Python, no backend call",
+    "test_reference.py": "the numpy oracle's own properties (its Keras comparisons also run in the layer tests)",
+    "test_reference_range.py": "the numpy oracle's value ranges",
+    "test_optimize_matrix.py": "the 86-cell optimize matrix (each implementation's JAX run is in its layer tests)",
+    "test_pac_oracle.py": "PAC's 74 oracle cases (test_pac.py runs PAC on JAX)",
+    "test_keras_hub.py": "the keras-hub zoo (test_applications.py converts Keras applications on JAX)",
+}
+ALL_BACKENDS_FULL = os.environ.get("CONVREWRITE_ALL_BACKENDS_FULL", "0") not in ("", "0")
+
+
 def pytest_collection_modifyitems(config, items):
     if BACKEND == "tensorflow":
         return
     for item in items:
         marker = item.get_closest_marker("tensorflow_only")
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
         if marker is not None:
             why = marker.args[0] if marker.args else "a TensorFlow-only feature"
             item.add_marker(pytest.mark.skip(reason=f"TensorFlow backend only ({why})"))
+        elif module in SUBSET_ON_OTHER_BACKENDS and not ALL_BACKENDS_FULL:
+            item.add_marker(pytest.mark.skip(reason=f"run on TensorFlow ({SUBSET_ON_OTHER_BACKENDS[module]}); "
+                                                    f"CONVREWRITE_ALL_BACKENDS_FULL=1 runs it on {BACKEND} too"))
 
 
 def gradients(fn, x, variables=()):

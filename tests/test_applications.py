@@ -70,3 +70,22 @@ def test_saved_optimized_model_loads_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ok DepthwiseConv2D" in out.stdout
+
+
+def test_convnext_optimized_with_this_backends_profile_saves_and_reloads(tmp_path):
+    """ConvNeXtTiny planned with `auto` (the active backend's profile: on JAX the grouped 7x7 convs may go to
+    FFT, on TensorFlow to depthwise) is equivalent, and a .keras round trip gives the same outputs and layers."""
+    model = keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3), include_top=False)
+    rng = np.random.default_rng(1)
+    for layer in [l for l in model.layers if "layer_scale" in l.name]:
+        layer.set_weights([rng.uniform(0.5, 1.0, w.shape).astype("float32") for w in layer.get_weights()])
+    x = rng.standard_normal((2, 32, 32, 3)).astype("float32")
+    fast = convrewrite.optimize(model, inputs=x, check_speed=False)
+    want = keras.ops.convert_to_numpy(model(x))
+    got = keras.ops.convert_to_numpy(fast(x))
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    path = tmp_path / "convnext_fast.keras"
+    fast.save(path)
+    loaded = keras.models.load_model(path)
+    assert [type(l).__name__ for l in loaded.layers] == [type(l).__name__ for l in fast.layers]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), got, rtol=0, atol=1e-6 * np.max(np.abs(got)))

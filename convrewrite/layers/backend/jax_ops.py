@@ -24,7 +24,7 @@ __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block",
     "real_block_matmul", "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
     "SpectrumCache", "cached_transform", "resize_bilinear", "after", "device_details", "graph_function",
-    "forward_backward", "jit", "custom_gradient", "CACHES_SPECTRA",
+    "forward_backward", "jit", "custom_gradient", "CACHES_SPECTRA", "wait_for",
 ]
 
 CACHES_SPECTRA = False
@@ -62,6 +62,11 @@ def graph_function(fn, layers=()):
         return state["compiled"]([v.value for v in state["variables"]], *args)
 
     return call
+
+
+def wait_for(result):
+    """Wait until every array in `result` (any nesting) is computed (jax.block_until_ready: no copy)."""
+    jax.block_until_ready(result)
 
 
 def forward_backward(call, x, variables):

@@ -13,7 +13,7 @@ __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
     "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
     "SpectrumCache", "cached_transform", "resize_bilinear", "after", "device_details", "graph_function",
-    "forward_backward", "jit", "custom_gradient", "CACHES_SPECTRA",
+    "forward_backward", "jit", "custom_gradient", "CACHES_SPECTRA", "wait_for",
 ]
 
 CACHES_SPECTRA = True
@@ -27,6 +27,14 @@ def graph_function(fn, layers=()):
     variables fn reads; a graph function reads variables by reference already, so they are not needed here.)"""
     tf.get_logger().setLevel("ERROR")
     return tf.function(fn)
+
+
+def wait_for(result):
+    """Wait until every tensor in `result` (any nesting) is computed, by pulling one element of each to the
+    host (TensorFlow has no wait without a copy; one element costs a few eager ops)."""
+    for t in tf.nest.flatten(result):
+        if isinstance(t, (tf.Tensor, tf.Variable)):
+            tf.reshape(t, [-1])[:1].numpy()
 
 
 def forward_backward(call, x, variables):
