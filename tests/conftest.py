@@ -99,3 +99,9 @@ def host_sleep(y, seconds):
     import jax
 
     return jax.pure_callback(sleep, jax.ShapeDtypeStruct(y.shape, y.dtype), y)
+
+
+def random_cases(n: int) -> int:
+    """How many of a randomized test's n seeded cases run: all on TensorFlow, the first half on another
+    backend (the same seeds: a prefix of TensorFlow's cases) unless CONVREWRITE_ALL_BACKENDS_FULL=1."""
+    return n if BACKEND == "tensorflow" or ALL_BACKENDS_FULL else max(1, n // 2)

@@ -17,7 +17,7 @@ from convrewrite.layers import fft
 from convrewrite.spec import ConvSpec, spec_from_layer
 
 from convrewrite.timing import compiled
-from conftest import gradients, rel_error
+from conftest import gradients, random_cases, rel_error
 
 TOL = 1e-5
 
@@ -209,15 +209,16 @@ def _check_config(rng, cls, fcls, kwargs, shape, tile, where):
 
 
 def test_random_configs_match_keras_and_reference():
-    """60 seeded random configurations, compared before the activation: every FFT layer equals the float64
+    """60 seeded random configurations (30 on JAX: `random_cases`), compared before the activation: every FFT layer equals the float64
     numpy reference and Keras's own layer (channels_first and unequal strides included, except where TF
     itself is wrong; see `_check_config`) to 1e-5 in float32. Over 1200 configurations from 20 other
     seeds the FFT error against float64 had median 1.5e-7 and 99th percentile 3e-7; one exceeded 1e-6
     (6.6e-6: on a 2x10x1 single-channel input no tap of the dilated kernel reaches the one column, so the
     output is the bias alone, max 0.04, and the other taps' round-off, 2.8e-7 absolute, is large next to it)."""
     rng = np.random.default_rng(1234)
-    compared = [_check_config(rng, *_random_config(rng), where=f"config {i}") for i in range(60)]
-    assert sum(compared) >= 50  # TF's wrong answers stay the exception, not a way to skip the comparison
+    n = random_cases(60)
+    compared = [_check_config(rng, *_random_config(rng), where=f"config {i}") for i in range(n)]
+    assert sum(compared) >= n - n // 6  # TF's wrong answers stay the exception, not a way to skip the comparison
 
 
 @pytest.mark.parametrize("cls, fcls, kwargs, shape, tile", [

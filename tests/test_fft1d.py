@@ -13,7 +13,7 @@ from convrewrite.layers import fft1d
 from convrewrite.spec import ConvSpec, spec_from_layer
 
 from convrewrite.timing import compiled
-from conftest import gradients, rel_error
+from conftest import gradients, random_cases, rel_error
 
 TOL = 1e-5
 
@@ -130,7 +130,7 @@ def test_random_configs_match_reference_and_keras(depthwise):
     """40 seeded random configurations per layer (groups, multiplier, strides, dilation, same / valid /
     causal, both data formats, full and tiled): FFT output within 1e-5 of the float64 reference and of Keras."""
     rng = np.random.default_rng(2024 + depthwise)
-    for i in range(40):
+    for i in range(random_cases(40)):
         cls, fcls, kwargs, shape, tile = _random_1d_config(rng, depthwise)
         original = _build(rng, cls, kwargs, shape)
         layer = fcls(**original.get_config(), tile_size=tile)

@@ -12,7 +12,7 @@ from convrewrite.layers import FFTConv3D
 from convrewrite.spec import ConvSpec, spec_from_layer
 
 from convrewrite.timing import compiled
-from conftest import BACKEND, gradients, rel_error
+from conftest import BACKEND, gradients, random_cases, rel_error
 
 TOL = 1e-5
 
@@ -67,7 +67,7 @@ def test_random_configs_match_reference_and_keras():
     """25 seeded random configurations (groups, strides, dilation, same / valid, both data formats): the
     reference equals Keras, and FFTConv3D equals both within 1e-5."""
     rng = np.random.default_rng(33)
-    for i in range(25):
+    for i in range(random_cases(25)):
         kwargs, shape = _random_config(rng)
         original = keras.layers.Conv3D(**kwargs)
         original.build(shape)

@@ -10,7 +10,7 @@ import pytest
 import convrewrite
 from convrewrite.layers import FFTConv2D, FFTDepthwiseConv2D
 from convrewrite.timing import compiled
-from conftest import BACKEND, gradients
+from conftest import BACKEND, gradients, random_cases
 
 TOL = 1e-5
 
@@ -297,7 +297,7 @@ def _random_input(rng, shape):
 
 def test_property_optimized_models_match_keras_pattern_for_pattern():
     rng = np.random.default_rng(20261127)
-    for case in range(24):
+    for case in range(random_cases(24)):
         model, forced = _random_model(rng)
         fast = _forced(model, forced)
         kinds = {layer.name: type(layer).__name__ for layer in fast.layers}

@@ -15,7 +15,7 @@ from convrewrite import implementations, reference
 from convrewrite.layers.separable import FFTSeparableConv2D, WideSeparableConv2D
 from convrewrite.spec import ConvSpec, separable_stages, spec_from_layer
 from convrewrite.timing import compiled
-from conftest import gradients, rel_error
+from conftest import gradients, random_cases, rel_error
 
 TOL = 1e-5
 VARIANTS = {
@@ -72,7 +72,7 @@ def test_reference_matches_keras(rng):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_random_configs_match_reference(variant):
     rng = np.random.default_rng(sorted(VARIANTS).index(variant))
-    for _ in range(12):
+    for _ in range(random_cases(12)):
         config = _random_config(rng)
         cf = rng.random() < 0.3
         x = _input(rng, config, cf)

@@ -15,7 +15,7 @@ from convrewrite import implementations, reference
 from convrewrite.layers.transpose import SubpixelConv2DTranspose, phase_axis
 from convrewrite.spec import ConvSpec, spec_from_layer
 from convrewrite.timing import compiled
-from conftest import BACKEND, gradients, rel_error
+from conftest import BACKEND, gradients, random_cases, rel_error
 
 TOL = 1e-5
 
@@ -101,7 +101,7 @@ def test_reference_matches_keras(rng):
 @pytest.mark.parametrize("method", ["conv", "fft"])
 def test_random_configs_match_reference(method):
     rng = np.random.default_rng(5 if method == "conv" else 6)
-    for _ in range(20):
+    for _ in range(random_cases(20)):
         config = _random_config(rng)
         cf = rng.random() < 0.3
         h, w = int(rng.integers(1, 8)), int(rng.integers(1, 8))

@@ -17,7 +17,7 @@ from convrewrite import implementations, reference
 from convrewrite.layers.wide import WideDepthwiseConv2D, axis_plan, default_run_kernel
 from convrewrite.spec import ConvSpec
 from convrewrite.timing import compiled
-from conftest import rel_error
+from conftest import random_cases, rel_error
 
 TOL = 1e-5
 
@@ -52,7 +52,7 @@ def _randomize(layer, rng):
 
 def test_random_configs_match_reference():
     rng = np.random.default_rng(11)
-    for _ in range(30):
+    for _ in range(random_cases(30)):
         config, (h, w) = _random_config(rng)
         # channels_first only with equal strides: Keras's own DepthwiseConv2D disagrees with the oracle on
         # channels_first with strides (3, 2) (TF 2.21 CPU), and the wide layer computes what Keras's does
