@@ -213,4 +213,6 @@ def test_another_keras_backend_gets_an_error_naming_the_backends_that_work():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "True"  # the numpy reference still works
-    assert lines[1].startswith("ERR ") and "tensorflow or jax" in lines[1] and "'numpy'" in lines[1], lines
+    # (Keras's numpy backend itself imports jax: where jax is missing, that is the error, and it says too
+    # which backends to install)
+    assert lines[1].startswith("ERR ") and "jax" in lines[1] and "tensorflow" in lines[1].lower(), lines
