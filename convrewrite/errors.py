@@ -32,5 +32,4 @@ class WeightFileError(ConvRewriteError):
 
 
 class UnsupportedBackendError(ConvRewriteError, ImportError):
-    """Keras runs a backend convrewrite has no operations for (it runs on TensorFlow and JAX), or a feature
-    that exists on one backend only (TensorFlow's SavedModel export) was asked for on another."""
+    """Keras runs a backend convrewrite has no operations for (it runs on TensorFlow and JAX)."""

@@ -3,7 +3,7 @@ import by `keras.backend.backend()`.
 
 - `tensorflow_ops`: TensorFlow (tf.signal, tf.function, tf.custom_gradient, a tf.Variable spectrum cache);
 - `jax_ops`: JAX (jnp.fft, jax.jit over the layers' variables, jax.custom_vjp; spectra are recomputed per
-  call, see `jax_ops.CACHES_SPECTRA`).
+  call, see `jax_ops.cached_transform`).
 
 Both export the same names with the same shapes and semantics (each function's docstring in
 `tensorflow_ops` is the contract); nothing else in convrewrite imports tensorflow or jax directly, so the

@@ -6,7 +6,7 @@ Everything in convrewrite that calls JAX directly lives here. Same names, shapes
 - compiled calls (`graph_function`) pass the layers' variables as arguments of one `jax.jit`, as Keras's
   own JAX trainer does, so that a timing sees weights as inputs (XLA cannot fold weight-only work, such as a
   kernel's spectrum, into constants);
-- there is no spectrum cache between calls (`CACHES_SPECTRA` is False): a JAX computation is a pure function
+- there is no spectrum cache between calls (`cached_transform` computes in every call): a JAX computation is a pure function
   of its inputs, and inside `predict` / `fit` the weights are traced inputs, so the kernel spectrum is
   recomputed in every call (part of every timing the profiler takes on JAX, so plans account for it);
 - shapes are always static, so `frame` and `resize_bilinear` take Python sizes, and `after` is a no-op (XLA
@@ -24,11 +24,8 @@ __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block",
     "real_block_matmul", "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
     "SpectrumCache", "cached_transform", "resize_bilinear", "after", "device_details", "graph_function",
-    "forward_backward", "jit", "custom_gradient", "CACHES_SPECTRA", "wait_for",
+    "forward_backward", "jit", "custom_gradient", "wait_for",
 ]
-
-CACHES_SPECTRA = False
-"""`cached_transform` recomputes the transform in every call (see the module docstring)."""
 
 
 # ---- compiled calls for timing -------------------------------------------------------------------

@@ -13,11 +13,8 @@ __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
     "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
     "SpectrumCache", "cached_transform", "resize_bilinear", "after", "device_details", "graph_function",
-    "forward_backward", "jit", "custom_gradient", "CACHES_SPECTRA", "wait_for",
+    "forward_backward", "jit", "custom_gradient", "wait_for",
 ]
-
-CACHES_SPECTRA = True
-"""Whether `cached_transform` keeps a transform between calls (here: in tf.Variables, checked by key)."""
 
 
 # ---- compiled calls for timing -------------------------------------------------------------------
