@@ -161,6 +161,11 @@ class Implementation:
         tile size: how a re-optimized model's site is kept unchanged."""
         return {}
 
+    def makes(self, layer) -> bool:
+        """Whether `layer` is one this implementation makes (`for_layer`): an instance of `layer_classes` by
+        default; an implementation whose layers share a class with another's tells them apart by config."""
+        return bool(self.layer_classes) and isinstance(layer, self.layer_classes)
+
     def profile_applicable(self, spec: ConvSpec) -> bool:
         """Whether the profiler times this implementation on `spec` at all (besides its memory cap)."""
         return True
@@ -246,7 +251,7 @@ def policy_implementations() -> Dict[str, Implementation]:
 def for_layer(layer) -> Implementation:
     """The implementation that made `layer` (by its class), `direct` for Keras's own layers."""
     for impl in _REGISTRY.values():
-        if impl.layer_classes and isinstance(layer, impl.layer_classes):
+        if impl.makes(layer):
             return impl
     return _REGISTRY["direct"]
 

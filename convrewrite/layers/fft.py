@@ -39,12 +39,18 @@ from ..registry import Implementation, canary_spec, io_bytes, reduction_terms, r
 from ..shapes import output_length, same_pads
 from ..spec import ConvSpec
 from . import backend
+from .dft_matmul import dft_matrices, matmul_correlate, matmul_spectrum, matmul_spectrum_shape
 
 __all__ = [
     "FFTConv2D", "FFTDepthwiseConv2D", "FFTImplementation", "FFTTiledImplementation",
     "is_fast_length", "next_fast_length", "full_axis_layout", "tiled_axis_layout", "default_tile", "FFTLayout",
-    "choose_fft_layout", "fft_cost_features", "register_fft_kind",
+    "choose_fft_layout", "fft_cost_features", "register_fft_kind", "FFTMatmulImplementation",
+    "matmul_cost_features", "TRANSFORMS",
 ]
+
+TRANSFORMS = ("fft", "matmul")
+"""How FFT layers transform: "fft" (the backend's FFTs over NCHW blocks, full or tiled) or "matmul" (dense
+DFT matrices applied by matrix products, channels last, full image only: see `dft_matmul`)."""
 
 FAST_PRIMES = (2, 3, 5, 7)
 
@@ -98,7 +104,8 @@ def _out_and_pad(n: int, k_eff: int, stride: int, padding: str):
     return output_length(n, k_eff, stride, padding), before
 
 
-def full_axis_layout(n: int, k_eff: int, stride: int = 1, padding: str = "valid", even: bool = False) -> AxisLayout:
+def full_axis_layout(n: int, k_eff: int, stride: int = 1, padding: str = "valid", even: bool = False,
+                   fast: bool = True) -> AxisLayout:
     """Transform size for one axis of a full-image FFT correlation of an n-long input with a k_eff-long kernel.
 
     The input is not padded: it sits at [0, n) of the length-P transform, and the kernel is circularly
@@ -107,11 +114,13 @@ def full_axis_layout(n: int, k_eff: int, stride: int = 1, padding: str = "valid"
     largest index read, span - 1 - pb + k_eff - 1, must stay below P. Hence P >= max(n + pb,
     span + k_eff - 1 - pb, k_eff, n), rounded up to a fast length: for SAME this is n + k // 2, not the
     n + k - 1 of a full linear convolution, and for VALID it is just n.
+    fast=False keeps P at that minimum (the matmul transform's work grows with P itself, not with its factors).
     """
     out, pb = _out_and_pad(n, k_eff, stride, padding)
     span = max((out - 1) * stride + 1, 0)
     need = max(n + pb, span + k_eff - 1 - pb, k_eff, n, 1)
-    return AxisLayout(fft=next_fast_length(need, even=even), pad_before=pb, out=out, stride=stride, kernel=k_eff)
+    length = next_fast_length(need, even=even) if fast else need
+    return AxisLayout(fft=length, pad_before=pb, out=out, stride=stride, kernel=k_eff)
 
 
 SPECTRUM_PEAK_FACTOR = 6.5
@@ -212,6 +221,16 @@ def choose_fft_layout(height, width, kernel_eff, strides=(1, 1), padding="valid"
     return full
 
 
+def matmul_layout(height, width, kernel_eff, strides=(1, 1), padding="valid") -> FFTLayout:
+    """Layout of the matmul transform: full image, each axis at its minimum length (see `full_axis_layout`)."""
+    if height is None or width is None:
+        raise ValueError(f"Received unknown spatial size {height}x{width}; the matmul transform needs a known "
+                         f"input size (the FFT transform with tile_size=None tiles unknown sizes).")
+    (kh, kw), (sh, sw) = kernel_eff, strides
+    return FFTLayout(full_axis_layout(height, kh, sh, padding, fast=False),
+                     full_axis_layout(width, kw, sw, padding, fast=False))
+
+
 def _tiles(axis: AxisLayout) -> int:
     if axis.tile is None:
         return 1
@@ -276,6 +295,43 @@ def fft_cost_features(spec: ConvSpec, tile_size=None) -> dict:
         # strided outputs that are computed then dropped cost transform work for nothing
         "fft_flops_log": one * (fwd + inv) * math.log2(max(4.0 * (n_in + n_out), 2.0)) / 30.0,
         "strided_flops": one * (fwd + inv) * (spans / max((ho or 1) * (wo or 1), 1) - 1.0),
+        "calls": 1.0,
+    }
+
+
+def matmul_cost_features(spec: ConvSpec) -> dict:
+    """Numbers a cost model regresses the matmul transform's time on (see `dft_matmul`), from the spec alone.
+
+    transform_flops: the four DFT matrix products (forward W and H over the input, inverse H and W for the
+    kept outputs only); product_flops: the per-bin real block products (dense and grouped);
+    elementwise_bytes: the broadcast complex multiply's traffic (depthwise-like: one input channel per
+    group); transpose_bytes: the two bins-major transposes around the products (dense and grouped);
+    spectrum_bytes: the cached kernel spectrum; bytes: input and output.
+    """
+    layout = matmul_layout(spec.height, spec.width, spec.effective_kernel, spec.strides, spec.padding)
+    b = spec.batch or 1
+    h, w = spec.height, spec.width
+    p, q = layout.fft_shape
+    f = q // 2 + 1
+    ho, wo = layout.rows.out, layout.cols.out
+    cin, cout, groups = spec.in_channels, spec.filters, spec.groups
+    cg, og = cin // groups, cout // groups
+    transform = 2.0 * b * (h * 2 * f * w * cin + 2 * p * 2 * h * f * cin + 2 * ho * 2 * p * f * cout
+                           + ho * wo * 2 * f * cout)
+    spectrum_values = p * f * groups * (4 * og if cg == 1 else 4 * cg * og)
+    dense = cg > 1
+    spectra = 4.0 * b * 2 * p * f  # bytes per channel of one activation spectrum
+    return {
+        "macs": float(spec.macs() or 0),
+        "fft_h": float(p),
+        "fft_w": float(q),
+        "transform_flops": transform,
+        "product_flops": 8.0 * p * f * groups * b * cg * og if dense else 0.0,
+        "elementwise_bytes": 0.0 if dense else spectra * (cin + 3 * cout),
+        "transpose_bytes": 2.0 * spectra * (cin + cout) if dense else 0.0,
+        "spectrum_bytes": 4.0 * spectrum_values,
+        "bytes": 4.0 * b * (h * w * cin + ho * wo * cout),
+        "flops": transform + (8.0 * p * f * groups * b * cg * og if dense else 0.0),
         "calls": 1.0,
     }
 
@@ -376,7 +432,15 @@ def _dynamic_axis(n, axis: AxisLayout, padding: str):
 class _FFTConvMixin:
     """The FFT machinery shared by FFTConv2D and FFTDepthwiseConv2D (the Keras base gives the rest)."""
 
-    def _init_fft(self, tile_size):
+    def _init_fft(self, tile_size, transform="fft"):
+        if transform not in TRANSFORMS:
+            raise ValueError(f"Received transform={transform!r} for {type(self).__name__} '{self.name}'; expected "
+                             f"one of {', '.join(map(repr, TRANSFORMS))}.")
+        if transform == "matmul" and tile_size not in (None, "full"):
+            raise ValueError(f"Received tile_size={tile_size!r} with transform='matmul' for {type(self).__name__} "
+                             f"'{self.name}'; the matmul transform covers the whole image: expected None or 'full'.")
+        self.transform = transform
+        self._dft_matrices = None
         if tile_size is not None and tile_size != "full":
             pair = _tile_pair(tile_size) if isinstance(tile_size, (int, list, tuple)) else None
             if pair is None or len(pair) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in pair):
@@ -404,6 +468,9 @@ class _FFTConvMixin:
         return kernel
 
     def _make_layout(self, height, width):
+        if self.transform == "matmul":
+            return matmul_layout(height, width, _effective(self.kernel_size, self.dilation_rate), self.strides,
+                                 self.padding)
         return choose_fft_layout(height, width, _effective(self.kernel_size, self.dilation_rate), self.strides,
                         self.padding, self.tile_size)
 
@@ -417,10 +484,13 @@ class _FFTConvMixin:
             raise ValueError(f"{type(self).__name__} '{self.name}': {exc}") from None
         groups, cg, cout = self._grouping()
         kh, kw = self.kernel_size
+        complex_spectrum = cg == 1 and self.transform == "fft"
         self._spectrum_cache = backend.SpectrumCache(
-            (kh, kw, cg, cout), self.fft_bins_shape(self._fft_layout), "complex64" if cg == 1 else "float32",
+            (kh, kw, cg, cout), self.fft_bins_shape(self._fft_layout), "complex64" if complex_spectrum else "float32",
             name=f"{self.name}_spectrum_cache",
         )
+        if self.transform == "matmul":
+            self._dft_matrices = dft_matrices(self._fft_layout, h, w)
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         """TF's object graph, minus the spectrum cache in checkpoints.
@@ -435,8 +505,10 @@ class _FFTConvMixin:
         return children
 
     def fft_bins_shape(self, layout):
-        """Shape of the cached kernel spectrum (see `kernel_spectrum`)."""
+        """Shape of the cached kernel spectrum (see `kernel_spectrum`, `dft_matmul.matmul_spectrum`)."""
         groups, cg, cout = self._grouping()
+        if self.transform == "matmul":
+            return matmul_spectrum_shape(layout, groups, cg, cout)
         if cg == 1:
             return (groups, cout // groups, layout.bins)
         return (layout.bins, groups, 2 * cg, 2 * (cout // groups))
@@ -461,6 +533,8 @@ class _FFTConvMixin:
         kernel = ops.reshape(kernel, tuple(self.kernel_size) + (cg, cout))
 
         def compute(k):
+            if self.transform == "matmul":
+                return matmul_spectrum(_dilate(k, self.dilation_rate), layout, groups)
             return kernel_spectrum(k, layout, groups, self.dilation_rate)
 
         def bound(k):
@@ -544,7 +618,9 @@ class _FFTConvMixin:
     def _fft_call(self, x, spectrum, bias, layout):
         """The FFT computation alone: x float32 in the layer's layout -> output (bias, activation applied)."""
         groups, cg, _ = self._grouping()
-        if layout.tiled:
+        if self.transform == "matmul":
+            y = self._matmul(x, spectrum, layout, groups, cg)
+        elif layout.tiled:
             y = self._tiled(x, spectrum, layout, groups, cg)
         else:
             y = self._full(x, spectrum, layout, groups, cg)
@@ -565,6 +641,18 @@ class _FFTConvMixin:
         r, c = layout.rows, layout.cols
         y = y[:, :, : r.span : r.stride, : c.span : c.stride]
         return ops.transpose(y, (0, 2, 3, 1)) if last else y
+
+    def _matmul(self, x, spectrum, layout, groups, cg):
+        """x: (N, H, W, Cin) or (N, Cin, H, W) float32, DFTs as matrix products (channels last)."""
+        first = self.data_format == "channels_first"
+        if first:
+            x = ops.transpose(x, (0, 2, 3, 1))
+        h, w = x.shape[1], x.shape[2]
+        matrices = self._dft_matrices
+        if layout is not self._fft_layout or matrices is None:  # another size than built for
+            matrices = dft_matrices(layout, h, w)
+        y = matmul_correlate(x, spectrum, matrices, layout, groups, cg)
+        return ops.transpose(y, (0, 3, 1, 2)) if first else y
 
     def _tiled(self, x, spectrum, layout, groups, cg):
         """Overlap-save: x is cut into overlapping (P, Q) blocks, each giving a (Th, Tw) block of outputs."""
@@ -607,6 +695,8 @@ class _FFTConvMixin:
     def get_config(self):
         config = super().get_config()
         config["tile_size"] = list(self.tile_size) if isinstance(self.tile_size, tuple) else self.tile_size
+        if "transform" in getattr(self, "convrewrite_extra_config", ()):  # FFTSeparableConv2D has one transform
+            config["transform"] = self.transform
         return config
 
 
@@ -641,11 +731,11 @@ class FFTConv2D(_FFTConvMixin, keras.layers.Conv2D):
     """
 
     convrewrite_keras_class = keras.layers.Conv2D  # a conv site: an optimized model can be re-planned
-    convrewrite_extra_config = ("tile_size",)  # config keys the Keras class does not take
+    convrewrite_extra_config = ("tile_size", "transform")  # config keys the Keras class does not take
 
-    def __init__(self, *args, tile_size=None, **kwargs):
+    def __init__(self, *args, tile_size=None, transform="fft", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_fft(tile_size)
+        self._init_fft(tile_size, transform)
 
     def _grouping(self):
         cin_g = self._kernel.shape[2]
@@ -667,11 +757,11 @@ class FFTDepthwiseConv2D(_FFTConvMixin, keras.layers.DepthwiseConv2D):
     """
 
     convrewrite_keras_class = keras.layers.DepthwiseConv2D
-    convrewrite_extra_config = ("tile_size",)
+    convrewrite_extra_config = ("tile_size", "transform")
 
-    def __init__(self, *args, tile_size=None, **kwargs):
+    def __init__(self, *args, tile_size=None, transform="fft", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_fft(tile_size)
+        self._init_fft(tile_size, transform)
 
     def _grouping(self):
         c, m = self.kernel.shape[2], self.kernel.shape[3]
@@ -741,6 +831,9 @@ class FFTImplementation(Implementation):
     def cost_regime(self, spec: ConvSpec):
         # one channel per group: a broadcast multiply per bin; otherwise a batched complex matmul
         return "dw" if spec.in_channels // spec.groups == 1 else "dense"
+
+    def makes(self, layer):
+        return super().makes(layer) and getattr(layer, "transform", "fft") == "fft"
 
     def options_of(self, layer):
         return {"tile_size": layer.tile_size}
@@ -813,5 +906,62 @@ class FFTTiledImplementation(FFTImplementation):
         return fft_cost_features(spec, self._resolve(spec, options))
 
 
+class FFTMatmulImplementation(FFTImplementation):
+    """Full-image FFT-layout convolution with the transforms as dense DFT matrix products, channels last
+    (`transform="matmul"`, see `dft_matmul`): no layout transposes for depthwise kernels, strided outputs
+    never computed, every step a GEMM. Its work grows with the transform length itself (O(P + Q) per pixel),
+    so it pays for short transforms on devices whose GEMMs run near peak; Conv2D and DepthwiseConv2D of
+    known spatial size."""
+
+    name = "fft-matmul"
+    description = "FFT-layout convolution with DFTs as matrix products, channels last (cached kernel spectra)"
+    layer_classes = ()
+    simplicity = 25
+    descriptive_features = frozenset({"fft_h", "fft_w", "flops", "macs"})
+
+    def applicable(self, spec: ConvSpec):
+        if spec.kind not in ("conv2d", "depthwise_conv2d"):
+            return False, f"kind {spec.kind} has no matmul-transform layer"
+        if spec.height is None or spec.width is None:
+            return False, "spatial size unknown at build; the matmul transform needs it (fft-tiled does not)"
+        return super().applicable(spec)
+
+    def profile_applicable(self, spec: ConvSpec) -> bool:
+        # Where the DFT products do over 4x the direct convolution's arithmetic the profile would spend its
+        # time on timings that can only say "slower than direct" (large images, small kernels).
+        f = self.features(spec)
+        return f["flops"] <= 8.0 * max(f["macs"], 1.0)
+
+    def canary_specs(self):
+        return [canary_spec(15, 16, 16, 48), canary_spec(13, 64, 64, 56, depthwise=True)]
+
+    def makes(self, layer):
+        return isinstance(layer, (FFTConv2D, FFTDepthwiseConv2D)) and layer.transform == "matmul"
+
+    def options_of(self, layer):
+        return {}
+
+    def make_layer(self, layer, spec: ConvSpec, **options):
+        self.check_options(options, set())
+        cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
+        return cls.from_config({**layer.get_config(), "tile_size": "full", "transform": "matmul"})
+
+    def features(self, spec: ConvSpec, **options):
+        return matmul_cost_features(spec)
+
+    def workspace_bytes(self, spec: ConvSpec, options=None):
+        """Input and output, the activation spectra (input side twice: the forward products' result and, for
+        dense kernels, its bins-major copy; output side twice likewise), the inverse-H result, and
+        SPECTRUM_PEAK_FACTOR x the cached kernel spectrum, as if all were alive at once."""
+        if spec.height is None or spec.width is None:
+            return None
+        f = self.features(spec)
+        b = spec.batch or 1
+        layout_bytes = 4.0 * b * 2 * f["fft_h"] * (f["fft_w"] // 2 + 1)
+        return (io_bytes(spec) + 2.0 * layout_bytes * (spec.in_channels + spec.filters)
+                + SPECTRUM_PEAK_FACTOR * f["spectrum_bytes"])
+
+
 register(FFTImplementation())
 register(FFTTiledImplementation())
+register(FFTMatmulImplementation())

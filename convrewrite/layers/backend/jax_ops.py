@@ -22,7 +22,7 @@ from jax import lax
 
 __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block",
-    "real_block_matmul", "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
+    "real_block_matmul", "matmul", "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
     "SpectrumCache", "cached_transform", "resize_bilinear", "after", "device_details", "graph_function",
     "forward_backward", "jit", "custom_gradient", "wait_for",
 ]
@@ -168,6 +168,12 @@ def real_block_matmul(a, block):
     """a: (..., M, K) complex64 @ b -> (..., M, N) complex64 with block = real_block(b), as one real matmul
     at float32 precision (`precision="highest"`: on GPUs JAX's default would round operands to TF32)."""
     return real_as_complex(jnp.matmul(complex_as_real(a), block, precision=lax.Precision.HIGHEST))
+
+
+def matmul(a, b):
+    """Batched float32 matmul with broadcast batch dimensions, at float32 precision (`precision="highest"`:
+    on GPUs JAX's default would round the operands to TF32)."""
+    return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
 
 
 def complex_multiply(a, b):
