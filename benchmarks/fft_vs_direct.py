@@ -1,7 +1,8 @@
 """FFT and the other replacement layers vs Keras's own layer, kernel sizes 3..51, in one process.
 
 For each kernel size it builds Keras's layer and every replacement that applies with the same weights (the
-full-image FFT layer always; `WideDepthwiseConv2D`, the depthwise kernel zero-padded to width 14, where the
+full-image FFT layer and its matmul transform (`transform="matmul"`, implementation `fft-matmul`: the DFTs
+as matrix products, channels last) always; `WideDepthwiseConv2D`, the depthwise kernel zero-padded to width 14, where the
 kernel width is in TensorFlow's slow band 12..13), compiles each for the active Keras backend
 (`convrewrite.timing.compiled`: a tf.function on TensorFlow, a jax.jit taking the weights as arguments on JAX;
 inference), runs them interleaved (warm-up excluded; each call waits for its result) and prints median times,
@@ -11,7 +12,8 @@ Every size is printed, including those where the replacements lose; the crossove
 which the FFT stays faster.
 
 Fraction of peak: each variant's own arithmetic per second (Keras and the wide kernel: 2 x the MACs of the
-kernel they run, zero taps included; FFT: `fft_cost_features`' flops, transforms and per-bin products) over
+kernel they run, zero taps included; FFT: `fft_cost_features`' flops, transforms and per-bin products; matmul:
+`matmul_cost_features`' flops, the DFT matrix products and per-bin products) over
 the cores' nominal fp32 peak (`nominal_peak_gflops`: CPUs x clock x 64 flops per cycle with AVX-512; --peak
 overrides it). The best rate of a 2048^3 keras.ops.matmul, compiled the same way, is printed beside it for
 scale. The peak columns are printed on CPU devices only, or wherever --peak gives the peak (a GPU's nominal
@@ -44,7 +46,7 @@ import numpy as np  # noqa: E402
 
 import convrewrite  # noqa: E402
 from convrewrite.layers import FFTConv2D, FFTDepthwiseConv2D, WideDepthwiseConv2D  # noqa: E402
-from convrewrite.layers.fft import fft_cost_features  # noqa: E402
+from convrewrite.layers.fft import fft_cost_features, matmul_cost_features  # noqa: E402
 from convrewrite.layers.wide import default_run_kernel  # noqa: E402
 from convrewrite.spec import ConvSpec  # noqa: E402
 from convrewrite.timing import compiled  # noqa: E402
@@ -122,6 +124,7 @@ def make_variants(kind, k, shape, filters):
     variants = {"keras": (ref, 2 * macs)}
     fft_cls = FFTConv2D if kind == "dense" else FFTDepthwiseConv2D
     variants["fft"] = (fft_cls(**ref.get_config(), tile_size="full"), fft_cost_features(spec, "full")["flops"])
+    variants["mm"] = (fft_cls(**ref.get_config(), transform="matmul"), matmul_cost_features(spec)["flops"])
     run = default_run_kernel((k, k))
     if kind == "depthwise" and run != (k, k):
         variants["wide"] = (WideDepthwiseConv2D(**ref.get_config(), run_kernel_size=run), 2 * macs * run[1] / k)
@@ -151,15 +154,16 @@ def run_case(kind, shape, k, filters, reps, warmup):
             wait(f(x))
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-    fft = variants["fft"][0].fft_layout
-    how = f"{fft.fft_shape[0]}x{fft.fft_shape[1]} full"
+    fft, mm = variants["fft"][0].fft_layout, variants["mm"][0].fft_layout
+    how = f"{fft.fft_shape[0]}x{fft.fft_shape[1]}; {mm.fft_shape[0]}x{mm.fft_shape[1]}"
     return {n: (median_ms(wall[n]), statistics.median(cpu[n]), variants[n][1]) for n in fns}, err, how
 
 
 def print_case(kind, shape, filters, title, sizes, reps, warmup, peak):
     print(f"\n{title}")
-    header = (f"{'k':>3}  {'keras ms':>9}  {'fft ms':>8}  {'ratio':>6}  {'wide ms':>8}  {'ratio':>6}  {'best':>6}  "
-              f"{'cpu ratio':>9}  {'rel err':>8}  " + (f"{'% peak keras/fft/wide':>21}  " if peak else "") + "transform")
+    header = (f"{'k':>3}  {'keras ms':>9}  {'fft ms':>8}  {'ratio':>6}  {'mm ms':>8}  {'ratio':>6}  {'wide ms':>8}  "
+              f"{'ratio':>6}  {'best':>6}  {'cpu ratio':>9}  {'rel err':>8}  "
+              + (f"{'% peak keras/fft/mm/wide':>24}  " if peak else "") + "transform (fft; mm)")
     print(header)
     print("-" * len(header))
     crossover = None
@@ -174,9 +178,9 @@ def print_case(kind, shape, filters, title, sizes, reps, warmup, peak):
         wide = (f"{res['wide'][0]:>8.2f}  {ratios['wide']:>5.2f}x" if "wide" in res else f"{'-':>8}  {'-':>6}")
         pct = "/".join(f"{100 * r[2] / (r[0] * 1e-3) / 1e9 / peak:.0f}" for r in res.values()) if peak else ""
         cpu_ratio = res["keras"][1] / res["fft"][1] if res["fft"][1] > 0 else float("nan")
-        print(f"{k:>3}  {keras_ms:>9.2f}  {res['fft'][0]:>8.2f}  {ratios['fft']:>5.2f}x  {wide}  "
-              f"{max(ratios.values()):>5.2f}x  {cpu_ratio:>8.2f}x  {err:>8.1e}  " + (f"{pct:>21}  " if peak else "")
-              + how, flush=True)
+        print(f"{k:>3}  {keras_ms:>9.2f}  {res['fft'][0]:>8.2f}  {ratios['fft']:>5.2f}x  {res['mm'][0]:>8.2f}  "
+              f"{ratios['mm']:>5.2f}x  {wide}  {max(ratios.values()):>5.2f}x  {cpu_ratio:>8.2f}x  {err:>8.1e}  "
+              + (f"{pct:>24}  " if peak else "") + how, flush=True)
     print(f"crossover ({kind}): FFT faster from k = {crossover} on" if crossover else
           f"crossover ({kind}): FFT never stays faster in this range")
 
