@@ -15,6 +15,11 @@ Cross-correlation (what TF calls convolution) is multiplication by the conjugate
 SAME padding is not materialized: the kernel is circularly shifted by the top/left pad instead, which
 leaves every output in place and lets the transform be smaller (see `full_axis_layout`).
 
+Two transforms (`transform=`): "fft", the backend's FFTs as above, and "matmul", the same correlation with
+the DFTs applied as matrix products over the spatial axes of channels-last activations (no layout
+transposes, strides never computed; full image only; see `dft_matmul`). The cost model times both
+(implementations `fft` and `fft-matmul`) and picks per spec.
+
 Two modes:
   * full image: one transform covers the whole (padded) image; spectra are (P, Q) with P >= H.
   * tiled (overlap-save): the padded image is cut into overlapping tiles of T + k - 1 pixels, each giving
@@ -718,12 +723,15 @@ class FFTConv2D(_FFTConvMixin, keras.layers.Conv2D):
     (kernel (kh, kw, Cin // groups, filters), bias (filters,)), plus:
       tile_size: None (automatic), "full" (one transform per image), or an int / (th, tw) output tile for
         overlap-save tiling (spectra then depend on the tile, not on the image).
+      transform: "fft" (default) or "matmul": the DFTs as matrix products, channels last (`dft_matmul`;
+        full image only, so tile_size must be None or "full" and the spatial size known at build).
     x: (batch, H, W, Cin) (or channels_first) -> same as Conv2D. Computes in float32 under any policy.
     Calls whose input holds NaN/Inf or values large enough to overflow the transforms run through Keras's
     own Conv2D computation instead, so they give exactly Keras's result (see the README's guarantees).
 
     Raises:
-        ValueError: an argument Conv2D refuses, or a tile_size that is not None, "full" or positive ints.
+        ValueError: an argument Conv2D refuses, a tile_size that is not None, "full" or positive ints, or a
+            transform that is not "fft" / "matmul" (or "matmul" with tiles).
 
     Example:
         >>> layer = FFTConv2D(32, 21, padding="same")        # a 21x21 conv through FFTs
@@ -747,10 +755,11 @@ class FFTDepthwiseConv2D(_FFTConvMixin, keras.layers.DepthwiseConv2D):
     """keras.layers.DepthwiseConv2D computed through FFTs, with cached kernel spectra.
 
     Same arguments and weights as DepthwiseConv2D (kernel (kh, kw, C, depth_multiplier), bias
-    (C * depth_multiplier,)), plus `tile_size` as in FFTConv2D. Output channel c * M + m, as Keras.
+    (C * depth_multiplier,)), plus `tile_size` and `transform` as in FFTConv2D. Output channel c * M + m, as
+    Keras.
 
     Raises:
-        ValueError: an argument DepthwiseConv2D refuses, or a bad tile_size.
+        ValueError: an argument DepthwiseConv2D refuses, or a bad tile_size or transform.
 
     Example:
         >>> layer = FFTDepthwiseConv2D(31, padding="same")    # a 31x31 depthwise conv through FFTs
