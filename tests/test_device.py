@@ -227,7 +227,8 @@ class _Sleepy(implementations.Implementation):
         return (spec.kind == "conv2d" and spec.groups == 1), "dense Conv2D only"
 
     def make_layer(self, layer, spec, **options):
-        config = {k: v for k, v in layer.get_config().items() if k != "tile_size"}  # an FFT layer's own option
+        extra = getattr(layer, "convrewrite_extra_config", ())  # an FFT layer's own options (tile_size, transform)
+        config = {k: v for k, v in layer.get_config().items() if k not in extra}
         return _SleepyConv.from_config(config)
 
 
