@@ -34,7 +34,8 @@ from convrewrite.timing import time_interleaved  # noqa: E402
 from fft_vs_direct import matmul_gflops, nominal_peak_gflops  # noqa: E402
 
 
-def steps(kind, shape, k, filters):
+def _layers(kind, shape, k, filters, **options):
+    """(input, Keras's layer, its FFT-layer twin built with `options` and the same weights)."""
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal(shape).astype("float32"))
     if kind == "dense":
@@ -42,9 +43,14 @@ def steps(kind, shape, k, filters):
     else:
         ref, cls = keras.layers.DepthwiseConv2D(k, padding="same"), FFTDepthwiseConv2D
     ref.build(shape)
-    fft = cls(**ref.get_config())
-    fft.build(shape)
-    fft.set_weights(ref.get_weights())
+    twin = cls(**ref.get_config(), **options)
+    twin.build(shape)
+    twin.set_weights(ref.get_weights())
+    return x, ref, twin
+
+
+def steps(kind, shape, k, filters):
+    x, ref, fft = _layers(kind, shape, k, filters)
     fft(x)  # fills the spectrum cache and the plan
     p, q = fft.fft_layout.fft_shape
     b, c, o = shape[0], shape[-1], (filters or shape[-1])
@@ -74,16 +80,7 @@ def steps(kind, shape, k, filters):
 def matmul_steps(kind, shape, k, filters):
     """The matmul transform (`FFTConv2D(..., transform="matmul")`, `layers/dft_matmul.py`): each of its steps
     alone on tensors of the shapes it uses, the whole layer, and its relative error vs Keras's layer."""
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.standard_normal(shape).astype("float32"))
-    if kind == "dense":
-        ref, cls = keras.layers.Conv2D(filters, k, padding="same"), FFTConv2D
-    else:
-        ref, cls = keras.layers.DepthwiseConv2D(k, padding="same"), FFTDepthwiseConv2D
-    ref.build(shape)
-    layer = cls(**ref.get_config(), transform="matmul")
-    layer.build(shape)
-    layer.set_weights(ref.get_weights())
+    x, ref, layer = _layers(kind, shape, k, filters, transform="matmul")
     want = np.asarray(ref(x), np.float64)
     err = np.max(np.abs(np.asarray(layer(x)) - want)) / np.max(np.abs(want))  # also fills the spectrum cache
     print(f"{kind} matmul transform: relative error vs Keras's layer {err:.1e}")

@@ -318,7 +318,7 @@ def test_other_size_than_built_for(rng):
 
 
 # ---- the spectrum cache ---------------------------------------------------------------------------
-def _pair(rng, depthwise=False, tile_size=None):
+def _pair(rng, depthwise=False, tile_size=None, transform="fft"):
     if depthwise:
         conv = keras.layers.DepthwiseConv2D(9, padding="same", depth_multiplier=2)
         cls = FFTDepthwiseConv2D
@@ -327,7 +327,7 @@ def _pair(rng, depthwise=False, tile_size=None):
         cls = FFTConv2D
     inp = keras.Input((16, 16, 2))
     ref_model = keras.Model(inp, conv(inp))
-    layer = cls(**conv.get_config(), tile_size=tile_size)
+    layer = cls(**conv.get_config(), tile_size=tile_size, transform=transform)
     model = keras.Model(inp, layer(inp))
     layer.set_weights(conv.get_weights())
     x = rng.standard_normal((2, 16, 16, 2)).astype("float32")
@@ -398,9 +398,10 @@ def test_not_stale_after_fit(rng):
     _check(model, ref_model, x)
 
 
-def test_fit_matches_conv2d_training(rng):
+@pytest.mark.parametrize("transform", fft.TRANSFORMS)
+def test_fit_matches_conv2d_training(rng, transform):
     """Training differentiates through the kernel: two SGD steps give Conv2D's weights."""
-    conv, ref_model, layer, model, x = _pair(rng)
+    conv, ref_model, layer, model, x = _pair(rng, transform=transform)
     y = rng.standard_normal((2, 16, 16, 3)).astype("float32")
     for m in (model, ref_model):
         m.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
@@ -409,12 +410,14 @@ def test_fit_matches_conv2d_training(rng):
         assert rel_error(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("transform", fft.TRANSFORMS)
 @pytest.mark.parametrize("training", [True, None])
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_gradients_match(rng, training, depthwise):
+def test_gradients_match(rng, training, depthwise, transform):
     """Gradients w.r.t. kernel, bias and input equal Keras's, in training mode (uncached) and in
-    inference mode (through the cache's custom gradient), eagerly and compiled (tf.function / jax.jit)."""
-    conv, _, layer, _, x = _pair(rng, depthwise)
+    inference mode (through the cache's custom gradient), eagerly and compiled (tf.function / jax.jit),
+    through either transform."""
+    conv, _, layer, _, x = _pair(rng, depthwise, transform=transform)
     target = rng.standard_normal(conv(x).shape).astype("float32")
 
     def grads(lyr):
@@ -573,17 +576,23 @@ def test_registry_entries(rng):
         impl.make_layer(conv, spec, tiles=3)
 
 
-def test_optimize_with_forced_fft_plan(rng):
-    """End to end: a large-kernel model with every conv forced to FFT is equivalent (<= 1e-5)."""
+@pytest.mark.parametrize("forced, transform", [
+    ({"big": ("fft", {}), "dw": ("fft-tiled", {"tile_size": 6}), "strided": ("fft", {})}, "fft"),
+    ({name: ("fft-matmul", {}) for name in ("big", "dw", "strided")}, "matmul"),
+])
+def test_optimize_with_forced_fft_plan(rng, forced, transform):
+    """End to end: a large-kernel model with every conv forced to an FFT layer is equivalent (<= 1e-5)."""
     inp = keras.Input((24, 24, 3))
     h = keras.layers.Conv2D(8, 13, padding="same", activation="relu", name="big")(inp)
     h = keras.layers.DepthwiseConv2D(15, padding="same", name="dw")(h)
     h = keras.layers.Conv2D(4, 9, strides=2, name="strided")(h)
     model = keras.Model(inp, h)
     plan = convrewrite.plan(model, cost_model=None)
-    plan.force("big", "fft").force("dw", "fft-tiled", tile_size=6).force("strided", "fft")
+    for name, (impl, options) in forced.items():
+        plan.force(name, impl, **options)
     fast = convrewrite.optimize(model, plan=plan)
     kinds = {layer.name: type(layer).__name__ for layer in fast.layers}
     assert kinds["big"] == "FFTConv2D" and kinds["dw"] == "FFTDepthwiseConv2D" and kinds["strided"] == "FFTConv2D"
+    assert all(fast.get_layer(name).transform == transform for name in forced)
     x = rng.standard_normal((2, 24, 24, 3)).astype("float32")
     assert rel_error(fast.predict(x, verbose=0), model.predict(x, verbose=0)) <= TOL

@@ -1,17 +1,17 @@
 """The matmul transform of the FFT layers (`transform="matmul"`, implementation `fft-matmul`): equivalence
-with the float64 reference and Keras on random configurations, gradients, the spectrum cache, `.keras`,
-fit, mixed precision, bad arguments, the registry entry and a forced plan."""
+with the float64 reference and Keras on random configurations, the spectrum cache, `.keras`, mixed
+precision, bad arguments and the registry entry (gradients, fit and a forced plan: test_fft, parametrized
+over both transforms)."""
 
 import keras
 import numpy as np
 import pytest
 
-import convrewrite
 from convrewrite import implementations, reference
 from convrewrite.layers import FFTConv2D, FFTDepthwiseConv2D, dft_matmul, fft
 from convrewrite.spec import ConvSpec, spec_from_layer
-from convrewrite.timing import compiled
-from conftest import gradients, random_cases, rel_error
+import test_fft as fft_tests
+from conftest import random_cases, rel_error
 from test_fft import _check_config, _random_config
 
 TOL = 1e-5
@@ -74,37 +74,7 @@ def test_minimal_transform_length_and_matrices():
 
 
 def _pair(rng, depthwise=False):
-    if depthwise:
-        conv = keras.layers.DepthwiseConv2D(9, padding="same", depth_multiplier=2)
-        cls = FFTDepthwiseConv2D
-    else:
-        conv = keras.layers.Conv2D(3, 9, padding="same")
-        cls = FFTConv2D
-    inp = keras.Input((16, 16, 2))
-    ref_model = keras.Model(inp, conv(inp))
-    layer = cls(**conv.get_config(), transform="matmul")
-    model = keras.Model(inp, layer(inp))
-    layer.set_weights(conv.get_weights())
-    x = rng.standard_normal((2, 16, 16, 2)).astype("float32")
-    return conv, ref_model, layer, model, x
-
-
-@pytest.mark.parametrize("training", [True, None])
-@pytest.mark.parametrize("depthwise", [False, True])
-def test_gradients_match(rng, training, depthwise):
-    """Gradients w.r.t. kernel, bias and input equal Keras's, uncached (training) and through the cache's
-    custom gradient (inference), eagerly and compiled."""
-    conv, _, layer, _, x = _pair(rng, depthwise)
-    target = rng.standard_normal(conv(x).shape).astype("float32")
-
-    def grads(lyr):
-        return gradients(lambda t: lyr(t, training=training) * target, x, lyr.trainable_weights)
-
-    layer(x)
-    for fn in (grads, lambda lyr: compiled(lambda: grads(lyr), [lyr])()):
-        for g, w in zip(fn(layer), fn(conv)):
-            assert g is not None
-            assert rel_error(g, w) <= TOL
+    return fft_tests._pair(rng, depthwise, transform="matmul")
 
 
 @pytest.mark.tensorflow_only("spectra are cached between calls on TensorFlow; JAX recomputes them in each call")
@@ -121,15 +91,10 @@ def test_cache_is_reused_and_never_stale(rng):
     assert rel_error(model(x), ref_model(x)) <= TOL
 
 
-def test_fit_matches_keras_and_keras_file_round_trip(rng, tmp_path):
-    """Two SGD steps give Conv2D's weights; the model saves and loads through .keras with its transform."""
+def test_keras_file_round_trip(rng, tmp_path):
+    """The model saves and loads through .keras with its transform (fit and gradients: test_fft, both
+    transforms)."""
     conv, ref_model, layer, model, x = _pair(rng)
-    y = rng.standard_normal((2, 16, 16, 3)).astype("float32")
-    for m in (model, ref_model):
-        m.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
-        m.fit(x, y, epochs=2, batch_size=2, shuffle=False, verbose=0)
-    for a, b in zip(layer.get_weights(), conv.get_weights()):
-        assert rel_error(a, b) <= TOL
     path = tmp_path / "m.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -198,18 +163,3 @@ def test_registry_entry(rng):
     # which implementation made a layer: told apart from `fft` by the layer's transform
     assert implementations.for_layer(new).name == "fft-matmul"
     assert implementations.for_layer(implementations.get("fft").make_layer(conv, spec)).name == "fft"
-
-
-def test_optimize_with_forced_plan(rng):
-    inp = keras.Input((24, 24, 3))
-    h = keras.layers.Conv2D(8, 13, padding="same", activation="relu", name="big")(inp)
-    h = keras.layers.DepthwiseConv2D(15, padding="same", name="dw")(h)
-    h = keras.layers.Conv2D(4, 9, strides=2, name="strided")(h)
-    model = keras.Model(inp, h)
-    plan = convrewrite.plan(model, cost_model=None)
-    for name in ("big", "dw", "strided"):
-        plan.force(name, "fft-matmul")
-    fast = convrewrite.optimize(model, plan=plan)
-    assert all(getattr(fast.get_layer(n), "transform", None) == "matmul" for n in ("big", "dw", "strided"))
-    x = rng.standard_normal((2, 24, 24, 3)).astype("float32")
-    assert rel_error(fast.predict(x, verbose=0), model.predict(x, verbose=0)) <= TOL
