@@ -13,7 +13,8 @@ from . import implementations
 DIRECT_MARGIN = 1.1
 """A more elaborate implementation is chosen over a simpler one only if predicted at least this much
 faster: a difference within 10% is within the cost model's error, and the simpler choice then costs at
-most that. Simplicity is each implementation's `simplicity` rank: direct, depthwise, fft, fft-tiled, ..."""
+most that. Simplicity is each implementation's `simplicity` rank: direct, depthwise, fft, fft-matmul,
+fft-tiled, ..."""
 
 
 def choose(predicted_ms: Dict[str, float], margin: float = DIRECT_MARGIN):

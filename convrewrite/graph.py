@@ -516,6 +516,14 @@ def live_config(op) -> dict:
     return config
 
 
+def keras_config(op) -> dict:
+    """`live_config(op)` without the options of convrewrite's own replacement layers (their class's
+    `convrewrite_extra_config`, e.g. an FFT layer's tile_size and transform): what the Keras class the layer
+    computes, or another replacement of it, takes. The identity for Keras's own layers."""
+    extra = type(op).__dict__.get("convrewrite_extra_config", ())
+    return {k: v for k, v in live_config(op).items() if k not in extra}
+
+
 def recreate(op, path: str = "", share: bool = False):
     """A fresh copy of a layer/operation from its config (no weights yet).
 

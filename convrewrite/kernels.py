@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import live_config, recreate
+from .graph import keras_config, recreate
 from .registry import Implementation, canary_spec, register
 from .spec import keras_class, separable_stages
 
@@ -32,8 +32,7 @@ class Direct(Implementation):
     def make_layer(self, layer, spec, **options):
         cls = keras_class(layer)
         if cls is not None and type(layer) is not cls:  # a replacement layer (e.g. FFT) back to Keras's own
-            extra = type(layer).__dict__.get("convrewrite_extra_config", ())
-            return cls.from_config({k: v for k, v in live_config(layer).items() if k not in extra})
+            return cls.from_config(keras_config(layer))
         return recreate(layer)
 
     def canary_specs(self):

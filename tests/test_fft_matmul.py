@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+import convrewrite
 from convrewrite import implementations, reference
 from convrewrite.layers import FFTConv2D, FFTDepthwiseConv2D, dft_matmul, fft
 from convrewrite.spec import ConvSpec, spec_from_layer
@@ -163,3 +164,29 @@ def test_registry_entry(rng):
     # which implementation made a layer: told apart from `fft` by the layer's transform
     assert implementations.for_layer(new).name == "fft-matmul"
     assert implementations.for_layer(implementations.get("fft").make_layer(conv, spec)).name == "fft"
+
+
+def test_replanning_an_optimized_model(rng):
+    """An optimized model's matmul-transform layers are sites again: re-planned as `fft` / `fft-tiled` they
+    run the FFT transform (the matmul layer's own options do not leak into the new layer), as `direct` /
+    `depthwise-wide` Keras's and the wide layer; every rebuild stays equivalent."""
+    inp = keras.Input((20, 20, 3))
+    h = keras.layers.Conv2D(6, 13, padding="same", name="big")(inp)
+    h = keras.layers.DepthwiseConv2D(13, padding="same", name="dw")(h)
+    model = keras.Model(inp, h)
+    x = rng.standard_normal((2, 20, 20, 3)).astype("float32")
+    want = model.predict(x, verbose=0)
+    plan = convrewrite.plan(model, cost_model=None).force("big", "fft-matmul").force("dw", "fft-matmul")
+    fast = convrewrite.optimize(model, plan=plan)
+    assert fast.get_layer("big").transform == fast.get_layer("dw").transform == "matmul"
+    again = convrewrite.plan(fast, cost_model=None).force("big", "fft").force("dw", "fft-tiled", tile_size=6)
+    back = convrewrite.optimize(fast, plan=again)
+    assert back.get_layer("big").transform == back.get_layer("dw").transform == "fft"
+    assert back.get_layer("dw").tile_size == (6, 6)
+    assert implementations.for_layer(back.get_layer("big")).name == "fft"
+    keras_plan = convrewrite.plan(fast, cost_model=None).force("big", "direct").force("dw", "depthwise-wide")
+    plain = convrewrite.optimize(fast, plan=keras_plan)
+    assert type(plain.get_layer("big")) is keras.layers.Conv2D
+    assert type(plain.get_layer("dw")).__name__ == "WideDepthwiseConv2D"
+    for m in (fast, back, plain):
+        assert rel_error(m.predict(x, verbose=0), want) <= TOL

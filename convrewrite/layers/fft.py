@@ -787,7 +787,9 @@ convs at k=31 and 51 measured 5e-7..9e-7). Calibrated on 30 specs x (fft, fft-ti
 depthwise, k 3..51, 14..224 px, 1..1024 channels per group, strides 1-2, random normal data, batch 1): the
 largest measured error was 0.65x this estimate, the median 0.16x; the README's fft_vs_direct errors (4e-7
 at k=3 .. 2.7e-6 at k=51 depthwise) are 0.1-0.4x it, and it stays below the float32 default tolerance 1e-5
-for those specs (8.4e-6 at k=51 dense, 7.2e-6 depthwise)."""
+for those specs (8.4e-6 at k=51 dense, 7.2e-6 depthwise). The matmul transform (`fft-matmul`) uses the same
+estimate: its errors measured 1.4-1.9x the FFT's on the same specs (dense 21x21 at 64x64: 3.7e-7 vs 2.4e-7;
+depthwise 31x31 at 96x96: 4.5e-7 vs 2.4e-7, against an estimate of 6.7e-6)."""
 
 
 _OTHER_KINDS = {}
@@ -854,8 +856,10 @@ class FFTImplementation(Implementation):
         self.check_options(options, {"tile_size"})
         if spec.kind in _OTHER_KINDS:
             return _OTHER_KINDS[spec.kind][0](layer, spec, self._tile(options))
+        from ..graph import keras_config
+
         cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
-        return cls.from_config({**layer.get_config(), "tile_size": self._tile(options)})
+        return cls.from_config({**keras_config(layer), "tile_size": self._tile(options)})
 
     def features(self, spec: ConvSpec, **options):
         if spec.kind in _OTHER_KINDS:
@@ -900,8 +904,10 @@ class FFTTiledImplementation(FFTImplementation):
         self.check_options(options, {"tile_size"})
         if spec.kind in _OTHER_KINDS:
             return _OTHER_KINDS[spec.kind][0](layer, spec, self._resolve(spec, options))
+        from ..graph import keras_config
+
         cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
-        return cls.from_config({**layer.get_config(), "tile_size": self._resolve(spec, options)})
+        return cls.from_config({**keras_config(layer), "tile_size": self._resolve(spec, options)})
 
     def _resolve(self, spec, options):
         tile = options.get("tile_size")
@@ -952,23 +958,31 @@ class FFTMatmulImplementation(FFTImplementation):
 
     def make_layer(self, layer, spec: ConvSpec, **options):
         self.check_options(options, set())
+        from ..graph import keras_config
+
         cls = FFTDepthwiseConv2D if spec.kind == "depthwise_conv2d" else FFTConv2D
-        return cls.from_config({**layer.get_config(), "tile_size": "full", "transform": "matmul"})
+        return cls.from_config({**keras_config(layer), "tile_size": "full", "transform": "matmul"})
 
     def features(self, spec: ConvSpec, **options):
         return matmul_cost_features(spec)
 
     def workspace_bytes(self, spec: ConvSpec, options=None):
-        """Input and output, the activation spectra (input side twice: the forward products' result and, for
-        dense kernels, its bins-major copy; output side twice likewise), the inverse-H result, and
-        SPECTRUM_PEAK_FACTOR x the cached kernel spectrum, as if all were alive at once."""
+        """Input and output; the forward-W result; the activation spectra, twice on the input side (the
+        forward-H result and its bins-major copy, or its flipped copy for depthwise-like kernels) and three
+        times on the output side (the two partial products and their sum, or the per-bin product and its
+        transposed copy); the inverse-H result; and SPECTRUM_PEAK_FACTOR x the cached kernel spectrum, as if
+        all were alive at once."""
         if spec.height is None or spec.width is None:
             return None
         f = self.features(spec)
         b = spec.batch or 1
-        layout_bytes = 4.0 * b * 2 * f["fft_h"] * (f["fft_w"] // 2 + 1)
-        return (io_bytes(spec) + 2.0 * layout_bytes * (spec.in_channels + spec.filters)
-                + SPECTRUM_PEAK_FACTOR * f["spectrum_bytes"])
+        bins = f["fft_w"] // 2 + 1
+        per_channel = 4.0 * b * 2 * f["fft_h"] * bins  # one channel of an activation spectrum
+        forward_w = 4.0 * b * spec.height * 2 * bins * spec.in_channels
+        layout = matmul_layout(spec.height, spec.width, spec.effective_kernel, spec.strides, spec.padding)
+        inverse_h = 4.0 * b * 2 * layout.rows.out * bins * spec.filters
+        return (io_bytes(spec) + forward_w + per_channel * (2.0 * spec.in_channels + 3.0 * spec.filters)
+                + inverse_h + SPECTRUM_PEAK_FACTOR * f["spectrum_bytes"])
 
 
 register(FFTImplementation())

@@ -148,9 +148,9 @@ class SeparableFFTImplementation(Implementation):
 
     def make_layer(self, layer, spec: ConvSpec, **options):
         self.check_options(options, {"tile_size"})
-        from ..graph import live_config
+        from ..graph import keras_config
 
-        config = {k: v for k, v in live_config(layer).items() if k not in ("tile_size", "run_kernel_size")}
+        config = keras_config(layer)
         return FFTSeparableConv2D.from_config({**config, "tile_size": self._tile(spec, options)})
 
     def options_of(self, layer):
@@ -200,9 +200,9 @@ class SeparableWideImplementation(Implementation):
 
     def make_layer(self, layer, spec: ConvSpec, **options):
         self.check_options(options, {"run_kernel_size"})
-        from ..graph import live_config
+        from ..graph import keras_config
 
-        config = {k: v for k, v in live_config(layer).items() if k not in ("tile_size", "run_kernel_size")}
+        config = keras_config(layer)
         run = options.get("run_kernel_size") or default_run_kernel(spec.kernel)
         return WideSeparableConv2D.from_config({**config, "run_kernel_size": run})
 

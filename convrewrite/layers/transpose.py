@@ -308,9 +308,9 @@ class TransposeSubpixelImplementation(Implementation):
 
     def make_layer(self, layer, spec: ConvSpec, **options):
         self.check_options(options, {"method"})
-        from ..graph import live_config
+        from ..graph import keras_config
 
-        config = {k: v for k, v in live_config(layer).items() if k != "method"}
+        config = keras_config(layer)
         return SubpixelConv2DTranspose.from_config({**config, "method": options.get("method", self.method)})
 
     def options_of(self, layer):

@@ -189,9 +189,11 @@ class WideDepthwiseImplementation(Implementation):
 
     def make_layer(self, layer, spec: ConvSpec, **options):
         self.check_options(options, {"run_kernel_size"})
+        from ..graph import keras_config
+
         base = Depthwise().make_layer(layer, spec) if spec.kind == "conv2d" else layer
         run = options.get("run_kernel_size") or default_run_kernel(spec.kernel)
-        return WideDepthwiseConv2D.from_config({**base.get_config(), "run_kernel_size": run})
+        return WideDepthwiseConv2D.from_config({**keras_config(base), "run_kernel_size": run})
 
     def transfer_weights(self, old_layer, new_layer, spec):
         Depthwise().transfer_weights(old_layer, new_layer, spec)  # a reshape, the identity for depthwise

@@ -197,8 +197,11 @@ def real_block_matmul(a, block):
 
 
 def matmul(a, b):
-    """Batched float32 matmul with broadcast batch dimensions (a (1, M, K) @ b (N, K, L) shares a), at
-    full float32 precision (oneDNN on CPU)."""
+    """Batched float32 matmul with broadcast batch dimensions (a (1, M, K) @ b (N, K, L) shares a), at full
+    float32 precision on CPU (oneDNN). On an Ampere or newer GPU TensorFlow rounds the operands to TF32 unless
+    `tf.config.experimental.enable_tensor_float_32_execution(False)` (~1e-3 relative error: verification then
+    refuses the site at a float32 tolerance; GPUs are reached through the JAX backend here, which asks for
+    float32 per call)."""
     return tf.linalg.matmul(a, b)
 
 

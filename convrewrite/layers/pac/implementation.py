@@ -124,7 +124,9 @@ class PacImplementation(Implementation):
         return opts
 
     def make_layer(self, layer, spec, **options):
-        config = layer.get_config()
+        from ...graph import keras_config
+
+        config = keras_config(layer)
         config.pop("groups", None)
         config.update(self._pac_options(options))
         return PacConv2D.from_config(config)
