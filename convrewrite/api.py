@@ -321,7 +321,7 @@ def _measured(cm, graph, mode: str, allow, batch: int, memory_limit):
                  and _for_speed(n) and not (limit and constraint_violation(n, spec, limit))]
         if spec not in timed and spec.height is not None and spec.width is not None:
             timed[spec] = profiling.time_spec(spec, allow=names, training=True)
-    return _TimedSites(cm, timed, source=TRAINING_TIMED)
+    return _TimedSites(cm, timed, source=TRAINING_TIMED, exclusive=True)
 
 
 class _Models:
@@ -524,10 +524,14 @@ def _time_replaced_sites(plan: Plan, batch: int, allow):
 
 
 class _TimedSites:
-    """A cost model that answers with timings made here where it has them, else asks `base` (if any)."""
+    """A cost model that answers with timings made here where it has them, else asks `base` (if any).
 
-    def __init__(self, base, timed, source: str = "timed here"):
-        self.base, self.timed, self.source = base, timed, source
+    exclusive: on a spec timed here, an implementation the timing left out (one the profiler does not time on
+    such shapes, `Implementation.profile_applicable`) gets no prediction instead of `base`'s, so that it does
+    not compete with a prediction of another kind (forward + backward timings against a forward-only fit)."""
+
+    def __init__(self, base, timed, source: str = "timed here", exclusive: bool = False):
+        self.base, self.timed, self.source, self.exclusive = base, timed, source, exclusive
         self.name = getattr(base, "name", None) or "timed here"
         self.match_note = getattr(base, "match_note", None)
         self.trust = "this device"
@@ -535,6 +539,8 @@ class _TimedSites:
     def prediction(self, impl_name, spec):
         if impl_name in self.timed.get(spec, {}):
             return Prediction(1e3 * self.timed[spec][impl_name], self.source, TIMING_BAND)
+        if self.exclusive and spec in self.timed:
+            return None
         return None if self.base is None else predict(self.base, impl_name, spec)
 
 
