@@ -72,24 +72,20 @@ def matmul_spectrum_shape(layout, groups: int, cg: int, cout: int):
     return (p, q // 2 + 1, groups, 2 * cg, 2 * og)
 
 
-def matmul_spectrum(kernel, layout, groups: int):
-    """Conjugate kernel spectrum laid out for `matmul_correlate`, float32.
+def matmul_spectrum(spectrum, layout, groups: int):
+    """The conjugate kernel spectrum laid out for `matmul_correlate`, float32.
 
-    kernel: (kh, kw, Cg, Cout) float32, already dilated (a depthwise kernel as (kh, kw, 1, C*M), groups=C).
-    Depthwise-like (Cg == 1): (2, P, 2, F, G, Og): [K_re, K_re] and [-K_im, K_im] along the (re, im) axis. Otherwise the real block form of the
-    (P, F, G, Cg, Og) complex spectrum with rows (re/im, c) and columns (re/im, o): (P, F, G, 2Cg, 2Og).
+    spectrum: (Cg, Cout, P, F) complex64, the conjugate spectrum of the (dilated, SAME-shifted) kernel
+    (`fft.conjugate_kernel_spectrum`; a depthwise kernel as Cg = 1, Cout = C*M, groups = C).
+    Depthwise-like (Cg == 1): (2, P, 2, F, G, Og): [K_re, K_re] and [-K_im, K_im] along the (re, im) axis.
+    Otherwise the real block form of the (P, F, G, Cg, Og) complex spectrum with rows (re/im, c) and columns
+    (re/im, o): (P, F, G, 2Cg, 2Og).
     """
-    kh, kw, cg, cout = kernel.shape
+    cg, cout = spectrum.shape[0], spectrum.shape[1]
     p, q = layout.fft_shape
     f = q // 2 + 1
     og = cout // groups
-    k = ops.transpose(kernel, (2, 3, 0, 1))  # (Cg, Cout, kh, kw)
-    k = ops.pad(k, [(0, 0), (0, 0), (0, p - kh), (0, q - kw)])
-    if layout.rows.pad_before or layout.cols.pad_before:
-        # SAME padding folded into the kernel: output i must read input i - pad_before + u (as `fft`).
-        k = ops.roll(k, shift=(-layout.rows.pad_before, -layout.cols.pad_before), axis=(2, 3))
-    spec = backend.conj(backend.rfft2d(k, (p, q)))  # (Cg, Cout, P, F)
-    spec = ops.transpose(ops.reshape(spec, (cg, groups, og, p, f)), (3, 4, 1, 0, 2))  # (P, F, G, Cg, Og)
+    spec = ops.transpose(ops.reshape(spectrum, (cg, groups, og, p, f)), (3, 4, 1, 0, 2))  # (P, F, G, Cg, Og)
     re, im = ops.real(spec), ops.imag(spec)
     if cg == 1:
         # z = x * [Kr; Kr] + flip(x, re/im) * [-Ki; Ki] along the (re, im) axis of x (B, P, 2, F, G, 1): two

@@ -325,18 +325,19 @@ def matmul_cost_features(spec: ConvSpec) -> dict:
                            + ho * wo * 2 * f * cout)
     spectrum_values = p * f * groups * (4 * og if cg == 1 else 4 * cg * og)
     dense = cg > 1
+    product = 8.0 * p * f * groups * b * cg * og if dense else 0.0
     spectra = 4.0 * b * 2 * p * f  # bytes per channel of one activation spectrum
     return {
         "macs": float(spec.macs() or 0),
         "fft_h": float(p),
         "fft_w": float(q),
         "transform_flops": transform,
-        "product_flops": 8.0 * p * f * groups * b * cg * og if dense else 0.0,
+        "product_flops": product,
         "elementwise_bytes": 0.0 if dense else spectra * (cin + 3 * cout),
         "transpose_bytes": 2.0 * spectra * (cin + cout) if dense else 0.0,
         "spectrum_bytes": 4.0 * spectrum_values,
         "bytes": 4.0 * b * (h * w * cin + ho * wo * cout),
-        "flops": transform + (8.0 * p * f * groups * b * cg * og if dense else 0.0),
+        "flops": transform + product,
         "calls": 1.0,
     }
 
@@ -356,23 +357,32 @@ def _dilate(kernel, dilation):
     return kernel
 
 
-def kernel_spectrum(kernel, layout: FFTLayout, groups: int, dilation=(1, 1)):
-    """Conjugate spectrum of a grouped kernel, laid out for the per-bin products.
-
-    kernel: (kh, kw, Cg, Cout) float32 (a depthwise (kh, kw, C, M) kernel is passed as (kh, kw, 1, C*M)
-    with groups=C). Returns, for the matmul path (Cg > 1), the real block form (`backend.real_block`) of
-    the (bins, G, Cg, Og) complex spectrum: (bins, G, 2 Cg, 2 Og) float32; for the broadcast path
-    (Cg == 1), (G, Og, bins) complex64. Conjugate because TF convolutions are cross-correlations.
-    """
+def conjugate_kernel_spectrum(kernel, layout: FFTLayout, dilation=(1, 1)):
+    """(Cg, Cout, P, Q//2+1) complex64: the conjugate spectrum of a (kh, kw, Cg, Cout) float32 kernel, dilated,
+    zero-padded to the transform size and, in full mode, circularly shifted by the SAME pad. Conjugate because
+    TF convolutions are cross-correlations. Both transforms lay it out for their per-bin products
+    (`kernel_spectrum`, `dft_matmul.matmul_spectrum`)."""
     kernel = _dilate(kernel, dilation)
-    kh, kw, cg, cout = kernel.shape
+    kh, kw = kernel.shape[0], kernel.shape[1]
     p, q = layout.fft_shape
     k = ops.transpose(kernel, (2, 3, 0, 1))  # (Cg, Cout, kh, kw)
     k = ops.pad(k, [(0, 0), (0, 0), (0, p - kh), (0, q - kw)])
     if not layout.tiled and (layout.rows.pad_before or layout.cols.pad_before):
         # SAME padding folded into the kernel: output i must read input i - pad_before + u.
         k = ops.roll(k, shift=(-layout.rows.pad_before, -layout.cols.pad_before), axis=(2, 3))
-    spec = backend.conj(backend.rfft2d(k, (p, q)))  # (Cg, Cout, P, Q//2+1)
+    return backend.conj(backend.rfft2d(k, (p, q)))
+
+
+def kernel_spectrum(kernel, layout: FFTLayout, groups: int, dilation=(1, 1)):
+    """Conjugate spectrum of a grouped kernel, laid out for the per-bin products.
+
+    kernel: (kh, kw, Cg, Cout) float32 (a depthwise (kh, kw, C, M) kernel is passed as (kh, kw, 1, C*M)
+    with groups=C). Returns, for the matmul path (Cg > 1), the real block form (`backend.real_block`) of
+    the (bins, G, Cg, Og) complex spectrum: (bins, G, 2 Cg, 2 Og) float32; for the broadcast path
+    (Cg == 1), (G, Og, bins) complex64 (see `conjugate_kernel_spectrum`).
+    """
+    spec = conjugate_kernel_spectrum(kernel, layout, dilation)  # (Cg, Cout, P, Q//2+1)
+    cg, cout = kernel.shape[2], kernel.shape[3]
     og = cout // groups
     if cg == 1:
         return ops.reshape(spec, (groups, og, layout.bins))
@@ -539,7 +549,7 @@ class _FFTConvMixin:
 
         def compute(k):
             if self.transform == "matmul":
-                return matmul_spectrum(_dilate(k, self.dilation_rate), layout, groups)
+                return matmul_spectrum(conjugate_kernel_spectrum(k, layout, self.dilation_rate), layout, groups)
             return kernel_spectrum(k, layout, groups, self.dilation_rate)
 
         def bound(k):
