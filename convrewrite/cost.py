@@ -34,7 +34,7 @@ import numpy as np
 
 from . import device, implementations
 from .errors import ProfileError
-from .fitting import ImplFit, fill_error_bands, fit_all, held_out_quality, known_terms, regression_terms
+from .fitting import MIN_PREDICTED_SECONDS, ImplFit, fill_error_bands, fit_all, held_out_quality, known_terms, regression_terms
 from .choice import choose as choose_by_prediction
 from .profile_format import (FORMAT, TACTICS_FORMAT, VERSION, check_profile, migrate_v1, read_tactic_file,
                              write_json_atomically)
@@ -231,7 +231,7 @@ class CostModel:
         impl = implementations.get(impl_name)
         if not impl.applicable(spec)[0]:
             return None
-        return max(fit.predict(regression_terms(impl, spec)), 1e-7), "fit"
+        return max(fit.predict(regression_terms(impl, spec)), MIN_PREDICTED_SECONDS), "fit"
 
     def profile_band(self, impl_name: str, spec: ConvSpec) -> float:
         """How far `profile_seconds` may be off on the profile's own device: 0 for a timing (canary or grid),

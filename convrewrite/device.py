@@ -18,17 +18,24 @@ and goes through calibration (`convrewrite.calibration`) before `auto` trusts it
 The machine class (`CLASS_KEYS`: backend, device kind, architecture, threads) is the coarser question
 "could this profile's numbers describe this device at all": a profile of another class is another
 device's by construction (converting offline for it), never calibrated or measured here.
+
+Simulated devices (`SIMULATE_ENV`): the environment variable CONVREWRITE_SIMULATE_DEVICE names a device
+description (one of `SIMULATED_DEVICES`, or a JSON file of fingerprint fields) that `fingerprint()` reports
+instead of this machine's hardware. Nothing runs differently: only what convrewrite *believes* of the device
+changes (which profile matches, what calibration compares, which precisions are native), so the test suite can
+be run as on another CPU or a GPU (`CONVREWRITE_SIMULATE_DEVICE=amd-zen4 python -m pytest tests`).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
 import os
 import platform
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
              "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",  # x86 (/proc/cpuinfo "flags")
@@ -50,6 +57,61 @@ CLASS_KEYS = ("backend", "device_kind", "arch", "threads")
 IDENTITY_KEYS = ("backend", "device_kind", "arch", "threads", "device_name", "hardware", "keras", "tensorflow",
                  "jax", "settings", "compute_capability", "gpu_count")
 """Everything `same_device` compares: two fingerprints differing in any of these are different devices."""
+
+
+SIMULATE_ENV = "CONVREWRITE_SIMULATE_DEVICE"
+"""Environment variable naming a simulated device description (see the module docstring)."""
+
+SIMULATED_DEVICES = {
+    "amd-zen4": {  # AVX-512 with BF16, no AMX: the bf16 variants run, no shipped profile is this hardware
+        "device_name": "AMD EPYC 9R14 96-Core Processor",
+        "hardware": {"cpu": {"vendor": "AuthenticAMD", "family": "25", "model": "17", "stepping": "1",
+                             "isa": ["avx", "avx2", "avx512_bf16", "avx512_vnni", "avx512bw", "avx512f",
+                                     "avx512vl", "f16c", "fma", "sse4_2"],
+                             "cache_kib": {"L1d": 32, "L1i": 32, "L2": 1024, "L3": 32768}}},
+    },
+    "avx2-no-bf16": {  # an older CPU: AVX2 only, no AVX-512, no native bfloat16
+        "device_name": "Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz",
+        "hardware": {"cpu": {"vendor": "GenuineIntel", "family": "6", "model": "158", "stepping": "10",
+                             "isa": ["avx", "avx2", "f16c", "fma", "sse4_2"],
+                             "cache_kib": {"L1d": 32, "L1i": 32, "L2": 256, "L3": 12288}}},
+    },
+    "one-thread": {"threads": 1},  # a process pinned to one CPU (another machine class than every profile)
+    "gpu": {  # a GPU fingerprint (Keras's JAX or TensorFlow backend on an NVIDIA H100)
+        "device_kind": "gpu", "device_name": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0],
+        "gpu_count": 1, "hardware": {"gpu": {"cuda_version": "12.5", "cudnn_version": "9"}},
+    },
+}
+"""Device descriptions `SIMULATE_ENV` may name: fingerprint fields put over this device's (nested dicts merged)."""
+
+
+def simulated_device() -> Optional[Tuple[str, dict]]:
+    """(name, fingerprint fields) of the simulated device `SIMULATE_ENV` names, or None where it is unset.
+
+    Raises ValueError naming the variable where it names neither a known description nor a readable JSON
+    file of an object."""
+    value = os.environ.get(SIMULATE_ENV, "").strip()
+    if not value:
+        return None
+    if value in SIMULATED_DEVICES:
+        return value, SIMULATED_DEVICES[value]
+    try:
+        fields = json.loads(Path(value).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"Received {SIMULATE_ENV}={value!r}; expected one of {sorted(SIMULATED_DEVICES)} or a JSON "
+                         f"file of fingerprint fields ({type(exc).__name__}: {exc}).") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"Received {SIMULATE_ENV}={value!r}, a JSON {type(fields).__name__}; expected an object of "
+                         f"fingerprint fields such as {{\"threads\": 1}}.")
+    return Path(value).stem, fields
+
+
+def _merged(base: dict, fields: dict) -> dict:
+    """`base` with `fields` put over it, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in fields.items():
+        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) else copy.deepcopy(value)
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,7 +186,8 @@ def usable_threads() -> int:
 
 def fingerprint() -> dict:
     """This device as a JSON-able dict: backend, device kind and name, architecture, threads, hardware
-    identity (`cpu_hardware()`, plus the GPU's where one is used), library versions and kernel settings."""
+    identity (`cpu_hardware()`, plus the GPU's where one is used), library versions and kernel settings; under
+    `SIMULATE_ENV`, the simulated description's fields instead, and "simulated": its name."""
     import keras
 
     fp = {
@@ -144,6 +207,10 @@ def fingerprint() -> dict:
         fp["device_kind"], fp["device_name"] = "gpu", gpu.pop("name")
         fp["compute_capability"], fp["gpu_count"] = gpu.pop("compute_capability"), gpu.pop("count")
         fp["hardware"]["gpu"] = gpu  # driver-side identity: CUDA / cuDNN versions
+    simulated = simulated_device()
+    if simulated:  # the simulated description, and its name (so its caches are never this machine's)
+        fp = _merged(fp, simulated[1])
+        fp["simulated"] = simulated[0]
     return fp
 
 
@@ -227,7 +294,8 @@ def describe(fp: dict) -> str:
     if fp.get("compute_capability"):
         name += f", compute capability {'.'.join(map(str, fp['compute_capability']))}"
     libs = ", ".join(f"{k} {fp[k]}" for k in ("tensorflow", "jax", "keras") if fp.get(k))
-    return f"{name}; {fp.get('threads')} threads" + (f"; {libs}" if libs else "")
+    simulated = f" (simulated: {fp['simulated']})" if fp.get("simulated") else ""
+    return f"{name}; {fp.get('threads')} threads" + (f"; {libs}" if libs else "") + simulated
 
 
 def fingerprint_id(fp: dict) -> str:

@@ -17,6 +17,11 @@ from . import implementations
 from .spec import ConvSpec
 
 
+MIN_PREDICTED_SECONDS = 1e-7
+"""The floor of a fitted prediction (0.1 us): a fit whose terms sum to ~0 on a tiny spec must still predict a
+positive time, so that ratios of predictions (speedups, calibration) stay finite."""
+
+
 @dataclasses.dataclass
 class ImplFit:
     """Fitted terms of one implementation: seconds = sum(weights[f] * features[f]).
@@ -105,7 +110,8 @@ def fill_error_bands(fits: Dict[str, ImplFit], rows):
         if fit.p90_rel_error is not None or not ms or name not in implementations.names():
             continue
         impl = implementations.get(name)
-        pred = np.array([max(fit.predict(regression_terms(impl, ConvSpec.from_json(m["spec"]))), 1e-7) for m in ms])
+        pred = np.array([max(fit.predict(regression_terms(impl, ConvSpec.from_json(m["spec"]))), MIN_PREDICTED_SECONDS)
+                         for m in ms])
         y = np.array([m["seconds"] for m in ms])
         fit.p90_rel_error = float(np.quantile(np.abs(pred - y) / y, 0.9))
 

@@ -528,3 +528,32 @@ def test_tensorflow_startup_lines_are_filtered_but_warnings_kept():
     assert filter_startup_lines(text) == ("W0000 00:00:1795457700.1    2175 cpu.cc:1] a real warning\n"
                                           "E0000 00:00:1795819637.1   10882 other.cc:1] a real error\n"
                                           "Traceback: something else\n")
+
+
+def test_plan_with_another_devices_profile_warns_in_one_line(tmp_path, capsys, monkeypatch):
+    """`convrewrite plan --cost-model FILE` with a profile measured on other hardware, for that device:
+    one warning line on stderr says the predictions are that device's, unverified here; this device's
+    own profile gives none."""
+    import copy
+
+    from convrewrite import cli, device, profiles
+    from convrewrite.cost import CostModel
+    from convrewrite.fitting import ImplFit
+
+    monkeypatch.setattr(profiles, "_WARNED", set())
+    here = device.fingerprint()
+    other = copy.deepcopy(here)
+    other["hardware"]["cpu"]["model"] = "0" if here["hardware"]["cpu"]["model"] != "0" else "1"
+    fits = {"direct": ImplFit(["calls"], [1e-3], 3, 0.0, 0.0), "depthwise": ImplFit(["calls"], [5e-4], 3, 0.0, 0.0)}
+    theirs = CostModel(other, [], fits, name="server").save(tmp_path / "server.json")
+    mine = CostModel(here, [], fits, name="mine").save(tmp_path / "mine.json")
+    x = keras.Input((12, 12, 4))
+    keras.Model(x, keras.layers.Conv2D(4, 3, groups=4, padding="same", name="g")(x)).save(tmp_path / "m.keras")
+    assert cli.main(["plan", str(tmp_path / "m.keras"), "--cost-model", str(theirs), "--target", "other"]) == 0
+    captured = capsys.readouterr()
+    warning_lines = [line for line in captured.err.splitlines() if line.startswith("convrewrite: warning:")]
+    assert len(warning_lines) == 1, captured.err
+    assert "was measured on another device" in warning_lines[0] and "unverified" in warning_lines[0]
+    assert "server.json" in warning_lines[0] and "depthwise" in captured.out
+    assert cli.main(["plan", str(tmp_path / "m.keras"), "--cost-model", str(mine)]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -638,3 +638,74 @@ def test_constraints_see_the_pac_strategy_and_survive_force():
         parse_memory_limit(0.5)
     unknown = ConvSpec.from_dict({**spec.to_dict(), "height": None, "width": None})
     assert estimate_workspace_bytes("fft", unknown) is None  # cannot be checked, not a traceback
+
+
+# ---- the cost model's rules, pinned at their boundaries (each test fails when its rule changes) -------
+@pytest.mark.parametrize("direct_ms,expected", [(1.09, "direct"), (1.11, "fft")])
+def test_the_simpler_choice_wins_within_ten_percent_and_not_beyond(direct_ms, expected):
+    """The margin rule at its edges: 9% slower, direct (the simpler) is kept; 11% slower, fft wins."""
+    from convrewrite.planner import choose
+
+    assert choose({"direct": direct_ms, "fft": 1.0})[0] == expected
+    assert choose({"depthwise": direct_ms, "fft": 1.0})[0] == expected.replace("direct", "depthwise")
+
+
+def test_a_fit_that_predicts_nothing_is_clamped_to_a_tenth_of_a_microsecond():
+    from convrewrite.fitting import ImplFit
+
+    spec = _spec()
+    cm = CostModel(device.fingerprint(), [], {"direct": ImplFit(["calls"], [0.0], 3, 0.0, 0.0)})
+    assert cm.predict_ms("direct", spec) == pytest.approx(1e-4)  # 1e-7 s, never 0 (ratios stay finite)
+    cm.fits["direct"] = ImplFit(["calls"], [2e-3], 3, 0.0, 0.0)
+    assert cm.predict_ms("direct", spec) == pytest.approx(2.0)  # above the floor, the fit as it is
+
+
+def test_fitting_weighs_each_spec_by_its_relative_error():
+    """Times span decades: small specs (a per-call 20 us) and large ones (~10 ms, with +-30% noise). Fitted on
+    relative error, the per-call term is the small specs' 20 us; plain least squares would let the large specs'
+    noise set it (it misses by far more than 20% here) and mispredict every small spec."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(30):
+        large = i % 3 == 0
+        spec = _spec(in_channels=64 if large else int(rng.integers(1, 4)), filters=64 if large else 2,
+                     kernel=(7, 7) if large else (1, 1), height=int(rng.integers(40, 64)) if large else 8, width=32)
+        f = implementations.get("direct").features(spec)
+        noise = float(rng.choice([0.7, 1.3])) if large else float(rng.uniform(0.98, 1.02))
+        rows.append({"spec": spec.to_json(), "impl": "direct", "seconds": (2e-5 + 1e-10 * f["dense_macs"]) * noise})
+    fit = CostModel(device.fingerprint(), rows).fit(holdout=0).fits["direct"]
+    assert dict(zip(fit.features, fit.weights))["calls"] == pytest.approx(2e-5, rel=0.2)
+    small = [r for r in rows if ConvSpec.from_json(r["spec"]).kernel == (1, 1)]
+    cm = CostModel(device.fingerprint(), [], {"direct": fit})
+    errors = [abs(cm.predict_ms("direct", ConvSpec.from_json(r["spec"])) / (1e3 * r["seconds"]) - 1) for r in small]
+    assert max(errors) < 0.1
+
+
+def test_a_spec_the_grid_timed_is_predicted_by_its_timing_not_the_fit():
+    from convrewrite.fitting import ImplFit
+
+    timed, other = _spec(kernel=(5, 5)), _spec(kernel=(7, 7))
+    cm = CostModel(device.fingerprint(), [{"spec": timed.to_json(), "impl": "direct", "seconds": 0.123}],
+                   {"direct": ImplFit(["calls"], [1e-3], 3, 0.0, 0.0)})
+    p = cm.prediction("direct", timed)
+    assert p.ms == pytest.approx(123.0) and p.source == "timed here" and p.band == cost.TIMING_BAND
+    assert cm.prediction("direct", other).ms == pytest.approx(1.0) and cm.prediction("direct", other).source == "fitted"
+
+
+@pytest.mark.parametrize("first,expected,rounds", [
+    ([1.0, 1.9, 1.9], 1.9, 1),  # spread 1.9x: one round, its median as it is
+    ([1.0, 2.5, 2.5], 1.0, 2),  # spread 2.5x (> 2x): more samples, the median of all six
+])
+def test_time_spec_takes_more_samples_when_a_round_disagrees_by_more_than_2x(first, expected, rounds, monkeypatch):
+    from convrewrite import profile as profiling
+
+    calls = []
+
+    def fake_rounds(fns, repeats=3, **kw):
+        calls.append(repeats)
+        samples = first if len(calls) == 1 else [1.0, 1.0, 1.0]
+        return {k: {"median": float(np.median(samples)), "min": min(samples), "samples": list(samples)} for k in fns}
+
+    monkeypatch.setattr(profiling, "time_interleaved", fake_rounds)
+    assert profiling.time_spec(_spec(), allow=["direct"])["direct"] == pytest.approx(expected)
+    assert len(calls) == rounds

@@ -4,6 +4,7 @@ are replaced where a test needs timings of a given size."""
 
 import copy
 import json
+import re
 import warnings
 
 import keras
@@ -57,7 +58,7 @@ def _other_device_profile(canary_rows, **fp_changes):
     """A profile of this machine class measured on other hardware, with fits and canaries."""
     here = device.fingerprint()
     fp = copy.deepcopy(here)
-    fp["hardware"]["cpu"]["model"] = "999"
+    fp["hardware"]["cpu"]["model"] = _another_value(here["hardware"]["cpu"]["model"])
     fp.update(fp_changes)
     specs = [_spec(), _spec(kernel=(5, 5)), _spec(kernel=(7, 7), height=24, width=24), _spec(groups=8),
              _spec(groups=8, kernel=(5, 5)), _spec(in_channels=16, filters=16)]
@@ -81,6 +82,11 @@ def _fake_timer(canary_rows, scale, calls):
     return fake
 
 
+def _another_value(value) -> str:
+    """A CPU family / model / stepping that is not `value`, whatever CPU runs the suite."""
+    return next(v for v in ("25", "6", "23", "0") if v != str(value))
+
+
 # ---- fingerprint ----------------------------------------------------------------------------------
 def test_fingerprint_identifies_hardware_not_the_name():
     here = device.fingerprint()
@@ -90,7 +96,7 @@ def test_fingerprint_identifies_hardware_not_the_name():
     assert "TF_ENABLE_ONEDNN_OPTS" in here["settings"]
     assert device.same_device(here, copy.deepcopy(here))
     other_family = copy.deepcopy(here)
-    other_family["hardware"]["cpu"]["family"] = "25"
+    other_family["hardware"]["cpu"]["family"] = _another_value(cpu["family"])  # never this CPU's own family
     assert not device.same_device(other_family, here) and device.same_class(other_family, here)
     one_flag = copy.deepcopy(here)
     one_flag["hardware"]["cpu"]["isa"] = sorted(set(cpu["isa"]) ^ {"avx512f"})  # with or without AVX-512
@@ -101,6 +107,48 @@ def test_fingerprint_identifies_hardware_not_the_name():
     assert not device.same_device(onednn_off, here)
     assert device.fingerprint_id(one_flag) != device.fingerprint_id(here)
     assert cpu["vendor"] in device.describe(here) and "threads" in device.describe(here)
+
+
+@pytest.mark.parametrize("name", sorted(device.SIMULATED_DEVICES))
+def test_a_simulated_device_is_what_convrewrite_sees(name, monkeypatch):
+    """CONVREWRITE_SIMULATE_DEVICE puts a description over this device's fingerprint: another device (never
+    this machine's caches), with the native precisions and machine class the description says."""
+    from convrewrite import precision
+
+    monkeypatch.delenv(device.SIMULATE_ENV, raising=False)
+    real = device.fingerprint()
+    monkeypatch.setenv(device.SIMULATE_ENV, name)
+    fp = device.fingerprint()
+    fields = device.SIMULATED_DEVICES[name]
+    assert fp["simulated"] == name and f"(simulated: {name})" in device.describe(fp)
+    assert device.fingerprint_id(fp) != device.fingerprint_id(real)
+    for key in ("threads", "device_kind", "device_name", "compute_capability"):
+        if key in fields:
+            assert fp[key] == fields[key]
+    for key, value in fields.get("hardware", {}).get("cpu", {}).items():
+        assert fp["hardware"]["cpu"][key] == value
+    bf16 = {"amd-zen4": True, "avx2-no-bf16": False, "gpu": True}.get(name, "bfloat16" in precision.native_precisions(real))
+    assert ("bfloat16" in precision.native_precisions(fp)) == bf16
+    assert implementations.get("direct-bf16").runs_on(fp)[0] == bf16
+    assert device.same_class(fp, real) == (name in ("amd-zen4", "avx2-no-bf16"))
+
+
+def test_a_simulated_device_from_a_file_and_a_bad_name(tmp_path, monkeypatch):
+    path = tmp_path / "pinned.json"
+    path.write_text(json.dumps({"threads": 3, "hardware": {"cpu": {"isa": ["avx2"]}}}))
+    monkeypatch.setenv(device.SIMULATE_ENV, str(path))
+    fp = device.fingerprint()
+    assert fp["threads"] == 3 and fp["hardware"]["cpu"]["isa"] == ["avx2"] and fp["simulated"] == "pinned"
+    assert fp["hardware"]["cpu"]["vendor"] == device.cpu_hardware()["vendor"]  # the rest is this device's
+    for value, match in (("zen9", "expected one of"), (str(tmp_path / "missing.json"), "expected one of"),
+                         ("[]", "expected one of")):
+        monkeypatch.setenv(device.SIMULATE_ENV, value)
+        with pytest.raises(ValueError, match=re.escape(f"CONVREWRITE_SIMULATE_DEVICE={value!r}") + f".*{match}"):
+            device.fingerprint()
+    path.write_text("[1, 2]")
+    monkeypatch.setenv(device.SIMULATE_ENV, str(path))
+    with pytest.raises(ValueError, match="a JSON list; expected an object"):
+        device.fingerprint()
 
 
 def test_profiles_without_hardware_load_as_hardware_unknown(tmp_path, canary_rows):
