@@ -496,3 +496,75 @@ def test_force_checks_the_plans_limits_at_every_size_and_the_planned_batch():
         plan.force("c", "fft")
     again = type(plan).from_dict(json.loads(plan.to_json()))
     assert len(again.row("c").specs) == 2 and all(s.batch == 8 for s in again.row("c").specs)
+
+
+# ---- the speed check's interval and margin (timings stubbed: no test asserts a time) -------------------
+def _stub_rounds(monkeypatch, slowdown: float, noise: float, float32_slowdown: float = None):
+    """Replace the speed check's timer: per round, the original takes 10 ms and the optimized model
+    `slowdown` x that (a float32 counterpart `float32_slowdown` x), each times 1 +- `noise` (seeded)."""
+    rng = np.random.default_rng(0)
+    factors = {"original": 1.0, "optimized": slowdown, "float32": float32_slowdown}
+
+    def fake(fns, repeats=1, warmup=0, **kw):
+        return {name: {"samples": [1e-2 * factors[name] * (1 + noise * rng.uniform(-1, 1)) for _ in range(repeats)]}
+                for name in fns}
+
+    monkeypatch.setattr(convrewrite.speed, "time_interleaved", fake)
+
+
+def _grouped_model():
+    x = keras.Input((20, 20, 8))
+    return keras.Model(x, keras.layers.Conv2D(8, 3, padding="same", groups=8, name="g")(x))
+
+
+@pytest.mark.parametrize("slowdown,noise,kept", [
+    (1.10, 0.01, False),  # 10% slower: reverted
+    (1.00, 0.01, True),   # the same speed, within noise: kept
+    (1.04, 0.10, False),  # maybe 4% slower, too noisy to show it is within 5%: reverted
+    (0.90, 0.01, True),   # faster: kept
+])
+def test_the_speed_check_keeps_only_what_it_shows_is_not_slower(slowdown, noise, kept, monkeypatch):
+    _stub_rounds(monkeypatch, slowdown, noise)
+    monkeypatch.setattr(convrewrite.speed, "SPEED_BUDGET_S", 1.0)
+    fast = convrewrite.optimize(_grouped_model(), cost_model=None, check_speed=True)
+    speed = fast.convrewrite_speed
+    lo, hi = speed.interval
+    assert lo <= speed.measured <= hi and speed.rounds >= convrewrite.speed.SPEED_MIN_ROUNDS
+    assert f"[{lo:.2f}, {hi:.2f}]" in speed.describe() and "95% interval" in speed.describe()
+    assert (fast.convrewrite_plan.row("g").choice == "depthwise") == kept, speed.describe()
+    assert speed.action == "kept" if kept else speed.action.startswith("kept the original implementations")
+
+
+def test_the_speed_rule_at_its_margin():
+    keeps = convrewrite.speed.keeps
+    assert keeps((1 / 1.05, 1.0)) and keeps((0.96, 1.2)) and keeps((1.2, 1.5))
+    assert not keeps((0.94, 1.01))   # may be 6% slower: not shown within the margin
+    assert not keeps((0.96, 0.99))   # within 5%, but shown slower
+    interval = convrewrite.speed.median_interval(list(range(1, 21)))
+    assert interval == (6, 15)  # n = 20: the 6th smallest and the 6th largest (95%)
+
+
+@pytest.mark.parametrize("bf16_vs_float32,kept", [(1.10, False), (0.80, True)])
+def test_an_rtol_plan_is_kept_only_where_it_is_as_fast_as_its_float32_counterpart(bf16_vs_float32, kept, monkeypatch):
+    """A plan with bfloat16 sites is timed beside the same plan in float32; where reduced precision is
+    not shown at least as fast, the float32 plan is what optimize returns."""
+    here = copy.deepcopy(device.fingerprint())
+    here["hardware"]["cpu"]["isa"] = sorted(set(here["hardware"]["cpu"]["isa"]) | {"avx512_bf16"})
+    monkeypatch.setattr(device, "fingerprint", lambda: copy.deepcopy(here))
+    _stub_rounds(monkeypatch, 0.8 * bf16_vs_float32, 0.01, float32_slowdown=0.8)
+    monkeypatch.setattr(convrewrite.speed, "SPEED_BUDGET_S", 1.0)
+
+    class Bf16IsFastest:
+        name = "bf16 fastest"
+
+        def predict_ms(self, impl, spec):
+            return {"direct": 4.0, "depthwise": 3.0, "direct-bf16": 2.0, "depthwise-bf16": 1.0}.get(impl)
+
+    fast = convrewrite.optimize(_grouped_model(), cost_model=Bf16IsFastest(), rtol=1e-2, check_speed=True)
+    speed = fast.convrewrite_speed
+    assert speed.float32 is not None and speed.float32["kept"] == kept
+    assert fast.convrewrite_plan.row("g").choice == ("depthwise-bf16" if kept else "depthwise")
+    assert "vs float32" in speed.describe()
+    if not kept:
+        assert "float32 plan kept" in speed.action and speed.measured == pytest.approx(1 / 0.8, rel=0.05)
+        assert fast.get_layer("g").dtype_policy.name == "float32"
