@@ -99,11 +99,9 @@ def _layer_from_3d_spec(spec: ConvSpec, common: dict, seed: int):
     return layer, shape
 
 
-def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.0,
-              training: bool = False) -> Dict[str, float]:
-    """Median seconds per call of every applicable implementation on `spec`, timed interleaved; with
-    `training`, per forward + backward (gradients for the input and the layer's weights, as in a training
-    step: layers.backend.forward_backward).
+def timed_calls(spec: ConvSpec, allow=None, training: bool = False) -> Dict[str, object]:
+    """{implementation name: zero-argument callable} running each applicable implementation's layer on
+    `spec` (compiled, warmed up: traced and run once), forward or, with `training`, forward + backward.
 
     An implementation that runs out of memory while being built or on its first (warm-up) call is left out
     of the result (it is then never predicted from this spec's timing), as are those over PROFILE_MEMORY_CAP."""
@@ -130,12 +128,39 @@ def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.
                 raise
             continue
         fns[name] = fn
+    return fns
+
+
+def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.0,
+              training: bool = False) -> Dict[str, float]:
+    """Median seconds per call of every applicable implementation on `spec`, timed interleaved; with
+    `training`, per forward + backward (gradients for the input and the layer's weights, as in a training
+    step: layers.backend.forward_backward). See `timed_calls` for what is left out, `spec_samples` for the
+    samples and the outlier guard."""
+    return {k: float(np.median(v)) for k, v in time_spec_samples(spec, allow, repeats, max_time, training).items()}
+
+
+def time_spec_samples(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.0,
+                      training: bool = False) -> Dict[str, List[float]]:
+    """`time_spec`'s samples: {implementation: [seconds per call]}, for decisions on an interval
+    (calibration)."""
+    return spec_samples(timed_calls(spec, allow, training), repeats, max_time)
+
+
+OUTLIER_SPREAD = 2.0
+"""When one variant's slowest sample is more than this many times its fastest, the round met a busy machine:
+as many samples again are taken, and the median is of all of them (the outlier guard)."""
+
+
+def spec_samples(fns, repeats: int = 3, max_time: float = 4.0) -> Dict[str, List[float]]:
+    """{name: [seconds per call]} of `timed_calls`' callables, interleaved, `repeats` rounds (twice as many
+    where a round disagrees by more than OUTLIER_SPREAD)."""
     res = time_interleaved(fns, repeats=repeats, warmup=0, max_time=max_time)
-    spread = {k: max(v["samples"]) / max(min(v["samples"]), 1e-9) for k, v in res.items()}
-    if any(s > 2.0 for s in spread.values()):  # noisy round: take more samples
+    samples = {k: list(v["samples"]) for k, v in res.items()}
+    if any(max(v) / max(min(v), 1e-9) > OUTLIER_SPREAD for v in samples.values()):  # noisy round: more samples
         more = time_interleaved(fns, repeats=repeats, warmup=0, max_time=max_time)
-        return {k: float(np.median(res[k]["samples"] + more[k]["samples"])) for k in fns}
-    return {k: v["median"] for k, v in res.items()}
+        samples = {k: samples[k] + list(more[k]["samples"]) for k in fns}
+    return samples
 
 
 def _out_of_memory(exc) -> bool:
@@ -153,18 +178,20 @@ def _timed_call(impl, new, training: bool):
     return lambda x: backend.forward_backward(lambda t: impl.probe_call(new, t), x, new.trainable_variables)
 
 
-def time_canaries(allow=None, repeats: int = 5) -> List[dict]:
-    """Time `calibration.canary_pairs()` here: [{"spec", "impl", "seconds"}], one per pair, timed
-    interleaved per spec like the grid (so a profile's canaries and a calibration's compare like with like).
-    allow: implementation names to time (default all that declare canaries). Takes 1-2 s on 2 cores."""
+def time_canaries(allow=None, repeats: int = 5, pairs=None) -> List[dict]:
+    """Time `calibration.canary_pairs()` (or `pairs`) here: [{"spec", "impl", "seconds", "samples"}], one
+    per pair, timed interleaved per spec like the grid (so a profile's canaries and a calibration's compare
+    like with like); "seconds" is the median of "samples". allow: implementation names to time (default all
+    that declare canaries). Takes 1-2 s on 2 cores."""
     by_spec: Dict[ConvSpec, List[str]] = {}
-    for spec, impl in canary_pairs():
+    for spec, impl in (canary_pairs() if pairs is None else pairs):
         if allow is None or impl in allow:
             by_spec.setdefault(spec, []).append(impl)
     rows = []
     for spec, impls in by_spec.items():
-        for impl, seconds in time_spec(spec, allow=impls, repeats=repeats, max_time=1.0).items():
-            rows.append({"spec": spec.to_json(), "impl": impl, "seconds": seconds})
+        for impl, samples in time_spec_samples(spec, allow=impls, repeats=repeats, max_time=1.0).items():
+            rows.append({"spec": spec.to_json(), "impl": impl, "seconds": float(np.median(samples)),
+                         "samples": samples})
     return rows
 
 
@@ -394,7 +421,7 @@ def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed:
         rows = _time_grid(given or training_grid(mode, seed), allow, f"profiling ({mode}, forward+backward)",
                           progress, True)
         trained = {"measurements": rows}
-    canaries = time_canaries(allow=allow)
+    canaries = [{k: v for k, v in row.items() if k != "samples"} for row in time_canaries(allow=allow)]
     return CostModel(device.fingerprint(), measurements, mode=mode, canaries=canaries, training=trained).fit()
 
 

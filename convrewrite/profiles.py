@@ -240,13 +240,11 @@ def calibrate(cm: CostModel, here: Optional[dict] = None, use_cache: bool = True
         known = set(cm.fits) | {m["impl"] for m in cm.canaries} | {m["impl"] for m in cm.measurements}
         measured = profiling.time_canaries(allow=sorted(known))  # what the profile can speak of
         result = calib.compare(cm, measured, time.perf_counter() - start, device.fingerprint_id(here))
-        again = calib.out_of_tolerance(result)
-        if again:  # one noisy sample must not refuse a good profile: time those canaries once more
-            retimed = []
-            for spec, impl in again:
-                retimed += [{"spec": spec.to_json(), "impl": name, "seconds": s}
-                            for name, s in profiling.time_spec(spec, allow=[impl], repeats=5, max_time=1.0).items()]
-            measured = calib.replace_timings(measured, retimed)
+        for _ in range(calib.CALIBRATION_RETIMES):  # not shown within: more samples before deciding
+            again = calib.undecided(result)
+            if not again:
+                break
+            measured = calib.pool_timings(measured, profiling.time_canaries(pairs=again))
             result = calib.compare(cm, measured, time.perf_counter() - start, device.fingerprint_id(here))
         if result.accepted:  # a refusal is checked again next time (it may have met a busy machine)
             cached[key] = result.to_dict()

@@ -11,14 +11,14 @@ as the original (see `SpeedCheck.kept` and api.optimize).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Optional, Tuple
 
 import numpy as np
 
 from .graph import input_struct
-from .timing import compiled, time_interleaved
+from . import timing
+from .timing import compiled, median_interval, time_interleaved
 
 SPEED_BUDGET_S = 30.0
 """Seconds of timing rounds per check at most (after warm-up). Rounds go on until the speedup's interval has
@@ -28,31 +28,13 @@ SPEED_MIN_ROUNDS = 6
 """Rounds before the interval is read: with 6 paired ratios the order-statistic interval of their median is
 the range of all six, at 97% confidence."""
 
-CONFIDENCE = 0.95
+CONFIDENCE = timing.CONFIDENCE
 """Confidence of the speedup's interval (a distribution-free interval of the median paired ratio)."""
 
 NOISE_MARGIN = 1.05
 """The optimized model is kept only if the check shows it is not more than 5% slower (the interval's lower
 end at or above 1/1.05) and cannot show it slower at all (the interval's upper end at or above 1): closer
 than 5% is within run-to-run noise on a shared machine, and a model shown slower is never kept."""
-
-
-def median_interval(values, confidence: float = CONFIDENCE) -> Tuple[float, float]:
-    """A distribution-free confidence interval for the median of `values` (order statistics: the k-th smallest
-    and k-th largest, k the largest with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2); the whole range
-    where n is too small for that confidence."""
-    v = sorted(float(x) for x in values)
-    n = len(v)
-    if n == 0:
-        raise ValueError("median_interval needs at least one value.")
-    alpha, k, below = (1.0 - confidence) / 2.0, 0, 0.0
-    while k < n // 2:
-        below += math.comb(n, k) / 2.0 ** n  # P(Binomial(n, 1/2) <= k)
-        if below > alpha:
-            break
-        k += 1
-    k = max(k, 1)
-    return v[k - 1], v[n - k]
 
 
 @dataclasses.dataclass

@@ -6,10 +6,15 @@ them alike), after warm-up calls that absorb tracing/compilation, and summarized
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import numpy as np
+
+CONFIDENCE = 0.95
+"""Confidence of the intervals decisions on timings are made with (speed check, calibration)."""
+
 
 
 def _block(result):
@@ -44,6 +49,24 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 5, war
         if elapsed > max_time and rounds >= 2:
             break
     return {k: {"median": float(np.median(v)), "min": float(np.min(v)), "samples": v} for k, v in samples.items()}
+
+
+def median_interval(values, confidence: float = CONFIDENCE) -> Tuple[float, float]:
+    """A distribution-free confidence interval for the median of `values` (order statistics: the k-th smallest
+    and k-th largest, k the largest with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2); the whole range
+    where n is too small for that confidence."""
+    v = sorted(float(x) for x in values)
+    n = len(v)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value.")
+    alpha, k, below = (1.0 - confidence) / 2.0, 0, 0.0
+    while k < n // 2:
+        below += math.comb(n, k) / 2.0 ** n  # P(Binomial(n, 1/2) <= k)
+        if below > alpha:
+            break
+        k += 1
+    k = max(k, 1)
+    return v[k - 1], v[n - k]
 
 
 def progress(items, label, enabled=True):
