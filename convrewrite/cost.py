@@ -137,6 +137,7 @@ class CostModel:
         self.read_only = read_only
         self.match_note: Optional[str] = None
         self.calibration = None
+        self.supplement: Optional[dict] = None  # see add_supplement
         self._trust: Optional[str] = None
         self._user_cache_read = set()  # fingerprint ids whose user-cache file was merged in
 
@@ -184,6 +185,8 @@ class CostModel:
         tactic = self.tactics().get(key, {}) if trust != "unverified" and not training else {}
         if impl_name in tactic:
             return Prediction(1e3 * tactic[impl_name], "timed here", TIMING_BAND)
+        if not training and trust == "calibrated" and impl_name in (self.supplement or {}).get("implementations", ()):
+            return self._supplement_prediction(impl_name, spec)
         own = self._own_number(impl_name, spec, training=training)
         if own is None:
             return None
@@ -198,6 +201,38 @@ class CostModel:
             combined = None if band is None or residual is None else math.hypot(band, residual)
             return Prediction(1e3 * seconds * scale, f"calibrated {kind}{suffix}", combined)
         return Prediction(1e3 * seconds, f"unverified {kind}{suffix}", band)
+
+    # -- implementations measured here beside a calibrated profile --
+    SUPPLEMENT_SOURCES = ("timed here, beside the calibrated profile", "fitted here, beside the calibrated profile")
+
+    def add_supplement(self, implementations_measured, rows, seconds: float, device_id: str):
+        """Add this device's own timings of implementations the profile has no fit for (measured here after
+        calibration: `profiles.calibrate`): they are predicted from their own timings and fit on this device
+        (sources SUPPLEMENT_SOURCES), never from the profile, and unscaled. `implementations_measured`: the
+        names measured (one without enough timings to fit stays unpredicted); rows: [{"spec", "impl",
+        "seconds"}]."""
+        self.supplement = {"implementations": sorted(implementations_measured), "measurements": list(rows),
+                           "fits": fit_all(rows), "table": _by_spec(rows), "seconds": seconds, "device": device_id}
+
+    def _supplement_prediction(self, impl_name: str, spec: ConvSpec) -> Optional[Prediction]:
+        own = self._from_fit(impl_name, spec, self.supplement["fits"], self.supplement["table"].get(_spec_key(spec), {}))
+        if own is None:
+            return None
+        seconds, kind = own
+        timed, fitted = self.SUPPLEMENT_SOURCES
+        if kind == "timing":
+            return Prediction(1e3 * seconds, timed, TIMING_BAND)
+        return Prediction(1e3 * seconds, fitted, self.supplement["fits"][impl_name].p90_rel_error)
+
+    def describe_supplement(self) -> str:
+        """"measured here, not in the profile: direct-bf16, depthwise-bf16 (38 timings, 41 s)" or ""."""
+        if not self.supplement:
+            return ""
+        fitted = [n for n in self.supplement["implementations"] if n in self.supplement["fits"]]
+        unfitted = [n for n in self.supplement["implementations"] if n not in self.supplement["fits"]]
+        return (f"measured here, not in the profile: {', '.join(fitted) or 'none fitted'} "
+                f"({len(self.supplement['measurements'])} timings, {self.supplement['seconds']:.0f} s)"
+                + (f"; too few timings to fit: {', '.join(unfitted)}" if unfitted else ""))
 
     def predict_seconds(self, impl_name: str, spec: ConvSpec) -> Optional[float]:
         """Seconds per call (see `prediction`)."""

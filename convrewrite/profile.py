@@ -137,7 +137,8 @@ def time_spec(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.
     `training`, per forward + backward (gradients for the input and the layer's weights, as in a training
     step: layers.backend.forward_backward). See `timed_calls` for what is left out, `spec_samples` for the
     samples and the outlier guard."""
-    return {k: float(np.median(v)) for k, v in time_spec_samples(spec, allow, repeats, max_time, training).items()}
+    samples = time_spec_samples(spec, allow=allow, repeats=repeats, max_time=max_time, training=training)
+    return {k: float(np.median(v)) for k, v in samples.items()}
 
 
 def time_spec_samples(spec: ConvSpec, allow=None, repeats: int = 3, max_time: float = 4.0,
@@ -415,17 +416,17 @@ def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed:
         >>> cm.save("my-device.json")
     """
     given = list(specs) if specs is not None else None
-    measurements = _time_grid(given or grid(mode, seed), allow, f"profiling ({mode})", progress, False)
+    measurements = time_grid(given or grid(mode, seed), allow, f"profiling ({mode})", progress, False)
     trained = None
     if training:
-        rows = _time_grid(given or training_grid(mode, seed), allow, f"profiling ({mode}, forward+backward)",
+        rows = time_grid(given or training_grid(mode, seed), allow, f"profiling ({mode}, forward+backward)",
                           progress, True)
         trained = {"measurements": rows}
     canaries = [{k: v for k, v in row.items() if k != "samples"} for row in time_canaries(allow=allow)]
     return CostModel(device.fingerprint(), measurements, mode=mode, canaries=canaries, training=trained).fit()
 
 
-def _time_grid(specs, allow, label: str, progress: bool, training: bool) -> List[dict]:
+def time_grid(specs, allow, label: str, progress: bool = True, training: bool = False) -> List[dict]:
     """[{"spec", "impl", "seconds"}] of every applicable implementation on every spec (forward, or forward +
     backward with `training`)."""
     rows = []

@@ -7,7 +7,9 @@
 - Planning for this device (target "here", or "auto" with a profile of this device's class), a profile of
   another fingerprint is calibrated first: its canaries are timed here (`profile.time_canaries`, 1-2 s on
   2 cores) and compared (`calibration.compare`). Accepted, it is used with its per-implementation scale and
-  error band: trust "calibrated". Refused, a quick profile of this device is measured instead (about a
+  error band: trust "calibrated"; implementations that run on this device but that the profile has no
+  timings of (bfloat16 variants on a bf16 CPU, implementations newer than the profile) are then measured
+  here, their canaries and the quick grid for them alone, and predicted from those timings (`_supplement`). Refused, a quick profile of this device is measured instead (about a
   minute, with a progress bar), cached in the user cache under the full fingerprint and reused next time.
 - Converting for another device (target "other", or a profile of another machine class: another backend,
   device kind, architecture or thread count), nothing is timed here, ever: the profile is used as it is,
@@ -253,10 +255,51 @@ def calibrate(cm: CostModel, here: Optional[dict] = None, use_cache: bool = True
     if result.accepted:
         cm.trust = "calibrated"
         cm.match_note = (f"measured on {device.describe(cm.fingerprint)}; {result.describe()}")
+        _supplement(cm, here, key)
+        if cm.supplement:
+            cm.match_note += f"; {cm.describe_supplement()}"
     else:
         cm.trust = "unverified"
         cm.match_note = f"measured on {device.describe(cm.fingerprint)}; {result.describe()}"
     return result
+
+
+def missing_implementations(cm: CostModel, here: dict) -> List[str]:
+    """Implementations chosen for speed that run on this device (`runs_on`) but that `cm` has no fit for (a
+    profile measured before they existed, or on a device where they do not run: bfloat16 variants)."""
+    out = []
+    for name in implementations.names():
+        impl = implementations.get(name)
+        if impl.chosen_for_speed and name not in cm.fits and impl.runs_on(here)[0]:
+            out.append(name)
+    return out
+
+
+def _supplement(cm: CostModel, here: dict, key: str):
+    """Measure here what a calibrated profile lacks (`missing_implementations`): their canaries and the quick
+    grid's specs they apply to, timed for them alone (cached per device and profile in the user cache), and
+    add them to `cm` (`CostModel.add_supplement`), so that a calibrated profile never silently leaves out a
+    choice this device offers."""
+    missing = missing_implementations(cm, here)
+    if not missing:
+        return
+    path = cost.CACHE_DIR / "supplements" / f"{device.fingerprint_id(here)}.json"
+    cached = _read_json(path)
+    entry = cached.get(key)
+    if not entry or sorted(entry.get("implementations", ())) != sorted(missing):
+        _warn_once(("supplement", key), (
+            f"Profile '{cm.path or cm.name}' was calibrated here but has no timings of {', '.join(missing)}, which run "
+            f"on this device; measuring them here now (cached in {cost.CACHE_DIR})."), stacklevel=5)
+        start = time.perf_counter()
+        specs = [spec for spec in profiling.grid("quick") if any(
+            implementations.get(n).applicable(spec)[0] and implementations.get(n).profile_applicable(spec)
+            for n in missing)]
+        rows = profiling.time_grid(specs, missing, "measuring what the profile lacks")
+        rows += [{k: v for k, v in r.items() if k != "samples"} for r in profiling.time_canaries(allow=missing)]
+        entry = {"implementations": missing, "measurements": rows, "seconds": time.perf_counter() - start}
+        cached[key] = entry
+        _write_json(path, cached)
+    cm.add_supplement(entry["implementations"], entry["measurements"], entry["seconds"], device.fingerprint_id(here))
 
 
 def _read_json(path: Path) -> dict:
@@ -271,8 +314,8 @@ def _write_json(path: Path, data: dict):
     try:
         write_json_atomically(path, data)
     except OSError as exc:
-        warnings.warn(f"Could not write the calibration cache '{path}' ({exc}); calibrating again next time.",
-                      stacklevel=4)
+        warnings.warn(f"Could not write the cache file '{path}' ({exc}); calibrating (and measuring what a profile "
+                      f"lacks) again next time.", stacklevel=4)
 
 
 # ---- tactic timing ------------------------------------------------------------------------------

@@ -262,6 +262,57 @@ def test_calibration_decides_the_same_run_after_run_on_noisy_canaries(true_ratio
     assert decisions == [accepted] * 5
 
 
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_a_calibrated_profile_is_completed_with_what_it_lacks_here(has_bf16, canary_rows, monkeypatch):
+    """A profile without bfloat16 timings, calibrated on a CPU with bf16 units: the bf16 variants (and every
+    implementation the profile has no fit for) are measured here, canaries and quick grid, predicted from
+    those timings with provenance saying so, and cached: an rtol plan gets its bf16 sites. On a CPU without
+    bf16 nothing bf16 is measured."""
+    here = copy.deepcopy(device.fingerprint())
+    isa = set(here["hardware"]["cpu"]["isa"]) - {"avx512_bf16", "amx_bf16"}
+    here["hardware"]["cpu"]["isa"] = sorted(isa | ({"avx512_bf16"} if has_bf16 else set()))
+    monkeypatch.setattr(device, "fingerprint", lambda: copy.deepcopy(here))
+    _other_device_profile(canary_rows).save(cost.SHIPPED_DIRS[0] / "elsewhere.json")
+    table = {(r["spec"], r["impl"]): r["seconds"] for r in canary_rows}
+    timed = []
+
+    def timer(spec, allow=None, repeats=3, **kw):  # canaries as the profile says; bf16 4x faster than direct
+        timed.extend((spec, name) for name in allow or ())
+        out = {}
+        for name in allow or implementations.names():
+            if implementations.get(name).applicable(spec)[0]:
+                out[name] = [table.get((spec.to_json(), name), 5e-4 if "bf16" in name else 2e-3)] * repeats
+        return out
+
+    monkeypatch.setattr(profiling, "time_spec_samples", timer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = profiles.resolve("auto")
+    assert cm.trust == "calibrated" and cm.supplement is not None
+    measured = set(cm.supplement["implementations"])
+    assert measured == set(profiles.missing_implementations(_other_device_profile(canary_rows), here))
+    assert ("direct-bf16" in measured) == has_bf16 and "fft-matmul" in measured and "pac" not in measured
+    assert "direct" in cm.fits and not measured & set(cm.fits)  # what the profile fits stays the profile's
+    assert {name for _, name in timed} >= measured
+    assert any("has no timings of" in str(w.message) for w in caught)
+    assert "measured here, not in the profile" in cm.match_note
+    x = keras.Input((20, 20, 8))
+    model = keras.Model(x, keras.layers.Conv2D(8, 3, padding="same", name="d")(x))
+    plan = convrewrite.plan(model, cost_model=cm, rtol=1e-2)
+    row = plan.row("d")
+    if has_bf16:
+        assert row.choice == "direct-bf16"
+        assert row.provenance["direct-bf16"]["source"] in CostModel.SUPPLEMENT_SOURCES
+        assert row.provenance["direct"]["source"].startswith("calibrated")
+    else:
+        assert row.choice == "direct" and "direct-bf16" not in row.predicted_ms
+    # a new process: the calibration and what was measured beside it come from the user cache
+    n = len(timed)
+    monkeypatch.setattr(profiles, "_AUTO_CACHE", {})
+    again = profiles.resolve("auto")
+    assert len(timed) == n and set(again.supplement["implementations"]) == measured
+
+
 def test_target_other_never_times_anything_here(tmp_path, canary_rows, monkeypatch):
     path = _other_device_profile(canary_rows).save(tmp_path / "server.json")
     monkeypatch.setattr(profiling, "time_spec_samples", lambda *a, **k: pytest.fail("timed on the converting machine"))
