@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import convrewrite  # noqa: E402
 from convrewrite import rewrite  # noqa: E402
 from convrewrite.graph import walk  # noqa: E402
-from convrewrite.timing import compiled, time_interleaved  # noqa: E402
+from convrewrite.timing import compiled, median_interval, time_interleaved  # noqa: E402
 from convrewrite.verify import relative_error  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location(
@@ -130,6 +130,9 @@ def bench(name, batch, repeats, cost_model, also_rules=False, measure=False, bou
             b = res["bound"]["median"]
             share = f" {o / b:>7.2f}x {(o / f - 1) / (o / b - 1) if o > b else float('nan'):>8.0%}"
         print(f"{label:<16} {o:>10.4f} {f:>10.4f} {o / f:>8.2f}x{share} {err:>9.1e}  {counts} {done or ''}", flush=True)
+        lo, hi = median_interval([a / b for a, b in zip(res["original"]["samples"], res[key]["samples"])])
+        print(f"{'':<16} this run's 95% interval [{lo:.2f}, {hi:.2f}]; optimize's {m.convrewrite_speed.describe()}",
+              flush=True)
 
 
 def main():

@@ -43,6 +43,13 @@ import keras  # noqa: E402
 BACKEND = keras.backend.backend()
 
 
+def pytest_report_header(config):
+    """The device the suite believes it runs on (a simulated one under CONVREWRITE_SIMULATE_DEVICE)."""
+    from convrewrite import device
+
+    return f"convrewrite device: {device.describe(device.fingerprint())}"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "tensorflow_only(reason): a TensorFlow-only feature; skipped on other backends")
 

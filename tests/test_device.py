@@ -61,7 +61,7 @@ def _other_device_profile(canary_rows, **fp_changes):
     fp["hardware"]["cpu"]["model"] = _another_value(here["hardware"]["cpu"]["model"])
     fp.update(fp_changes)
     specs = [_spec(), _spec(kernel=(5, 5)), _spec(kernel=(7, 7), height=24, width=24), _spec(groups=8),
-             _spec(groups=8, kernel=(5, 5)), _spec(in_channels=16, filters=16)]
+             _spec(groups=8, kernel=(5, 5)), _spec(groups=8, height=24, width=24), _spec(in_channels=16, filters=16)]
     rows = _rows({"direct": 2e-3, "depthwise": 1e-3, "fft": 3e-3, "fft-tiled": 4e-3}, specs)
     cm = CostModel(fp, rows, name="elsewhere", canaries=canary_rows)
     return cm.fit(holdout=0)
