@@ -256,11 +256,10 @@ def optimize(model, plan: Plan = None, cost_model="auto", allow=None, pac=None, 
     models = _Models(model, source)
     new, report = _build_verified(models, plan, verify, inputs, rtol)
     plan.current = _current_implementations(source)  # what each site runs now: the speed check's baseline
-    counterpart = _float32_counterpart(models, plan, verify, inputs, rtol) if check_speed else None
-    speed = _check_speed(models, new, plan, check_speed, inputs, batch, target,
-                         float32=counterpart[1] if counterpart else None)
-    if counterpart and speed.float32 and not speed.float32["kept"]:  # reduced precision did not pay here
-        plan, new, report = counterpart
+    counterpart = _Float32Counterpart(models, plan, verify, inputs, rtol)
+    speed = _check_speed(models, new, plan, check_speed, inputs, batch, target, float32=counterpart)
+    if speed.float32 and not speed.float32["kept"]:  # reduced precision was not shown to pay here
+        plan, new, report = counterpart.built
         speed = speed.as_float32()
     if speed.slower:
         planning = None if given else dict(allow=allow, policies=_policies(pac=pac), memory_limit=memory_limit)
@@ -409,20 +408,25 @@ def _failure_message(model, report) -> str:
             f"{done}; the original is unchanged.\n" + report.summary())
 
 
-def _float32_counterpart(models: _Models, plan: Plan, verify: bool, inputs, rtol):
-    """(plan, new model, report) of `plan` with every reduced-precision site back on its float32 base
-    implementation, built and verified; None where the plan has no reduced-precision site. The speed check
-    times it beside the plan: an `rtol` plan is kept only where it is shown at least as fast."""
-    reduced = [r for r in plan if implementations.get(r.choice).precision != "float32"]
-    if not reduced:
-        return None
-    counterpart = copy.deepcopy(plan)
-    for row in reduced:
-        base = getattr(implementations.get(row.choice), "base_name", "direct")
-        counterpart.force(row.site, base, reason=f"{row.choice} measured no faster than float32 {base} here")
-    new, report = _build_verified(models, counterpart, verify, inputs, rtol)
-    counterpart.current = getattr(plan, "current", {})
-    return counterpart, new, report
+class _Float32Counterpart:
+    """`plan` with every reduced-precision site back on its float32 base implementation, built and verified
+    when the speed check first asks for it (`model()`); `built`: its (plan, new model, report) then. The speed
+    check times it beside the plan: an `rtol` plan is kept only where it is shown at least as fast."""
+
+    def __init__(self, models: _Models, plan: Plan, verify: bool, inputs, rtol):
+        self.models, self.plan, self.verify, self.inputs, self.rtol = models, plan, verify, inputs, rtol
+        self.reduced = [r for r in plan if implementations.get(r.choice).precision != "float32"]
+        self.built = None
+
+    def model(self):
+        counterpart = copy.deepcopy(self.plan)
+        for row in self.reduced:
+            base = getattr(implementations.get(row.choice), "base_name", "direct")
+            counterpart.force(row.site, base, reason=f"{row.choice} measured no faster than float32 {base} here")
+        new, report = _build_verified(self.models, counterpart, self.verify, self.inputs, self.rtol)
+        counterpart.current = getattr(self.plan, "current", {})
+        self.built = (counterpart, new, report)
+        return new
 
 
 def _check_speed(models: _Models, new, plan: Plan, enabled: bool, inputs, batch: int,
@@ -430,8 +434,8 @@ def _check_speed(models: _Models, new, plan: Plan, enabled: bool, inputs, batch:
     """Measure `new` against the model it should beat, where that says something about the device planned
     for (not for target="other" or an unverified profile). The baseline is the original with only the
     policy-chosen sites (PAC) applied: their cost is the user's choice, the speed-chosen sites' is ours.
-    float32: the plan's float32 counterpart (`_float32_counterpart`'s model), timed in the same rounds; the
-    result's `float32` says whether the plan was shown at least as fast as it."""
+    float32: the plan's `_Float32Counterpart`, timed in the same rounds where the plan has reduced-precision
+    sites; the result's `float32` says whether the plan was shown at least as fast as it."""
     model = models.original
     total = plan.predicted_total()
     result = speed_check.SpeedCheck(predicted=total[0] / total[1] if total else None, band=plan.predicted_band())
@@ -456,7 +460,8 @@ def _check_speed(models: _Models, new, plan: Plan, enabled: bool, inputs, batch:
         policy_only = _policy_only(plan)
         baseline = (model if not _replaced_for_speed(policy_only) and not _policy_sites(plan)
                     else _build(models.source, policy_only))
-        measured = speed_check.measure(baseline, new, x, others={"float32": float32} if float32 is not None else None)
+        others = {"float32": float32.model()} if float32 is not None and float32.reduced else None
+        measured = speed_check.measure(baseline, new, x, others=others)
         result = dataclasses.replace(measured, predicted=result.predicted, band=result.band, action="kept")
         if "float32" in measured.others:
             result.float32 = speed_check.against_float32(measured.others["float32"])
