@@ -408,6 +408,7 @@ def test_version_1_profile_migrates(tiny_profile, tmp_path):
 
 # ---- device matching ------------------------------------------------------------------------------
 def test_threads_follow_cpu_affinity(monkeypatch):
+    monkeypatch.delenv(device.SIMULATE_ENV, raising=False)  # the probe of this machine, not a described device
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert device.fingerprint()["threads"] == 1
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
