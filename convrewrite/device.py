@@ -289,7 +289,7 @@ def describe(fp: dict) -> str:
         name += (f" {cpu.get('vendor')} family {cpu.get('family')} model {cpu.get('model')} stepping "
                  f"{cpu.get('stepping')}, {' '.join(cpu.get('isa') or []) or 'no listed ISA extensions'}"
                  + (f", {caches}" if caches else ""))
-    elif fp.get("device_kind", "cpu") == "cpu":
+    elif not hardware_known(fp):
         name += " (hardware unknown)"
     if fp.get("compute_capability"):
         name += f", compute capability {'.'.join(map(str, fp['compute_capability']))}"

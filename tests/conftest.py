@@ -112,3 +112,17 @@ def random_cases(n: int) -> int:
     """How many of a randomized test's n seeded cases run: all on TensorFlow, the first half on another
     backend (the same seeds: a prefix of TensorFlow's cases) unless CONVREWRITE_ALL_BACKENDS_FULL=1."""
     return n if BACKEND == "tensorflow" or ALL_BACKENDS_FULL else max(1, n // 2)
+
+
+def with_native_bf16(fp: dict, native: bool) -> dict:
+    """A copy of fingerprint `fp` whose device has (or lacks) native bfloat16, whatever device it is: on a CPU
+    through its ISA flags (avx512_bf16 / amx_bf16), on a GPU through its compute capability (8.0 / 7.5)."""
+    import copy
+
+    fp = copy.deepcopy(fp)
+    if fp.get("device_kind") == "gpu":
+        fp["compute_capability"] = [8, 0] if native else [7, 5]
+    else:
+        isa = set(fp["hardware"]["cpu"]["isa"]) - {"avx512_bf16", "amx_bf16"}
+        fp["hardware"]["cpu"]["isa"] = sorted(isa | ({"avx512_bf16"} if native else set()))
+    return fp

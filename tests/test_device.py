@@ -16,7 +16,7 @@ from convrewrite import calibration, cost, device, implementations, profiles
 from convrewrite import profile as profiling
 from convrewrite.cost import CostModel
 from convrewrite.spec import ConvSpec
-from conftest import host_sleep
+from conftest import host_sleep, with_native_bf16
 
 
 @pytest.fixture(autouse=True)
@@ -268,9 +268,7 @@ def test_a_calibrated_profile_is_completed_with_what_it_lacks_here(has_bf16, can
     implementation the profile has no fit for) are measured here, canaries and quick grid, predicted from
     those timings with provenance saying so, and cached: an rtol plan gets its bf16 sites. On a CPU without
     bf16 nothing bf16 is measured."""
-    here = copy.deepcopy(device.fingerprint())
-    isa = set(here["hardware"]["cpu"]["isa"]) - {"avx512_bf16", "amx_bf16"}
-    here["hardware"]["cpu"]["isa"] = sorted(isa | ({"avx512_bf16"} if has_bf16 else set()))
+    here = with_native_bf16(device.fingerprint(), has_bf16)
     monkeypatch.setattr(device, "fingerprint", lambda: copy.deepcopy(here))
     _other_device_profile(canary_rows).save(cost.SHIPPED_DIRS[0] / "elsewhere.json")
     table = {(r["spec"], r["impl"]): r["seconds"] for r in canary_rows}
@@ -625,8 +623,7 @@ def test_the_speed_rule_at_its_margin():
 def test_an_rtol_plan_is_kept_only_where_it_is_as_fast_as_its_float32_counterpart(bf16_vs_float32, kept, monkeypatch):
     """A plan with bfloat16 sites is timed beside the same plan in float32; where reduced precision is
     not shown at least as fast, the float32 plan is what optimize returns."""
-    here = copy.deepcopy(device.fingerprint())
-    here["hardware"]["cpu"]["isa"] = sorted(set(here["hardware"]["cpu"]["isa"]) | {"avx512_bf16"})
+    here = with_native_bf16(device.fingerprint(), True)
     monkeypatch.setattr(device, "fingerprint", lambda: copy.deepcopy(here))
     _stub_rounds(monkeypatch, 0.8 * bf16_vs_float32, 0.01, float32_slowdown=0.8)
     monkeypatch.setattr(convrewrite.speed, "SPEED_BUDGET_S", 1.0)

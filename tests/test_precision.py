@@ -9,6 +9,7 @@ import pytest
 import convrewrite
 from convrewrite import device, implementations, precision
 from convrewrite.spec import ConvSpec
+from conftest import with_native_bf16
 
 
 def _spec(**kw):
@@ -38,9 +39,8 @@ def _model(rng, first_padding="same"):
 
 @pytest.fixture
 def native_bf16(monkeypatch):
-    """This device as one with native bfloat16 (as this CPU has: avx512_bf16, amx_bf16)."""
-    here = copy.deepcopy(device.fingerprint())
-    here["hardware"]["cpu"]["isa"] = sorted(set(here["hardware"]["cpu"]["isa"]) | {"avx512_bf16"})
+    """This device as one with native bfloat16 (a CPU with avx512_bf16, a GPU of compute capability 8.0)."""
+    here = with_native_bf16(device.fingerprint(), True)
     monkeypatch.setattr(device, "fingerprint", lambda: copy.deepcopy(here))
 
 
@@ -54,8 +54,7 @@ def test_native_precisions_come_from_the_device():
 
 
 def test_a_device_without_native_bf16_gets_no_bf16_candidates(monkeypatch):
-    here = copy.deepcopy(device.fingerprint())
-    here["hardware"]["cpu"]["isa"] = [f for f in here["hardware"]["cpu"]["isa"] if "bf16" not in f]
+    here = with_native_bf16(device.fingerprint(), False)
     monkeypatch.setattr(device, "fingerprint", lambda: copy.deepcopy(here))
     ok, why = implementations.get("direct-bf16").runs_on(device.fingerprint())
     assert not ok and "no native bfloat16" in why
@@ -70,8 +69,7 @@ def test_converting_for_another_device_asks_that_device(monkeypatch):
     """Native precision is the target's: a plan for a bf16 device made on one without (and vice versa)."""
     from convrewrite.planner import target_fingerprint
 
-    other = copy.deepcopy(device.fingerprint())
-    other["hardware"]["cpu"]["isa"] = ["avx2"]
+    other = with_native_bf16(device.fingerprint(), False)
     cm = _Bf16IsFaster()
     cm.trust, cm.fingerprint = "unverified", other
     assert target_fingerprint(cm) is other
