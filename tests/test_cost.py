@@ -346,7 +346,8 @@ def test_tactic_timings_are_reused_only_on_the_device_that_measured_them(tiny_pr
     assert CostModel.load(path).predict_seconds("direct", spec) == 5.0  # reused on this device
     # the same machine class, another CPU model and TensorFlow version: the timing is not this device's
     other = json.loads(json.dumps(here))
-    other["hardware"]["cpu"]["model"], other["tensorflow"] = "0" if here["hardware"]["cpu"]["model"] != "0" else "1", "0.0"
+    library = here["backend"]  # its version: fingerprint["tensorflow"] or ["jax"]
+    other["hardware"]["cpu"]["model"], other[library] = "0" if here["hardware"]["cpu"]["model"] != "0" else "1", "0.0"
     monkeypatch.setattr(device, "fingerprint", lambda: dict(other))
     cm = CostModel.load(path)
     assert cm.predict_seconds("direct", spec) != 5.0
@@ -354,7 +355,7 @@ def test_tactic_timings_are_reused_only_on_the_device_that_measured_them(tiny_pr
     assert len(calls) == 2  # measured again, for this fingerprint
     measured = json.loads(path.read_text())["measured"]
     assert {device.fingerprint_id(here), device.fingerprint_id(other)} == set(measured)
-    assert {e["fingerprint"]["tensorflow"] for e in measured.values()} == {here["tensorflow"], "0.0"}
+    assert {e["fingerprint"][library] for e in measured.values()} == {here[library], "0.0"}
 
 
 def test_auto_never_writes_shipped_profiles(monkeypatch):
