@@ -373,11 +373,11 @@ def _fall_back_precision(models, plan: Plan, new, report, inputs, rtol):
     """Every site passed alone but the model as a whole is beyond tolerance: put the reduced-precision sites
     back on full precision one by one, largest measured site error first, until the model is within it.
     Returns (new model, report); the report lists each fallback."""
-    reduced = [c for c in report.sites if c.passed and implementations.get(plan.row(c.name).choice).precision != "float32"]
+    reduced = [c for c in report.sites if c.passed and _float32_base(plan.row(c.name).choice)]
     fallbacks = list(report.fallbacks)
     for check in sorted(reduced, key=lambda c: -c.rel_error):
         row = plan.row(check.name)
-        base = getattr(implementations.get(row.choice), "base_name", "direct")
+        base = _float32_base(row.choice)
         fallbacks.append({"site": check.name, "from": row.choice, "to": base,
                           "why": f"model beyond tolerance; largest reduced-precision site error {check.rel_error:.2e}"})
         plan.force(check.name, base, reason=f"fell back from {row.choice}: the model as a whole exceeded rtol")
@@ -386,6 +386,13 @@ def _fall_back_precision(models, plan: Plan, new, report, inputs, rtol):
         if report.passed:
             break
     return new, report
+
+
+def _float32_base(name: str):
+    """The float32 implementation a reduced-precision one runs in lower precision (`direct-bf16` -> `direct`);
+    None for a float32 implementation."""
+    impl = implementations.get(name)
+    return getattr(impl, "base_name", "direct") if impl.precision != "float32" else None
 
 
 def _failure_message(model, report) -> str:
@@ -415,13 +422,13 @@ class _Float32Counterpart:
 
     def __init__(self, models: _Models, plan: Plan, verify: bool, inputs, rtol):
         self.models, self.plan, self.verify, self.inputs, self.rtol = models, plan, verify, inputs, rtol
-        self.reduced = [r for r in plan if implementations.get(r.choice).precision != "float32"]
+        self.reduced = [r for r in plan if _float32_base(r.choice)]
         self.built = None
 
     def model(self):
         counterpart = copy.deepcopy(self.plan)
         for row in self.reduced:
-            base = getattr(implementations.get(row.choice), "base_name", "direct")
+            base = _float32_base(row.choice)
             counterpart.force(row.site, base, reason=f"{row.choice} measured no faster than float32 {base} here")
         new, report = _build_verified(self.models, counterpart, self.verify, self.inputs, self.rtol)
         counterpart.current = getattr(self.plan, "current", {})

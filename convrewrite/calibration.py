@@ -94,8 +94,8 @@ class Calibration:
         ratios = ", ".join(f"{i} {self.scale(i):.2f}x" for i in impls)
         near = sum(c.get("status") == "near" for c in self.canaries)
         if self.accepted:
-            return (f"calibrated here in {self.seconds:.1f} s: measured/profile {ratios} (canary error <= {self.error():.0%}"
-                    + (f"; {near} canaries near the tolerance, not shown outside it" if near else "") + ")")
+            return (f"calibrated here in {self.seconds:.1f} s: measured/profile {ratios} "
+                    f"(canary error <= {self.error():.0%}" + (f"; {near} canaries near the tolerance, not shown outside it" if near else "") + ")")
         return f"refused after {self.seconds:.1f} s of canaries: " + "; ".join(self.refused[:3])
 
     def to_dict(self) -> dict:
@@ -110,9 +110,9 @@ def compare(cost_model, measured: List[dict], seconds: float, device: str,
             tolerance: float = CALIBRATION_TOLERANCE) -> Calibration:
     """A Calibration of `cost_model` from canary timings made here (`measured`: [{"spec", "impl",
     "seconds", "samples"}]). Each canary's ratio (median here / profile) comes with the confidence interval
-    of its samples (`timing.median_interval`, at CONFIDENCE for all canaries together) and a status: "within" the tolerance, "outside" it (the whole
-    interval beyond it: the canary refuses the profile), or "near" it (the interval straddles a bound: not
-    shown to be off, so it does not refuse; `profiles.calibrate` times such canaries again first). Canaries
+    of its samples (`timing.median_interval`, at CONFIDENCE for all canaries together) and a status:
+    "within" the tolerance, "outside" it (the whole interval beyond it: the canary refuses the profile), or
+    "near" it (the interval straddles a bound: not shown to be off, so it does not refuse; `profiles.calibrate` times such canaries again first). Canaries
     the profile cannot speak of (an implementation it never measured) are left out; a profile that speaks
     of none is refused (nothing vouches for it here)."""
     rows, refused = [], []

@@ -34,7 +34,8 @@ import numpy as np
 
 from . import device, implementations
 from .errors import ProfileError
-from .fitting import MIN_PREDICTED_SECONDS, ImplFit, fill_error_bands, fit_all, held_out_quality, known_terms, regression_terms
+from .fitting import (MIN_PREDICTED_SECONDS, ImplFit, fill_error_bands, fit_all, held_out_quality, known_terms,
+                      regression_terms)
 from .choice import choose as choose_by_prediction
 from .profile_format import (FORMAT, TACTICS_FORMAT, VERSION, check_profile, migrate_v1, read_tactic_file,
                              write_json_atomically)
@@ -205,17 +206,18 @@ class CostModel:
     # -- implementations measured here beside a calibrated profile --
     SUPPLEMENT_SOURCES = ("timed here, beside the calibrated profile", "fitted here, beside the calibrated profile")
 
-    def add_supplement(self, implementations_measured, rows, seconds: float, device_id: str):
+    def add_supplement(self, implementations_measured, rows, seconds: float):
         """Add this device's own timings of implementations the profile has no fit for (measured here after
         calibration: `profiles.calibrate`): they are predicted from their own timings and fit on this device
         (sources SUPPLEMENT_SOURCES), never from the profile, and unscaled. `implementations_measured`: the
         names measured (one without enough timings to fit stays unpredicted); rows: [{"spec", "impl",
         "seconds"}]."""
         self.supplement = {"implementations": sorted(implementations_measured), "measurements": list(rows),
-                           "fits": fit_all(rows), "table": _by_spec(rows), "seconds": seconds, "device": device_id}
+                           "fits": fit_all(rows), "table": _by_spec(rows), "seconds": seconds}
 
     def _supplement_prediction(self, impl_name: str, spec: ConvSpec) -> Optional[Prediction]:
-        own = self._from_fit(impl_name, spec, self.supplement["fits"], self.supplement["table"].get(_spec_key(spec), {}))
+        timed_here = self.supplement["table"].get(_spec_key(spec), {})
+        own = self._from_fit(impl_name, spec, self.supplement["fits"], timed_here)
         if own is None:
             return None
         seconds, kind = own

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import implementations
 from .errors import ProfileError
-from .fitting import regression_terms
+from .fitting import MIN_PREDICTED_SECONDS, regression_terms
 from .spec import ConvSpec
 
 
@@ -29,7 +29,8 @@ def plot(cost_model, path) -> Path:
         rows = [m for m in cost_model.measurements if m["impl"] == name]
         meas = np.array([m["seconds"] for m in rows])
         pred = np.array([cost_model.fits[name].predict(regression_terms(impl, ConvSpec.from_json(m["spec"]))) for m in rows])
-        ax.scatter(meas, np.maximum(pred, 1e-7), s=12, label=f"{name} (median err {cost_model.fits[name].median_rel_error:.0%})")
+        ax.scatter(meas, np.maximum(pred, MIN_PREDICTED_SECONDS), s=12,
+                   label=f"{name} (median err {cost_model.fits[name].median_rel_error:.0%})")
         lo, hi = min(lo, meas.min(), pred[pred > 0].min(initial=np.inf)), max(hi, meas.max(), pred.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xscale("log")

@@ -179,11 +179,11 @@ def _timed_call(impl, new, training: bool):
     return lambda x: backend.forward_backward(lambda t: impl.probe_call(new, t), x, new.trainable_variables)
 
 
-def time_canaries(allow=None, repeats: int = 5, pairs=None) -> List[dict]:
-    """Time `calibration.canary_pairs()` (or `pairs`) here: [{"spec", "impl", "seconds", "samples"}], one
-    per pair, timed interleaved per spec like the grid (so a profile's canaries and a calibration's compare
-    like with like); "seconds" is the median of "samples". allow: implementation names to time (default all
-    that declare canaries). Takes 1-2 s on 2 cores."""
+def time_canaries(allow=None, repeats: int = 5, pairs=None, with_samples: bool = False) -> List[dict]:
+    """Time `calibration.canary_pairs()` (or `pairs`) here: [{"spec", "impl", "seconds"}], one per pair, timed
+    interleaved per spec like the grid (so a profile's canaries and a calibration's compare like with like);
+    "seconds" is the median of the samples, which `with_samples` adds as "samples" (for calibration's
+    intervals). allow: implementation names to time (default all that declare canaries). Takes 1-2 s on 2 cores."""
     by_spec: Dict[ConvSpec, List[str]] = {}
     for spec, impl in (canary_pairs() if pairs is None else pairs):
         if allow is None or impl in allow:
@@ -192,7 +192,7 @@ def time_canaries(allow=None, repeats: int = 5, pairs=None) -> List[dict]:
     for spec, impls in by_spec.items():
         for impl, samples in time_spec_samples(spec, allow=impls, repeats=repeats, max_time=1.0).items():
             rows.append({"spec": spec.to_json(), "impl": impl, "seconds": float(np.median(samples)),
-                         "samples": samples})
+                         **({"samples": samples} if with_samples else {})})
     return rows
 
 
@@ -422,8 +422,8 @@ def profile_device(mode: str = "quick", progress: bool = True, allow=None, seed:
         rows = time_grid(given or training_grid(mode, seed), allow, f"profiling ({mode}, forward+backward)",
                           progress, True)
         trained = {"measurements": rows}
-    canaries = [{k: v for k, v in row.items() if k != "samples"} for row in time_canaries(allow=allow)]
-    return CostModel(device.fingerprint(), measurements, mode=mode, canaries=canaries, training=trained).fit()
+    return CostModel(device.fingerprint(), measurements, mode=mode, canaries=time_canaries(allow=allow),
+                     training=trained).fit()
 
 
 def time_grid(specs, allow, label: str, progress: bool = True, training: bool = False) -> List[dict]:

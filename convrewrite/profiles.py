@@ -9,8 +9,9 @@
   2 cores) and compared (`calibration.compare`). Accepted, it is used with its per-implementation scale and
   error band: trust "calibrated"; implementations that run on this device but that the profile has no
   timings of (bfloat16 variants on a bf16 CPU, implementations newer than the profile) are then measured
-  here, their canaries and the quick grid for them alone, and predicted from those timings (`_supplement`). Refused, a quick profile of this device is measured instead (about a
-  minute, with a progress bar), cached in the user cache under the full fingerprint and reused next time.
+  here, their canaries and the quick grid for them alone, and predicted from those timings (`_supplement`).
+  Refused, a quick profile of this device is measured instead (about a minute, with a progress bar),
+  cached in the user cache under the full fingerprint and reused next time.
 - Converting for another device (target "other", or a profile of another machine class: another backend,
   device kind, architecture or thread count), nothing is timed here, ever: the profile is used as it is,
   and the plan says its predictions are unverified.
@@ -240,13 +241,13 @@ def calibrate(cm: CostModel, here: Optional[dict] = None, use_cache: bool = True
     else:
         start = time.perf_counter()
         known = set(cm.fits) | {m["impl"] for m in cm.canaries} | {m["impl"] for m in cm.measurements}
-        measured = profiling.time_canaries(allow=sorted(known))  # what the profile can speak of
+        measured = profiling.time_canaries(allow=sorted(known), with_samples=True)  # what the profile speaks of
         result = calib.compare(cm, measured, time.perf_counter() - start, device.fingerprint_id(here))
         for _ in range(calib.CALIBRATION_RETIMES):  # not shown within: more samples before deciding
             again = calib.undecided(result)
             if not again:
                 break
-            measured = calib.pool_timings(measured, profiling.time_canaries(pairs=again))
+            measured = calib.pool_timings(measured, profiling.time_canaries(pairs=again, with_samples=True))
             result = calib.compare(cm, measured, time.perf_counter() - start, device.fingerprint_id(here))
         if result.accepted:  # a refusal is checked again next time (it may have met a busy machine)
             cached[key] = result.to_dict()
@@ -295,11 +296,11 @@ def _supplement(cm: CostModel, here: dict, key: str):
             implementations.get(n).applicable(spec)[0] and implementations.get(n).profile_applicable(spec)
             for n in missing)]
         rows = profiling.time_grid(specs, missing, "measuring what the profile lacks")
-        rows += [{k: v for k, v in r.items() if k != "samples"} for r in profiling.time_canaries(allow=missing)]
+        rows += profiling.time_canaries(allow=missing)
         entry = {"implementations": missing, "measurements": rows, "seconds": time.perf_counter() - start}
         cached[key] = entry
         _write_json(path, cached)
-    cm.add_supplement(entry["implementations"], entry["measurements"], entry["seconds"], device.fingerprint_id(here))
+    cm.add_supplement(entry["implementations"], entry["measurements"], entry["seconds"])
 
 
 def _read_json(path: Path) -> dict:
