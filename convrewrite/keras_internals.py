@@ -204,6 +204,26 @@ def hook_loaded_model(key: str, restore) -> None:
     saving_lib.deserialize_keras_object = deserialize_keras_object
 
 
+# ---- export (layers/backend: transforms as constants of an exported artifact) ---------------------------
+def hook_exports(context) -> None:
+    """Run Keras's exports inside `context()` (a context-manager factory): `keras.Model.export` (every format:
+    SavedModel, ONNX, OpenVINO, LiteRT trace the model there) and `ExportArchive.write_out` (where a
+    hand-built archive traces its endpoints). Wrapped once; what they do is otherwise unchanged."""
+    import keras
+
+    def wrap(original):
+        def wrapped(*args, **kwargs):
+            with context():
+                return original(*args, **kwargs)
+        wrapped.convrewrite_wrapped = True
+        wrapped.__doc__, wrapped.__name__ = original.__doc__, original.__name__
+        return wrapped
+
+    for cls, name in ((keras.Model, "export"), (keras.export.ExportArchive, "write_out")):
+        if not getattr(getattr(cls, name), "convrewrite_wrapped", False):
+            setattr(cls, name, wrap(getattr(cls, name)))
+
+
 # ---- reading variables past autocast (layers/fft.py) ---------------------------------------------------
 def autocast_disabled():
     """A context in which a layer's float32 variables read as float32 under a mixed-precision policy

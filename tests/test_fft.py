@@ -506,8 +506,8 @@ def test_checkpoint_excludes_cache_and_restores_at_another_size(rng, tmp_path):
 
 @pytest.mark.tensorflow_only("tf.saved_model.load of the export")
 def test_saved_model_export_keeps_working(rng, tmp_path):
-    """model.export (SavedModel) still captures the cache, which its functions read, and serves the
-    right outputs after a reload."""
+    """model.export (SavedModel) takes the kernel spectra as constants computed at export (the current
+    kernels, not the cache's state) and serves the right outputs after a reload."""
     import tensorflow as tf
 
     model = _two_layer_model(16, tile_size=5)
@@ -516,7 +516,7 @@ def test_saved_model_export_keeps_working(rng, tmp_path):
     assert rel_error(model(x), want) <= TOL
     model.export(str(tmp_path / "sm"), verbose=False)
     loaded = tf.saved_model.load(str(tmp_path / "sm"))
-    for _ in range(2):  # first call hits the exported cache state, second the refilled one
+    for _ in range(2):
         assert rel_error(loaded.serve(x), want) <= TOL
 
 

@@ -534,12 +534,7 @@ class _FFTConvMixin:
         return self._fft_layout
 
     def _float32_weights(self):
-        # Read the float32 variables themselves, not the float16 copies a mixed-precision policy's autocast
-        # would hand out: the transform is computed in float32 whatever the compute dtype.
-        with keras_internals.autocast_disabled():
-            kernel = ops.cast(self.kernel, "float32")
-            bias = ops.cast(self.bias, "float32") if self.use_bias else None
-        return kernel, bias
+        return float32_weights(self)
 
     def _spectrum(self, kernel, layout, training):
         """(kernel spectrum for `layout`, L) where L is the largest L1 norm of one output channel's kernel taps
@@ -559,7 +554,9 @@ class _FFTConvMixin:
         if training or not cacheable:
             # Training: the kernel changes every step, so caching would only add writes.
             return compute(kernel), bound(kernel)
-        return backend.cached_transform(kernel, self._spectrum_cache, compute, aux=bound)
+        shape = ops.shape(kernel)  # read afresh where the cache needs it (at trace time, in an export)
+        return backend.cached_transform(lambda: ops.reshape(self._float32_weights()[0], shape), self._spectrum_cache,
+                                        compute, aux=bound)
 
     def call(self, inputs, training=None):
         """The FFT result where it provably equals Keras's, else Keras's own computation for this call.
@@ -713,6 +710,15 @@ class _FFTConvMixin:
         if "transform" in getattr(self, "convrewrite_extra_config", ()):  # FFTSeparableConv2D has one transform
             config["transform"] = self.transform
         return config
+
+
+def float32_weights(layer):
+    """(kernel, bias or None) of a conv layer as float32: the variables themselves, not the float16 copies a
+    mixed-precision policy's autocast would hand out (the transforms run in float32 whatever the compute dtype)."""
+    with keras_internals.autocast_disabled():
+        kernel = ops.cast(layer.kernel, "float32")
+        bias = ops.cast(layer.bias, "float32") if layer.use_bias else None
+    return kernel, bias
 
 
 def _dtype_max(dtype) -> float:

@@ -27,13 +27,12 @@ from typing import Optional
 import keras
 from keras import ops
 
-from .. import keras_internals
 from ..shapes import effective_length
 from ..spec import ConvSpec
 from . import backend
 from .fft import (
-    AxisLayout, _dilate, _dtype_max, _transform_work, FFTLayout, default_tile, full_axis_layout, next_fast_length,
-    register_fft_kind, size_max, tiled_axis_layout,
+    AxisLayout, _dilate, _dtype_max, _transform_work, FFTLayout, default_tile, float32_weights, full_axis_layout,
+    next_fast_length, register_fft_kind, size_max, tiled_axis_layout,
 )
 
 __all__ = ["FFTConv1D", "FFTDepthwiseConv1D", "axis_layout_1d", "fft1d_cost_features"]
@@ -237,10 +236,7 @@ class _FFTConv1DMixin:
         return self._fft_axis
 
     def _float32_weights(self):
-        with keras_internals.autocast_disabled():  # the float32 variables, not a mixed policy's float16 copies
-            kernel = ops.cast(self.kernel, "float32")
-            bias = ops.cast(self.bias, "float32") if self.use_bias else None
-        return kernel, bias
+        return float32_weights(self)
 
     def _spectrum(self, kernel, axis, training):
         groups, cg, cout = self._grouping()
@@ -256,7 +252,9 @@ class _FFTConv1DMixin:
         built = (self._fft_axis.fft, None if self._fft_axis.tile is not None else self._fft_axis.pad_before)
         if training or self._spectrum_cache is None or key != built:
             return compute(kernel), bound(kernel)
-        return backend.cached_transform(kernel, self._spectrum_cache, compute, aux=bound)
+        shape = ops.shape(kernel)  # read afresh where the cache needs it (at trace time, in an export)
+        return backend.cached_transform(lambda: ops.reshape(self._float32_weights()[0], shape), self._spectrum_cache,
+                                        compute, aux=bound)
 
     def _axis_for(self, n):
         axis = self._fft_axis

@@ -20,10 +20,9 @@ from typing import Optional, Tuple
 import keras
 from keras import ops
 
-from .. import keras_internals
 from ..spec import ConvSpec
 from . import backend
-from .fft import AxisLayout, _dilate, _dtype_max, full_axis_layout, register_fft_kind
+from .fft import AxisLayout, _dilate, _dtype_max, float32_weights, full_axis_layout, register_fft_kind
 
 __all__ = ["FFTConv3D", "volume_layout", "fft3d_cost_features"]
 
@@ -173,6 +172,9 @@ class FFTConv3D(keras.layers.Conv3D):
         """(depth, height, width) AxisLayouts chosen at build (None before build or for an unknown size)."""
         return self._axes
 
+    def _float32_weights(self):
+        return float32_weights(self)
+
     def _spectrum(self, kernel, axes, training):
         groups, cg, cout = self._grouping()
         kernel = ops.reshape(kernel, tuple(self.kernel_size) + (cg, cout))
@@ -185,7 +187,9 @@ class FFTConv3D(keras.layers.Conv3D):
 
         if training or self._spectrum_cache is None or axes != self._axes:
             return compute(kernel), bound(kernel)
-        return backend.cached_transform(kernel, self._spectrum_cache, compute, aux=bound)
+        shape = ops.shape(kernel)  # read afresh where the cache needs it (at trace time, in an export)
+        return backend.cached_transform(lambda: ops.reshape(self._float32_weights()[0], shape), self._spectrum_cache,
+                                        compute, aux=bound)
 
     def call(self, inputs, training=None):
         """The FFT result where it provably equals Keras's (the 2-D layers' guard, see `layers/fft.py`'s
@@ -197,9 +201,7 @@ class FFTConv3D(keras.layers.Conv3D):
         axes = self._axes if size == self._built_size and self._axes is not None else \
             volume_layout(size, self._kernel_eff, self.strides, self.padding)
         x = ops.cast(inputs, "float32")
-        with keras_internals.autocast_disabled():
-            kernel = ops.cast(self.kernel, "float32")
-            bias = ops.cast(self.bias, "float32") if self.use_bias else None
+        kernel, bias = self._float32_weights()
         spectrum, lip = self._spectrum(kernel, axes, training)
         return ops.cond(self._fft_is_exact(x, lip, bias, axes),
                         lambda: self._fft_call(x, spectrum, bias, axes),

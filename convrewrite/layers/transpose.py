@@ -209,12 +209,17 @@ class SubpixelConv2DTranspose(keras.layers.Conv2DTranspose):
                         lambda: self._subpixel(inputs, phase_kernel(self.kernel, self.strides), self.compute_dtype),
                         lambda: super(SubpixelConv2DTranspose, self).call(inputs))
 
+    def _float32_kernel(self):
+        """The float32 kernel variable itself, not a mixed-precision policy's float16 copy of it."""
+        with keras_internals.autocast_disabled():
+            return ops.cast(self.kernel, "float32")
+
     def _fft_branch(self, inputs, layout, training):
         """The FFT result where it provably equals Keras's (the checks of layers/fft.py's `_fft_is_exact` on the
         padded stride-1 conv: finite, in range, not subnormal, float16-safe), else Keras's own call."""
         x = ops.cast(inputs, "float32")
+        kernel = self._float32_kernel()
         with keras_internals.autocast_disabled():
-            kernel = ops.cast(self.kernel, "float32")
             bias = ops.cast(self.bias, "float32") if self.use_bias else None
         cin = kernel.shape[-1]
 
@@ -227,7 +232,7 @@ class SubpixelConv2DTranspose(keras.layers.Conv2DTranspose):
         cacheable = (not training and self._spectrum_cache is not None
                      and layout.spectrum_key() == self._fft_layout.spectrum_key())
         if cacheable:
-            spectrum, lip = backend.cached_transform(kernel, self._spectrum_cache, compute, aux=bound)
+            spectrum, lip = backend.cached_transform(self._float32_kernel, self._spectrum_cache, compute, aux=bound)
         else:
             spectrum, lip = compute(kernel), bound(kernel)
         scale = backend.l2_norm(x) * lip

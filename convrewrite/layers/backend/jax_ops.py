@@ -15,6 +15,8 @@ Everything in convrewrite that calls JAX directly lives here. Same names, shapes
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -23,7 +25,7 @@ from jax import lax
 __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block",
     "real_block_matmul", "matmul", "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
-    "SpectrumCache", "cached_transform", "resize_bilinear", "after", "device_details", "graph_function",
+    "SpectrumCache", "cached_transform", "exporting", "resize_bilinear", "after", "device_details", "graph_function",
     "forward_backward", "jit", "custom_gradient", "wait_for",
 ]
 
@@ -207,10 +209,17 @@ class SpectrumCache:
         pass
 
 
+@contextlib.contextmanager
+def exporting():
+    """Nothing to change on JAX: no cache state exists, and an export (jax2tf) traces the transform as a
+    function of the kernel, as every call computes it."""
+    yield
+
+
 def cached_transform(kernel, cache: SpectrumCache, compute, aux=None):
     """compute(kernel) (and the float32 scalar aux(kernel), without gradient, when `aux` is given), computed
-    in this call: never stale, and differentiable as compute is."""
-    kernel = jnp.asarray(kernel, jnp.float32)
+    in this call: never stale, and differentiable as compute is. (kernel: a tensor or a function returning it.)"""
+    kernel = jnp.asarray(kernel() if callable(kernel) else kernel, jnp.float32)
     value = compute(kernel)
     if aux is None:
         return value

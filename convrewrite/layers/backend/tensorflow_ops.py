@@ -7,12 +7,15 @@ Every function documents shapes; complex tensors are complex64 unless noted.
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
 import tensorflow as tf
 
 __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
     "matmul", "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
-    "SpectrumCache", "cached_transform", "resize_bilinear", "after", "device_details", "graph_function",
+    "SpectrumCache", "cached_transform", "exporting", "resize_bilinear", "after", "device_details", "graph_function",
     "forward_backward", "jit", "custom_gradient", "wait_for",
 ]
 
@@ -143,19 +146,52 @@ def irfft3d(x, fft_length):
 def l2_norm(x):
     """sqrt(sum(x^2)) over all of x as a float32 scalar, in one pass without temporaries (NaN if x holds a NaN,
     Inf if it holds an Inf or if the sum of squares overflows, i.e. some |x| > ~1.8e19). An upper bound on
-    max |x| at the cost of one read of x, the cheapest guard a per-call check can have."""
-    return tf.math.reduce_euclidean_norm(x)
+    max |x| at the cost of one read of x, the cheapest guard a per-call check can have.
+
+    Written as the dot product of x with itself (one MatMul of x as a (1, n) row by its transpose), an op
+    every target of an exported model has: TensorFlow's own EuclideanNorm has no XLA kernel and no
+    LiteRT, ONNX or OpenVINO conversion."""
+    row = tf.reshape(tf.cast(x, tf.float32), [1, -1])
+    return tf.sqrt(tf.reshape(tf.linalg.matmul(row, row, transpose_b=True), []))
 
 
 def conj(x):
     return tf.math.conj(x)
 
 
-@tf.custom_gradient
+def _portable() -> bool:
+    """True while tracing for XLA (`jit_compile=True`) or for an exported artifact (`exporting()`): places
+    without TensorFlow's complex<->float Bitcast (XLA has no kernel for it; converters no rule)."""
+    from tensorflow.python.ops import control_flow_util  # TF's own test for an XLA context (no public one)
+
+    return bool(_EXPORTING[0]) or (not tf.executing_eagerly()
+                                   and control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
 def complex_as_real(z):
     """View z: (..., N) complex64 as (..., 2N) float32, real and imaginary parts interleaved
-    (re_0, im_0, re_1, im_1, ...). A bitcast and a reshape: no copy. Differentiable (the gradient is the
-    inverse view, TF's convention for complex inputs: d/d(re) + i d/d(im))."""
+    (re_0, im_0, re_1, im_1, ...). A bitcast and a reshape, no copy, in TensorFlow's executor; under XLA or
+    for export (see `_portable`) the parts are taken and interleaved (a copy XLA fuses). Differentiable (the
+    gradient is the inverse view, TF's convention for complex inputs: d/d(re) + i d/d(im))."""
+    if _portable():
+        shape = tf.shape(z)
+        pairs = tf.stack([tf.math.real(z), tf.math.imag(z)], -1)
+        return tf.reshape(pairs, tf.concat([shape[:-1], [2 * shape[-1]]], 0))
+    return _bitcast_complex_as_real(z)
+
+
+def real_as_complex(r):
+    """Inverse of `complex_as_real`: (..., 2N) float32 interleaved -> (..., N) complex64 (no copy, except
+    under XLA or for export, as there)."""
+    if _portable():
+        shape = tf.shape(r)
+        pairs = tf.reshape(r, tf.concat([shape[:-1], [shape[-1] // 2, 2]], 0))
+        return tf.complex(pairs[..., 0], pairs[..., 1])
+    return _bitcast_real_as_complex(r)
+
+
+@tf.custom_gradient
+def _bitcast_complex_as_real(z):
     shape = tf.shape(z)
     r = tf.reshape(tf.bitcast(z, tf.float32), tf.concat([shape[:-1], [2 * shape[-1]]], 0))
 
@@ -166,8 +202,7 @@ def complex_as_real(z):
 
 
 @tf.custom_gradient
-def real_as_complex(r):
-    """Inverse of `complex_as_real`: (..., 2N) float32 interleaved -> (..., N) complex64, no copy."""
+def _bitcast_real_as_complex(r):
     shape = tf.shape(r)
     z = tf.bitcast(tf.reshape(r, tf.concat([shape[:-1], [shape[-1] // 2, 2]], 0)), tf.complex64)
 
@@ -248,11 +283,41 @@ class SpectrumCache(tf.Module):
         self.valid.assign(False)
 
 
+_EXPORTING = [0]  # how many `exporting()` contexts are open
+
+
+@contextlib.contextmanager
+def exporting():
+    """Within: functions traced for an exported inference artifact (Keras's `model.export`, an
+    `ExportArchive`) take each kernel's transform as a constant computed once, at trace time, from the
+    kernel's current value (see `cached_transform`). Such an artifact then holds no cache variables, no
+    variable assignment inside a cond and no bitwise kernel comparison: ops that XLA, ONNX, OpenVINO and
+    LiteRT converters lack, and a SavedModel cannot restore the cache's state into anyway."""
+    _EXPORTING[0] += 1
+    try:
+        yield
+    finally:
+        _EXPORTING[0] -= 1
+
+
+def _constant_transform(kernel_fn, compute, aux):
+    """compute(kernel) (and aux(kernel)) evaluated now, outside the function being traced, as constants of it."""
+    with tf.init_scope():
+        k = tf.convert_to_tensor(kernel_fn(), tf.float32)
+        value = np.asarray(compute(k))
+        extra = None if aux is None else np.float32(tf.cast(aux(k), tf.float32))
+    value = tf.constant(value)
+    return value if aux is None else (value, tf.constant(extra))
+
+
 def cached_transform(kernel, cache: SpectrumCache, compute, aux=None):
     """compute(kernel), taken from `cache` when `kernel` is bit-identical to the kernel cached last.
 
-    kernel: float32 tensor (the layer's current kernel value); compute: a differentiable function of
-    it (e.g. its FFT). The check reads the whole kernel (kh*kw*Cin*Cout values), far cheaper than the
+    kernel: float32 tensor (the layer's current kernel value), or a function of no arguments returning it;
+    compute: a differentiable function of it (e.g. its FFT). Given as a function, the kernel is read where
+    the transform is needed: while a function is traced for export (`exporting()`), that is once, at trace
+    time, and the transform becomes a constant of the traced function (no gradient flows to the kernel
+    there: an exported artifact is for inference). The check reads the whole kernel (kh*kw*Cin*Cout values), far cheaper than the
     transform, and it is exact: whatever changed the kernel (fit, set_weights, load_weights,
     `kernel.assign`, an optimizer step inside the same tf.function) changes its bits, so a stale
     transform is never returned. On a miss the transform is recomputed and stored.
@@ -263,6 +328,10 @@ def cached_transform(kernel, cache: SpectrumCache, compute, aux=None):
     aux: optionally a function of the kernel giving a float32 scalar (no gradient), cached beside the transform
     under the same key; then (transform, aux scalar) is returned.
     """
+    if callable(kernel):
+        if _EXPORTING[0] and not tf.executing_eagerly():
+            return _constant_transform(kernel, compute, aux)
+        kernel = kernel()
     kernel = tf.convert_to_tensor(kernel, tf.float32)
 
     @tf.custom_gradient
