@@ -207,9 +207,11 @@ def hook_loaded_model(key: str, restore) -> None:
 # ---- export (layers/backend: transforms as constants of an exported artifact) ---------------------------
 def hook_exports(context) -> None:
     """Run Keras's exports inside `context()` (a context-manager factory): `keras.Model.export` (every format:
-    SavedModel, ONNX, OpenVINO, LiteRT trace the model there) and `ExportArchive.write_out` (where a
-    hand-built archive traces its endpoints). Wrapped once; what they do is otherwise unchanged."""
+    SavedModel, ONNX, OpenVINO, LiteRT trace the model there) and the SavedModel archive's `write_out`
+    (where a hand-built `keras.export.ExportArchive` traces its endpoints: the class that `ExportArchive()`
+    makes on every backend derives from it). Wrapped once; what they do is otherwise unchanged."""
     import keras
+    from keras.src.export.saved_model_export_archive import SavedModelExportArchive
 
     def wrap(original):
         def wrapped(*args, **kwargs):
@@ -219,7 +221,7 @@ def hook_exports(context) -> None:
         wrapped.__doc__, wrapped.__name__ = original.__doc__, original.__name__
         return wrapped
 
-    for cls, name in ((keras.Model, "export"), (keras.export.ExportArchive, "write_out")):
+    for cls, name in ((keras.Model, "export"), (SavedModelExportArchive, "write_out")):
         if not getattr(getattr(cls, name), "convrewrite_wrapped", False):
             setattr(cls, name, wrap(getattr(cls, name)))
 

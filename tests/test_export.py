@@ -148,3 +148,30 @@ def test_compiles_under_xla_and_exports_to_saved_model(impl, original, original_
         pytest.skip("SavedModel export needs TensorFlow installed")
     for i, signature in enumerate(SIGNATURES):
         compare(f"saved_model-{i}", _saved_model_runner(fast, str(tmp_path / str(i)), signature))
+
+
+@pytest.mark.tensorflow_only("the spectrum cache's variables exist on TensorFlow only")
+@pytest.mark.parametrize("how", ["model.export", "ExportArchive"])
+def test_an_export_holds_kernel_spectra_as_constants_not_the_cache(how, original, tmp_path):
+    """The exported function reads the model's weights and nothing else: no spectrum-cache variable (the
+    transforms are constants computed at export, from the kernels as they are then), so a runtime without
+    variable assignment can take it; and a kernel changed before the export is the one it computes with."""
+    import tensorflow as tf
+
+    fast = _forced(original, "fft")
+    fast(CASES[0])  # fills the caches
+    layer = fast.get_layer("c9")
+    layer.kernel.assign(layer.kernel * 2.0)  # the cached spectrum no longer matches this kernel
+    want = keras.ops.convert_to_numpy(fast(CASES[0]))
+    path = str(tmp_path / "sm")
+    if how == "model.export":
+        fast.export(path, format="tf_saved_model", verbose=False)
+    else:
+        archive = keras.export.ExportArchive()
+        archive.track(fast)
+        archive.add_endpoint("serve", fast.call, input_signature=[keras.InputSpec(shape=(BATCH, 16, 16, 4), dtype="float32")])
+        archive.write_out(path, verbose=False)
+    loaded = tf.saved_model.load(path)
+    read = {v.name.split(":")[0] for v in loaded.serve.concrete_functions[0].variables}
+    assert read and read <= {w.path for w in fast.weights}, sorted(read - {w.path for w in fast.weights})
+    assert rel_error(loaded.serve(CASES[0]), want) <= TOL
