@@ -22,6 +22,9 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from . import export
+from .export import FORMATS
+
 EXIT_CODES = {
     "ok": 0,
     "unexpected": 1,
@@ -295,27 +298,39 @@ def _convert_paths(args):
     if out.is_dir():
         raise CliError(f"output '{out}' is a folder; name a .keras file to write.", "usage")
     _refuse_existing(out, args.force)
+    if args.export_savedmodel and args.export:
+        raise CliError("--export-savedmodel DIR is --export DIR --format tf_saved_model: give one of them.", "usage")
     if args.export_savedmodel:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorflow") is None:  # Keras exports through TensorFlow on every backend
-            raise CliError("--export-savedmodel writes a TensorFlow SavedModel, which needs TensorFlow installed, and "
-                           "it is not: install it (pip install tensorflow-cpu), or leave the option out.", "usage")
-    extras = [Path(e) for e in (args.export_savedmodel, args.report) if e]
+        args.export, args.format = args.export_savedmodel, "tf_saved_model"
+    if args.export:
+        # Keras exports through TensorFlow on every backend; each format then needs its converter and runtime
+        missing = export.missing_packages(args.format) + (
+            [] if "tensorflow" in export.RUNTIME_PACKAGES[args.format] else export.missing_packages("tf_saved_model"))
+        if missing:
+            raise CliError(f"--format {args.format} needs {', '.join(missing)} installed, and it is not: install it "
+                           f"(pip install -e \".[export]\" has them all), or leave --export out.", "usage")
+        if args.format == "litert" and os.environ.get("KERAS_BACKEND", "tensorflow") == "jax":
+            raise CliError("--format litert is written by Keras on the TensorFlow backend only (Keras refuses it on "
+                           "JAX); run with KERAS_BACKEND=tensorflow.", "usage")
+    extras = [Path(e) for e in (args.export, args.report) if e]
     for extra in extras:
         _refuse_existing(extra, args.force)
     return src, out, extras
 
 
 def cmd_convert(args):
+    import keras
+    import numpy as np
+
     import convrewrite
     from convrewrite.errors import VerificationError
     from convrewrite.verify import random_inputs
 
     src, out, extras = _convert_paths(args)
     model = load_model(args.input, args.unsafe, args.custom_objects)
+    allow = export.implementations_for(args.format, args.allow) if args.export else args.allow
     try:
-        fast = convrewrite.optimize(model, cost_model=_cost_model_arg(args.cost_model), allow=args.allow,
+        fast = convrewrite.optimize(model, cost_model=_cost_model_arg(args.cost_model), allow=allow,
                                     pac=parse_pac(args.pac), measure=args.measure, rtol=args.rtol, batch=args.batch,
                                     memory_limit=args.memory_limit, target=args.target, mode=args.mode)
     except VerificationError as exc:
@@ -336,10 +351,17 @@ def cmd_convert(args):
             failing = [c.name for c in written.checks if not c.passed]
             raise _failed_conversion(src, out, f"{failing} after saving and reloading", report.fallbacks, extras)
         commits = [(out, commit)]
-        if args.export_savedmodel:
-            tmp_dir, commit_dir = stack.enter_context(atomic_path(Path(args.export_savedmodel), directory=True))
-            fast.export(str(tmp_dir), format="tf_saved_model", verbose=False)
-            commits.append((Path(args.export_savedmodel), commit_dir))
+        if args.export:
+            tmp_dir, commit_dir = stack.enter_context(atomic_path(Path(args.export), directory=True))
+            tmp_dir.mkdir()
+            artifact = export.export_model(fast, tmp_dir, args.format)
+            run = export.load_runner(artifact, args.format)
+            want = [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(model(inputs))]
+            differs = export.compare_outputs(run(inputs), want, max(c.tolerance for c in written.outputs))
+            if differs:
+                raise _failed_conversion(src, out, f"the {args.format} artifact run in its runtime: {differs}",
+                                         report.fallbacks, extras)
+            commits.append((Path(args.export), commit_dir))
         if args.report:
             payload = {"input": str(src), "output": str(out), "plan": fast.convrewrite_plan.to_dict(),
                        "verification": report.to_dict(), "written_file_verification": written.to_dict()}
@@ -358,11 +380,14 @@ def cmd_convert(args):
 def _print_conversion(fast, report, out, args):
     """What convert did: the plan, fallbacks, the verified error, the measured speed, what was written."""
     print(fast.convrewrite_plan.summary())
+    if args.export:
+        print(f"export format {args.format}: chosen among {', '.join(export.implementations_for(args.format, args.allow))}"
+              f" (the implementations that export to it)")
     for f in report.fallbacks:
         print(f"fell back: {f['site']} {f['from']} -> {f['to']} ({f['why']})")
     print(f"verified: max relative error {max((c.rel_error for c in report.outputs), default=0):.1e} "
           f"(tolerance {max((c.tolerance for c in report.outputs), default=0):.0e}); wrote {out}"
-          + (f" and SavedModel {args.export_savedmodel}" if args.export_savedmodel else ""))
+          + (f" and {args.format} {args.export} (verified in its runtime)" if args.export else ""))
     print(fast.convrewrite_speed.describe())
     if args.report:
         print(f"wrote report {args.report}")
@@ -508,7 +533,13 @@ def build_parser():
                         "--cost-model FILE, else in the user cache (~/.cache/convrewrite/tactics)")
     p.add_argument("--rtol", type=_tolerance, help="relative error tolerance >= 0 (default: 1e-5 float32, 1e-2 float16)")
     p.add_argument("--report", metavar="JSON", help="write the plan and verification report here")
-    p.add_argument("--export-savedmodel", metavar="DIR", help="also export a TF SavedModel (TF Serving) here")
+    p.add_argument("--export-savedmodel", metavar="DIR", help="also export a TF SavedModel (TF Serving) here "
+                                                              "(the same as --export DIR --format tf_saved_model)")
+    p.add_argument("--export", metavar="DIR", help="also export the model here with Keras's model.export in --format, "
+                                                   "verified in its runtime before anything is written")
+    p.add_argument("--format", choices=FORMATS, default="tf_saved_model",
+                   help="the --export format (default tf_saved_model); the plan then chooses only replacements that "
+                        "export to it")
     p.add_argument("--force", action="store_true", help="replace existing output files")
     _common_model_args(p)
     p.set_defaults(func=cmd_convert)

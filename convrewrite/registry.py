@@ -88,6 +88,10 @@ class Implementation:
     error budget (plan(..., rtol=...)), see convrewrite.precision."""
     label: str = ""
     """How messages name it ("PAC"); the name where empty (see `__init_subclass__`)."""
+    export_formats: frozenset = frozenset({"tf_saved_model", "onnx", "openvino", "litert"})
+    """The `model.export` formats whose converters carry this implementation's layer and whose runtimes then
+    compute what it computes (measured with benchmarks/export_matrix.py; see `convrewrite.export`). Every
+    float32 implementation also compiles under XLA and exports to tf_saved_model (tests/test_export.py)."""
     rule: str = ""
     """Non-empty: without measurements the rule-based planner picks this implementation wherever it applies,
     for the reason given here (it is faster than Keras's own layer on every spec it applies to)."""

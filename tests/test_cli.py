@@ -89,6 +89,17 @@ if HOOK == "slow_export":  # an interrupt while the SavedModel temporary is bein
 
     keras.Model.export = export
 
+if HOOK == "wrong_artifact":  # an exported artifact that computes something else in its runtime
+    from convrewrite import export as _export_module
+
+    _load_runner = _export_module.load_runner
+
+    def load_runner(path, fmt):
+        run = _load_runner(path, fmt)
+        return lambda inputs: [2.0 * o for o in run(inputs)]
+
+    _export_module.load_runner = load_runner
+
 if HOOK in ("record_renames", "crash_before_dir_rename"):  # the order outputs are committed in
     _replace = os.replace
 
@@ -105,6 +116,8 @@ if HOOK in ("record_renames", "crash_before_dir_rename"):  # the order outputs a
 
 
 _CLI_CACHE = tempfile.mkdtemp(prefix="convrewrite-cli-cache-")
+SHIPPED_XEON_PROFILE = (Path(__file__).resolve().parent.parent / "cost_models"
+                        / "x86_64-cpu-2threads-tensorflow-genuineintel-6-167-1-3f3bd99c.json")
 
 
 def _run(args, cwd, script=False, env_extra=None, timeout=300):
@@ -412,6 +425,36 @@ def test_convert_failing_verification_names_layers_and_what_was_kept(models, tmp
     assert "'g'" in line and "depthwise" in line and "direct" in line  # what fell back
     assert "'noisy.keras'" in line and "untouched" in line and str(out) in line and "nothing" in line
     assert _digest(models / "noisy.keras") == before
+    assert list(tmp_path.iterdir()) == [] and _no_temp_files(models)
+
+
+@pytest.mark.tensorflow_only("Keras writes ONNX through TensorFlow; the JAX run exports SavedModels in test_export")
+def test_convert_exports_onnx_with_only_replacements_onnx_carries_verified_in_onnxruntime(models, tmp_path):
+    """--export DIR --format onnx: the plan leaves out replacements that do not export to ONNX (the 5x5
+    3x13 depthwise site goes to depthwise-wide otherwise, planned for the shipped Xeon 6/167/1 profile's device), the artifact is run in onnxruntime and
+    compared with the original before anything is written."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    x = keras.Input((12, 12, 4))
+    y = keras.layers.DepthwiseConv2D((3, 13), padding="same", name="wide")(keras.layers.Conv2D(4, 3, name="c")(x))
+    keras.Model(x, y).save(tmp_path / "wide.keras")
+    profile = ["--cost-model", str(SHIPPED_XEON_PROFILE), "--target", "other"]  # the same plan on any host
+    r = _run(["convert", "wide.keras", "wide_fast.keras", *profile], tmp_path)
+    assert r.returncode == 0 and "depthwise-wide" in r.stdout, r.stderr  # that device's choice without a format
+    r = _run(["convert", "wide.keras", "wide_onnx.keras", *profile, "--export", "onnx_out", "--format", "onnx"],
+             tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "depthwise-wide" not in r.stdout and "onnx onnx_out (verified in its runtime)" in r.stdout, r.stdout
+    assert (tmp_path / "onnx_out" / "model.onnx").exists() and _no_temp_files(tmp_path)
+
+
+@pytest.mark.tensorflow_only("one backend suffices for the commit logic, shared with the SavedModel path")
+def test_convert_writes_nothing_when_the_exported_artifact_differs_in_its_runtime(models, tmp_path):
+    out = tmp_path / "seq_fast.keras"
+    r = _run(["convert", "seq.keras", str(out), "--cost-model", "rules", "--export", str(tmp_path / "sm"),
+              "--custom-objects", "clitest_hooks:Hook"], models, env_extra={"PYTHONPATH": _pythonpath(models), "CLITEST_HOOK": "wrong_artifact"})
+    assert r.returncode == EXIT_CODES["verification_failed"], (r.returncode, r.stderr)
+    assert "tf_saved_model artifact run in its runtime" in r.stderr and "nothing written" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == [] and _no_temp_files(models)
 
 

@@ -831,6 +831,7 @@ class FFTImplementation(Implementation):
     """
 
     name = "fft"
+    export_formats = frozenset({"tf_saved_model"})  # complex ops: README, Export
     description = "FFT convolution over the whole image (cached kernel spectra, per-bin complex matmul)"
     layer_classes = (FFTConv2D, FFTDepthwiseConv2D)
     tile_size = "full"
@@ -945,6 +946,7 @@ class FFTMatmulImplementation(FFTImplementation):
     known spatial size."""
 
     name = "fft-matmul"
+    export_formats = frozenset({"tf_saved_model", "openvino", "litert"})  # real ops only; not onnx: README, Export
     description = "FFT-layout convolution with DFTs as matrix products, channels last (cached kernel spectra)"
     layer_classes = ()
     simplicity = 25

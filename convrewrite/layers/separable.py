@@ -131,6 +131,7 @@ class SeparableFFTImplementation(Implementation):
     stage is answered for by `stage` (the FFT implementation of DepthwiseConv2D) on `separable_stages`' spec."""
 
     name = "sep-fft"
+    export_formats = frozenset({"tf_saved_model"})  # complex ops: README, Export
     description = "SeparableConv2D: depthwise stage by full-image FFT (cached spectra), pointwise as Keras"
     layer_classes = (FFTSeparableConv2D,)
     simplicity = 21
@@ -184,6 +185,7 @@ class SeparableWideImplementation(Implementation):
     """SeparableConv2D whose depthwise kernel width is in TensorFlow's slow band, run at width 14."""
 
     name = "sep-wide"
+    export_formats = frozenset({"tf_saved_model", "openvino", "litert"})  # not onnx: README, Export
     description = "SeparableConv2D: depthwise kernel zero-padded to a width TF's depthwise kernel runs fast"
     layer_classes = (WideSeparableConv2D,)
     simplicity = 16

@@ -297,6 +297,7 @@ class TransposeSubpixelImplementation(Implementation):
     decomposition): no zero-inserted input, TF's fast forward conv kernel instead of its backprop-input one."""
 
     name = "subpixel"
+    export_formats = frozenset({"tf_saved_model", "openvino", "litert"})  # not onnx: README, Export
     description = "Conv2DTranspose as one stride-1 Conv2D with s*s*filters outputs + depth_to_space"
     layer_classes = (SubpixelConv2DTranspose,)
     simplicity = 12
@@ -342,6 +343,7 @@ class TransposeFFTImplementation(TransposeSubpixelImplementation):
     kernel spectrum cached per weight state): for large kernels. Needs the spatial size at build."""
 
     name = "subpixel-fft"
+    export_formats = frozenset({"tf_saved_model"})  # complex ops: README, Export
     description = "Conv2DTranspose through the sub-pixel decomposition, its stride-1 conv by FFT"
     layer_classes = ()  # made by SubpixelConv2DTranspose too: `for_layer` names it subpixel
     simplicity = 22

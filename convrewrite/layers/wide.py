@@ -170,6 +170,7 @@ class WideDepthwiseImplementation(Implementation):
     `default_run_kernel`). Exact: the same sums, NaN/Inf calls through Keras's own kernel."""
 
     name = "depthwise-wide"
+    export_formats = frozenset({"tf_saved_model", "openvino", "litert"})  # not onnx: README, Export
     description = "depthwise kernel zero-padded to a width TensorFlow's depthwise kernel runs fast"
     layer_classes = (WideDepthwiseConv2D,)
     simplicity = 15

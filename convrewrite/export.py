@@ -1,0 +1,131 @@
+"""An optimized model exported for another runtime, and checked there.
+
+Keras's `model.export(path, format=F)` writes the artifact; each runtime then loads it on its own terms
+(`tf.saved_model.load`, onnxruntime, OpenVINO, ai-edge-litert). Not every replacement layer converts to every
+format: `Implementation.export_formats` says which formats carry it (measured with
+benchmarks/export_matrix.py), and `implementations_for(F)` is what a plan meant for F may choose from. What
+was exported is verified by running the artifact in its runtime against the original model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from .errors import PlanError
+
+__all__ = ["FORMATS", "RUNTIME_PACKAGES", "implementations_for", "missing_packages", "artifact_path", "export_model",
+           "load_runner", "compare_outputs"]
+
+FORMATS = ("tf_saved_model", "onnx", "openvino", "litert")
+"""The formats of Keras's `model.export` on the TensorFlow backend (also written from JAX, through TensorFlow)."""
+
+RUNTIME_PACKAGES = {"tf_saved_model": ("tensorflow",), "onnx": ("tf2onnx", "onnxruntime"),
+                    "openvino": ("openvino",), "litert": ("ai_edge_litert",)}
+"""What exporting to a format and running the artifact needs installed (import names)."""
+
+_SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "litert": ".tflite"}
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise PlanError(f"Received export format {fmt!r}; expected one of {', '.join(map(repr, FORMATS))}.")
+
+
+def implementations_for(fmt: str, allow=None) -> List[str]:
+    """The implementations (of `allow`, default all) whose layers export to `fmt` and compute the same there:
+    pass as `plan(..., allow=...)` / `optimize(..., allow=...)` for a model meant for that format."""
+    from . import implementations
+
+    _check_format(fmt)
+    return [n for n in implementations.names() if (allow is None or n in allow or n == "direct")
+            and fmt in implementations.get(n).export_formats]
+
+
+def missing_packages(fmt: str) -> List[str]:
+    """The packages `fmt` needs (RUNTIME_PACKAGES) that are not installed."""
+    _check_format(fmt)
+    return [p for p in RUNTIME_PACKAGES[fmt] if importlib.util.find_spec(p) is None]
+
+
+def artifact_path(folder: Path, fmt: str) -> Path:
+    """Where an artifact of `fmt` goes inside `folder`: the folder itself for a SavedModel, else model<suffix>
+    (OpenVINO writes model.bin beside model.xml)."""
+    return folder if fmt == "tf_saved_model" else folder / f"model{_SUFFIX[fmt]}"
+
+
+def export_model(model, folder: Path, fmt: str) -> Path:
+    """model.export into `folder` (created by the caller) in format `fmt`; returns the artifact's path."""
+    _check_format(fmt)
+    path = artifact_path(Path(folder), fmt)
+    model.export(str(path), format=fmt, verbose=False)
+    return path
+
+
+def load_runner(path: Path, fmt: str) -> Callable:
+    """run(inputs) -> list of numpy outputs (in the model's flattened output order) of the artifact at `path`,
+    loaded in its runtime. OpenVINO compiles at float32 precision (its default on a CPU with bfloat16 units
+    would be bfloat16: not what was verified). Inputs: one array, or a flat list in the model's input order."""
+    _check_format(fmt)
+    if fmt == "tf_saved_model":
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(str(path))
+
+        def run(inputs):
+            return [np.asarray(t) for t in tf.nest.flatten(loaded.serve(inputs))]
+        return run
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path))
+        names = [i.name for i in session.get_inputs()]
+        return lambda inputs: session.run(None, dict(zip(names, _flat(inputs))))
+    if fmt == "openvino":
+        import openvino
+
+        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return lambda inputs: [np.asarray(v) for v in compiled(_flat(inputs)).values()]
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(str(path))
+
+    def run(inputs):
+        details = interpreter.get_input_details()
+        arrays = _flat(inputs)
+        for d, a in zip(details, arrays):
+            interpreter.resize_tensor_input(d["index"], a.shape)
+        interpreter.allocate_tensors()
+        for d, a in zip(details, arrays):
+            interpreter.set_tensor(d["index"], a)
+        interpreter.invoke()
+        return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+    return run
+
+
+def _flat(inputs) -> list:
+    import keras
+
+    return [np.asarray(a) for a in keras.tree.flatten(inputs)]
+
+
+def compare_outputs(got: list, want: list, rtol: float) -> Optional[str]:
+    """None where every output agrees (normwise relative error <= rtol, NaN/Inf where `want` has them), else
+    one line saying which output differs and by how much."""
+    if len(got) != len(want):
+        return f"the artifact gives {len(got)} outputs, the original {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        if g.shape != w.shape:
+            return f"output {i}: shape {g.shape}, the original's {w.shape}"
+        if not (np.array_equal(np.isnan(g), np.isnan(w)) and np.array_equal(np.isinf(g), np.isinf(w))):
+            return f"output {i}: NaN/Inf where the original has none, or the reverse"
+        finite = np.isfinite(w)
+        scale = np.max(np.abs(w[finite])) if finite.any() else 0.0
+        err = float(np.max(np.abs(g[finite] - w[finite])) / scale) if scale > 0 else 0.0
+        if err > rtol:
+            return f"output {i}: relative error {err:.1e} > tolerance {rtol:.0e}"
+    return None
