@@ -318,10 +318,19 @@ def _convert_paths(args):
     return src, out, extras
 
 
-def cmd_convert(args):
+def _export_and_check(fmt, fast, model, folder: Path, inputs, rtol):
+    """Export `fast` into `folder` (created here) in `fmt`, run the artifact in its runtime on `inputs`, and
+    compare with `model`: None where they agree, else why not (one line)."""
     import keras
     import numpy as np
 
+    folder.mkdir()
+    artifact = export.export_model(fast, folder, fmt)
+    want = [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(model(inputs))]
+    return export.compare_outputs(export.load_runner(artifact, fmt, n_outputs=len(want))(inputs), want, rtol)
+
+
+def cmd_convert(args):
     import convrewrite
     from convrewrite.errors import VerificationError
     from convrewrite.verify import random_inputs
@@ -353,11 +362,8 @@ def cmd_convert(args):
         commits = [(out, commit)]
         if args.export:
             tmp_dir, commit_dir = stack.enter_context(atomic_path(Path(args.export), directory=True))
-            tmp_dir.mkdir()
-            artifact = export.export_model(fast, tmp_dir, args.format)
-            run = export.load_runner(artifact, args.format)
-            want = [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(model(inputs))]
-            differs = export.compare_outputs(run(inputs), want, max(c.tolerance for c in written.outputs))
+            differs = _export_and_check(args.format, fast, model, tmp_dir, inputs,
+                                        max(c.tolerance for c in written.outputs))
             if differs:
                 raise _failed_conversion(src, out, f"the {args.format} artifact run in its runtime: {differs}",
                                          report.fallbacks, extras)

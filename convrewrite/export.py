@@ -59,43 +59,55 @@ def artifact_path(folder: Path, fmt: str) -> Path:
 
 def export_model(model, folder: Path, fmt: str) -> Path:
     """model.export into `folder` (created by the caller) in format `fmt`; returns the artifact's path."""
+    from .verify import random_inputs
+
     _check_format(fmt)
     path = artifact_path(Path(folder), fmt)
+    model(random_inputs(model, batch=1))  # Keras's ONNX export refuses a model that has never been called
     model.export(str(path), format=fmt, verbose=False)
     return path
 
 
-def load_runner(path: Path, fmt: str) -> Callable:
+def load_runner(path: Path, fmt: str, n_outputs: Optional[int] = None) -> Callable:
     """run(inputs) -> list of numpy outputs (in the model's flattened output order) of the artifact at `path`,
     loaded in its runtime. OpenVINO compiles at float32 precision (its default on a CPU with bfloat16 units
-    would be bfloat16: not what was verified). Inputs: one array, or a flat list in the model's input order."""
+    would be bfloat16: not what was verified). Inputs: one array, or a flat list in the model's input order.
+    n_outputs: how many outputs the model has (a converted graph may list shape tensors after them)."""
     _check_format(fmt)
-    if fmt == "tf_saved_model":
-        import tensorflow as tf
+    run = {"tf_saved_model": _saved_model_runner, "onnx": _onnx_runner, "openvino": _openvino_runner,
+           "litert": _litert_runner}[fmt](str(path))
+    return lambda inputs: [np.asarray(o) for o in run(inputs)][:n_outputs]
 
-        loaded = tf.saved_model.load(str(path))
 
-        def run(inputs):
-            return [np.asarray(t) for t in tf.nest.flatten(loaded.serve(inputs))]
-        return run
-    if fmt == "onnx":
-        import onnxruntime
+def _saved_model_runner(path):
+    import tensorflow as tf  # the SavedModel runtime, whichever Keras backend wrote the artifact
 
-        session = onnxruntime.InferenceSession(str(path))
-        names = [i.name for i in session.get_inputs()]
-        return lambda inputs: session.run(None, dict(zip(names, _flat(inputs))))
-    if fmt == "openvino":
-        import openvino
+    loaded = tf.saved_model.load(path)
+    return lambda inputs: tf.nest.flatten(loaded.serve(inputs))  # (holds `loaded`: its variables live with it)
 
-        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        return lambda inputs: [np.asarray(v) for v in compiled(_flat(inputs)).values()]
+
+def _onnx_runner(path):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path)
+    names = [i.name for i in session.get_inputs()]
+    return lambda inputs: session.run(None, dict(zip(names, _flat(inputs))))
+
+
+def _openvino_runner(path):
+    import openvino
+
+    compiled = openvino.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return lambda inputs: list(compiled(_flat(inputs)).values())
+
+
+def _litert_runner(path):
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(str(path))
+    interpreter = Interpreter(path)
 
     def run(inputs):
-        details = interpreter.get_input_details()
-        arrays = _flat(inputs)
+        details, arrays = interpreter.get_input_details(), _flat(inputs)
         for d, a in zip(details, arrays):
             interpreter.resize_tensor_input(d["index"], a.shape)
         interpreter.allocate_tensors()

@@ -94,8 +94,8 @@ if HOOK == "wrong_artifact":  # an exported artifact that computes something els
 
     _load_runner = _export_module.load_runner
 
-    def load_runner(path, fmt):
-        run = _load_runner(path, fmt)
+    def load_runner(path, fmt, **kwargs):
+        run = _load_runner(path, fmt, **kwargs)
         return lambda inputs: [2.0 * o for o in run(inputs)]
 
     _export_module.load_runner = load_runner

@@ -946,7 +946,7 @@ class FFTMatmulImplementation(FFTImplementation):
     known spatial size."""
 
     name = "fft-matmul"
-    export_formats = frozenset({"tf_saved_model", "openvino", "litert"})  # real ops only; not onnx: README, Export
+    export_formats = frozenset({"tf_saved_model", "litert"})  # real ops only; not onnx/openvino: README, Export
     description = "FFT-layout convolution with DFTs as matrix products, channels last (cached kernel spectra)"
     layer_classes = ()
     simplicity = 25

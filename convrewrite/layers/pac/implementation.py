@@ -34,6 +34,8 @@ class PacImplementation(Implementation):
     """
 
     name = "pac"
+    export_formats = frozenset({"tf_saved_model", "openvino", "litert"})  # not onnx: its XLA-compiled taps
+    # are a nested function call tf2onnx cannot convert (README, Export)
     description = "pixel-adaptive convolution (PacConv2D), equal to the Conv2D at conversion"
     layer_classes = (PacConv2D,)
     label = "PAC"
