@@ -52,6 +52,8 @@ def pytest_report_header(config):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "tensorflow_only(reason): a TensorFlow-only feature; skipped on other backends")
+    config.addinivalue_line("markers", "backend_agnostic(reason): logic no backend call changes (argument handling, "
+                                       "file commits); run on TensorFlow only unless CONVREWRITE_ALL_BACKENDS_FULL=1")
 
 
 # On the second backend the suite runs a representative subset by default, so that CI's two runs stay well
@@ -77,6 +79,10 @@ def pytest_collection_modifyitems(config, items):
         if marker is not None:
             why = marker.args[0] if marker.args else "a TensorFlow-only feature"
             item.add_marker(pytest.mark.skip(reason=f"TensorFlow backend only ({why})"))
+        elif item.get_closest_marker("backend_agnostic") is not None and not ALL_BACKENDS_FULL:
+            why = item.get_closest_marker("backend_agnostic").args[0]
+            item.add_marker(pytest.mark.skip(reason=f"run on TensorFlow ({why}); CONVREWRITE_ALL_BACKENDS_FULL=1 "
+                                                    f"runs it on {BACKEND} too"))
         elif module in SUBSET_ON_OTHER_BACKENDS and not ALL_BACKENDS_FULL:
             item.add_marker(pytest.mark.skip(reason=f"run on TensorFlow ({SUBSET_ON_OTHER_BACKENDS[module]}); "
                                                     f"CONVREWRITE_ALL_BACKENDS_FULL=1 runs it on {BACKEND} too"))

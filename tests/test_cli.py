@@ -248,6 +248,7 @@ def test_convert_subclassed_model(models):
     assert "verified" in r.stdout
 
 
+@pytest.mark.backend_agnostic("the CLI's part of it is; tests/test_applications.py converts these models on JAX")
 def test_convert_application_and_plan_json(models):
     r = _run(["convert", "mobilenet.keras", "mobilenet_fast.keras", "--cost-model", "rules", "--allow", "direct,depthwise"], models)
     assert r.returncode == 0, r.stderr
@@ -285,6 +286,7 @@ def test_convert_application_and_plan_json(models):
     (["plan", "fake.keras"], "not_a_model", "'fake.keras' is not a Keras model file"),
     (["convert", "zip_not_model.keras", "o.keras"], "not_a_model", "'zip_not_model.keras' is not a Keras model file"),
 ])
+@pytest.mark.backend_agnostic("argument handling, exit codes and file commits do not touch the backend")
 def test_bad_input_gets_one_line_and_its_exit_code(models, args, code, needle):
     inputs = {p: _digest(p) for p in models.iterdir() if p.is_file()}
     r = _run(args, models, env_extra={"PYTHONPATH": _pythonpath(models)})
@@ -298,6 +300,7 @@ def test_bad_input_gets_one_line_and_its_exit_code(models, args, code, needle):
     assert _no_temp_files(models)
 
 
+@pytest.mark.backend_agnostic("argument handling, exit codes and file commits do not touch the backend")
 def test_existing_output_is_refused_and_untouched_then_unsafe_opt_in(models):
     (models / "taken.keras").write_bytes(b"precious")
     r = _run(["convert", "seq.keras", "taken.keras", "--cost-model", "rules"], models)
@@ -307,6 +310,7 @@ def test_existing_output_is_refused_and_untouched_then_unsafe_opt_in(models):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.backend_agnostic("argument handling, exit codes and file commits do not touch the backend")
 def test_help_and_version(models):
     from convrewrite.cli import build_parser
 
@@ -348,6 +352,7 @@ def _start_and_interrupt(args, folder, hook, marker, watch=None, timeout=240):
     return proc.returncode, err, present
 
 
+@pytest.mark.backend_agnostic("argument handling, exit codes and file commits do not touch the backend")
 def test_interrupt_while_writing_leaves_no_partial_file(models, tmp_path):
     """Ctrl-C while the .keras temporary is written and verified and the SavedModel temporary is being
     exported: both temporaries go, nothing is committed, one line, exit 130."""
@@ -368,6 +373,7 @@ def test_interrupt_while_writing_leaves_no_partial_file(models, tmp_path):
     assert _no_temp_files(models)
 
 
+@pytest.mark.backend_agnostic("argument handling, exit codes and file commits do not touch the backend")
 def test_interrupt_during_startup_is_one_line(models, tmp_path):
     code, err, _ = _start_and_interrupt(["plan", "seq.keras", "--cost-model", "rules"], models, "block_import",
                                         tmp_path / "importing")
@@ -408,6 +414,7 @@ def test_no_tensorflow_logger_lines_unless_debug(models):
         assert r.returncode == 0 and "retracing" in r.stderr, r.stderr
 
 
+@pytest.mark.backend_agnostic("argument handling, exit codes and file commits do not touch the backend")
 def test_convert_failing_verification_names_layers_and_what_was_kept(models, tmp_path):
     """A wrong depthwise implementation (every depthwise site falls back to direct) and a layer that can
     never verify: exit 7, one line naming the failing output, the fallback, the untouched input, no output."""
@@ -448,7 +455,7 @@ def test_convert_exports_onnx_with_only_replacements_onnx_carries_verified_in_on
     assert (tmp_path / "onnx_out" / "model.onnx").exists() and _no_temp_files(tmp_path)
 
 
-@pytest.mark.tensorflow_only("one backend suffices for the commit logic, shared with the SavedModel path")
+@pytest.mark.backend_agnostic("argument handling, exit codes and file commits do not touch the backend")
 def test_convert_writes_nothing_when_the_exported_artifact_differs_in_its_runtime(models, tmp_path):
     out = tmp_path / "seq_fast.keras"
     r = _run(["convert", "seq.keras", str(out), "--cost-model", "rules", "--export", str(tmp_path / "sm"),
@@ -458,6 +465,7 @@ def test_convert_writes_nothing_when_the_exported_artifact_differs_in_its_runtim
     assert list(tmp_path.iterdir()) == [] and _no_temp_files(models)
 
 
+@pytest.mark.backend_agnostic("argument handling, exit codes and file commits do not touch the backend")
 def test_convert_commits_keras_file_before_savedmodel_and_keeps_old_folder(models, tmp_path):
     """--force over an existing SavedModel folder: the .keras file is committed first, then the folder by
     rename-old-aside / rename-new-in / delete-old; a crash before the new folder's rename keeps the old one."""

@@ -63,7 +63,7 @@ def original_outputs(original, tmp_path_factory):
 
         runs["tf.function-xla"] = tf.function(original, jit_compile=True)
     if _has_tensorflow():
-        for i, signature in enumerate(SIGNATURES):
+        for i, signature in enumerate(SIGNATURES if BACKEND == "tensorflow" else SIGNATURES[:1]):
             runs[f"saved_model-{i}"] = _saved_model_runner(original, str(folder / str(i)), signature)
     return {name: [keras.ops.convert_to_numpy(run(x)) for x in CASES] for name, run in runs.items()}
 
@@ -147,7 +147,7 @@ def test_compiles_under_xla_and_exports_to_saved_model(impl, original, original_
         compare("tf.function-xla", tf.function(fast, jit_compile=True))
     if not _has_tensorflow():
         pytest.skip("SavedModel export needs TensorFlow installed")
-    for i, signature in enumerate(SIGNATURES):
+    for i, signature in enumerate(SIGNATURES if BACKEND == "tensorflow" else SIGNATURES[:1]):  # (CI time on JAX)
         compare(f"saved_model-{i}", _saved_model_runner(fast, str(tmp_path / str(i)), signature))
 
 
