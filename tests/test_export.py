@@ -6,7 +6,8 @@ conv, a 3x13 separable conv, a 9x9 transposed conv with stride 2, a strided 3x3 
 it applies to is forced to it. The optimized model is then
 - compiled with XLA: `model.compile(jit_compile=True)` then `predict` and one `fit` step (both backends), and
   `tf.function(jit_compile=True)` on TensorFlow;
-- exported with `model.export(path, format="tf_saved_model")` (with and without `input_signature`), loaded
+- exported with `model.export(path, format="tf_saved_model")` (with and without `input_signature`; on JAX
+  without only, for CI time), loaded
   back with `tf.saved_model.load`, and called;
 and each output is compared with the original model's (float32: <= 1e-5 normwise), on random inputs and on
 inputs holding a NaN or an Inf (the same NaN/Inf pattern as the original's).
