@@ -6,6 +6,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # optimize()'s end-to-end speed check times both models for about a second per call: off for the suite,
 # on where a test is about it (check_speed=True); tests/test_device.py tests it.
 os.environ.setdefault("CONVREWRITE_CHECK_SPEED", "0")
+# OpenVINO's converter starts telemetry unless it is declined; its converter declines where CI=true (it checks
+# nothing else that writes no file). Its background sender forks processes that try the network: declined for the
+# suite's process, which converts models to OpenVINO in tests/test_export.py.
+os.environ.setdefault("CI", "true")
 # a user cache of the suite's own (profiles measured by `auto`, tactic timings, calibrations), so that
 # nothing the suite measures lands in ~/.cache and nothing from there changes what the suite sees.
 if "CONVREWRITE_CACHE" not in os.environ:
