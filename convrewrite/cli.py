@@ -303,13 +303,13 @@ def _convert_paths(args):
     if args.export_savedmodel:
         args.export, args.format = args.export_savedmodel, "tf_saved_model"
     if args.export:
-        # Keras exports through TensorFlow on every backend; each format then needs its converter and runtime
-        missing = export.missing_packages(args.format) + (
-            [] if "tensorflow" in export.RUNTIME_PACKAGES[args.format] else export.missing_packages("tf_saved_model"))
+        missing = export.missing_packages(args.format)
         if missing:
             raise CliError(f"--format {args.format} needs {', '.join(missing)} installed, and it is not: install it "
                            f"(pip install -e \".[export]\" has them all), or leave --export out.", "usage")
-        if args.format == "litert" and os.environ.get("KERAS_BACKEND", "tensorflow") == "jax":
+        import keras
+
+        if args.format == "litert" and keras.backend.backend() == "jax":
             raise CliError("--format litert is written by Keras on the TensorFlow backend only (Keras refuses it on "
                            "JAX); run with KERAS_BACKEND=tensorflow.", "usage")
     extras = [Path(e) for e in (args.export, args.report) if e]
@@ -387,8 +387,8 @@ def _print_conversion(fast, report, out, args):
     """What convert did: the plan, fallbacks, the verified error, the measured speed, what was written."""
     print(fast.convrewrite_plan.summary())
     if args.export:
-        print(f"export format {args.format}: chosen among {', '.join(export.implementations_for(args.format, args.allow))}"
-              f" (the implementations that export to it)")
+        carried = ", ".join(export.implementations_for(args.format, args.allow))
+        print(f"export format {args.format}: chosen among {carried} (the implementations that export to it)")
     for f in report.fallbacks:
         print(f"fell back: {f['site']} {f['from']} -> {f['to']} ({f['why']})")
     print(f"verified: max relative error {max((c.rel_error for c in report.outputs), default=0):.1e} "

@@ -46,9 +46,11 @@ def implementations_for(fmt: str, allow=None) -> List[str]:
 
 
 def missing_packages(fmt: str) -> List[str]:
-    """The packages `fmt` needs (RUNTIME_PACKAGES) that are not installed."""
+    """The packages exporting to `fmt` and running the artifact need that are not installed: TensorFlow, through
+    which Keras exports every format on either backend, and the format's own (RUNTIME_PACKAGES)."""
     _check_format(fmt)
-    return [p for p in RUNTIME_PACKAGES[fmt] if importlib.util.find_spec(p) is None]
+    needed = dict.fromkeys(("tensorflow",) + RUNTIME_PACKAGES[fmt])
+    return [p for p in needed if importlib.util.find_spec(p) is None]
 
 
 def artifact_path(folder: Path, fmt: str) -> Path:
@@ -59,7 +61,7 @@ def artifact_path(folder: Path, fmt: str) -> Path:
 
 def export_model(model, folder: Path, fmt: str) -> Path:
     """model.export into `folder` (created by the caller) in format `fmt`; returns the artifact's path."""
-    from .verify import random_inputs
+    from .verify import random_inputs  # (verify imports the layers: not at `convrewrite --help` time)
 
     _check_format(fmt)
     path = artifact_path(Path(folder), fmt)
@@ -125,19 +127,15 @@ def _flat(inputs) -> list:
 
 
 def compare_outputs(got: list, want: list, rtol: float) -> Optional[str]:
-    """None where every output agrees (normwise relative error <= rtol, NaN/Inf where `want` has them), else
-    one line saying which output differs and by how much."""
+    """None where every output agrees (`verify.relative_error` <= rtol: normwise over the finite values, NaN /
+    +Inf / -Inf where `want` has them), else one line saying which output differs and by how much."""
+    from .verify import relative_error
+
     if len(got) != len(want):
         return f"the artifact gives {len(got)} outputs, the original {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
-        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
-        if g.shape != w.shape:
-            return f"output {i}: shape {g.shape}, the original's {w.shape}"
-        if not (np.array_equal(np.isnan(g), np.isnan(w)) and np.array_equal(np.isinf(g), np.isinf(w))):
-            return f"output {i}: NaN/Inf where the original has none, or the reverse"
-        finite = np.isfinite(w)
-        scale = np.max(np.abs(w[finite])) if finite.any() else 0.0
-        err = float(np.max(np.abs(g[finite] - w[finite])) / scale) if scale > 0 else 0.0
+        err = relative_error(g, w)  # inf where the shapes or the NaN/+Inf/-Inf patterns differ
         if err > rtol:
-            return f"output {i}: relative error {err:.1e} > tolerance {rtol:.0e}"
+            return f"output {i}: relative error {err:.1e} > tolerance {rtol:.0e}" + (
+                " (its shape or NaN/Inf pattern differs from the original's)" if err == float("inf") else "")
     return None

@@ -554,9 +554,8 @@ class _FFTConvMixin:
         if training or not cacheable:
             # Training: the kernel changes every step, so caching would only add writes.
             return compute(kernel), bound(kernel)
-        shape = ops.shape(kernel)  # read afresh where the cache needs it (at trace time, in an export)
-        return backend.cached_transform(lambda: ops.reshape(self._float32_weights()[0], shape), self._spectrum_cache,
-                                        compute, aux=bound)
+        read = float32_kernel_reader(self._float32_weights, ops.shape(kernel))
+        return backend.cached_transform(read, self._spectrum_cache, compute, aux=bound)
 
     def call(self, inputs, training=None):
         """The FFT result where it provably equals Keras's, else Keras's own computation for this call.
@@ -719,6 +718,13 @@ def float32_weights(layer):
         kernel = ops.cast(layer.kernel, "float32")
         bias = ops.cast(layer.bias, "float32") if layer.use_bias else None
     return kernel, bias
+
+
+def float32_kernel_reader(read_weights, shape):
+    """A function giving the kernel of `read_weights()` (a layer's (kernel, bias) as float32, e.g.
+    `float32_weights`) as `shape`: what `backend.cached_transform` takes, so that the kernel is read where the
+    transform is needed (once, at trace time, in an export)."""
+    return lambda: ops.reshape(read_weights()[0], shape)
 
 
 def _dtype_max(dtype) -> float:

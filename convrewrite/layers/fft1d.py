@@ -31,8 +31,8 @@ from ..shapes import effective_length
 from ..spec import ConvSpec
 from . import backend
 from .fft import (
-    AxisLayout, _dilate, _dtype_max, _transform_work, FFTLayout, default_tile, float32_weights, full_axis_layout,
-    next_fast_length, register_fft_kind, size_max, tiled_axis_layout,
+    AxisLayout, _dilate, _dtype_max, _transform_work, FFTLayout, default_tile, float32_kernel_reader, float32_weights,
+    full_axis_layout, next_fast_length, register_fft_kind, size_max, tiled_axis_layout,
 )
 
 __all__ = ["FFTConv1D", "FFTDepthwiseConv1D", "axis_layout_1d", "fft1d_cost_features"]
@@ -252,9 +252,8 @@ class _FFTConv1DMixin:
         built = (self._fft_axis.fft, None if self._fft_axis.tile is not None else self._fft_axis.pad_before)
         if training or self._spectrum_cache is None or key != built:
             return compute(kernel), bound(kernel)
-        shape = ops.shape(kernel)  # read afresh where the cache needs it (at trace time, in an export)
-        return backend.cached_transform(lambda: ops.reshape(self._float32_weights()[0], shape), self._spectrum_cache,
-                                        compute, aux=bound)
+        read = float32_kernel_reader(self._float32_weights, ops.shape(kernel))
+        return backend.cached_transform(read, self._spectrum_cache, compute, aux=bound)
 
     def _axis_for(self, n):
         axis = self._fft_axis

@@ -22,7 +22,9 @@ from keras import ops
 
 from ..spec import ConvSpec
 from . import backend
-from .fft import AxisLayout, _dilate, _dtype_max, float32_weights, full_axis_layout, register_fft_kind
+from .fft import (
+    AxisLayout, _dilate, _dtype_max, float32_kernel_reader, float32_weights, full_axis_layout, register_fft_kind,
+)
 
 __all__ = ["FFTConv3D", "volume_layout", "fft3d_cost_features"]
 
@@ -187,9 +189,8 @@ class FFTConv3D(keras.layers.Conv3D):
 
         if training or self._spectrum_cache is None or axes != self._axes:
             return compute(kernel), bound(kernel)
-        shape = ops.shape(kernel)  # read afresh where the cache needs it (at trace time, in an export)
-        return backend.cached_transform(lambda: ops.reshape(self._float32_weights()[0], shape), self._spectrum_cache,
-                                        compute, aux=bound)
+        read = float32_kernel_reader(self._float32_weights, ops.shape(kernel))
+        return backend.cached_transform(read, self._spectrum_cache, compute, aux=bound)
 
     def call(self, inputs, training=None):
         """The FFT result where it provably equals Keras's (the 2-D layers' guard, see `layers/fft.py`'s

@@ -31,12 +31,11 @@ from typing import Optional
 import keras
 from keras import ops
 
-from .. import keras_internals
 from ..registry import Implementation, io_bytes, register
 from ..spec import ConvSpec
 from . import backend
-from .fft import FFT_ERROR_SCALE, FFT_ERROR_TERMS_CAP, choose_fft_layout, fft_cost_features, kernel_spectrum, \
-    spectral_correlate
+from .fft import FFT_ERROR_SCALE, FFT_ERROR_TERMS_CAP, choose_fft_layout, fft_cost_features, float32_kernel_reader, \
+    float32_weights, kernel_spectrum, spectral_correlate
 
 __all__ = ["SubpixelConv2DTranspose", "TransposeSubpixelImplementation", "TransposeFFTImplementation",
            "phase_kernel", "phase_axis", "phase_spec",
@@ -209,18 +208,11 @@ class SubpixelConv2DTranspose(keras.layers.Conv2DTranspose):
                         lambda: self._subpixel(inputs, phase_kernel(self.kernel, self.strides), self.compute_dtype),
                         lambda: super(SubpixelConv2DTranspose, self).call(inputs))
 
-    def _float32_kernel(self):
-        """The float32 kernel variable itself, not a mixed-precision policy's float16 copy of it."""
-        with keras_internals.autocast_disabled():
-            return ops.cast(self.kernel, "float32")
-
     def _fft_branch(self, inputs, layout, training):
         """The FFT result where it provably equals Keras's (the checks of layers/fft.py's `_fft_is_exact` on the
         padded stride-1 conv: finite, in range, not subnormal, float16-safe), else Keras's own call."""
         x = ops.cast(inputs, "float32")
-        kernel = self._float32_kernel()
-        with keras_internals.autocast_disabled():
-            bias = ops.cast(self.bias, "float32") if self.use_bias else None
+        kernel, bias = float32_weights(self)
         cin = kernel.shape[-1]
 
         def compute(k):
@@ -232,7 +224,8 @@ class SubpixelConv2DTranspose(keras.layers.Conv2DTranspose):
         cacheable = (not training and self._spectrum_cache is not None
                      and layout.spectrum_key() == self._fft_layout.spectrum_key())
         if cacheable:
-            spectrum, lip = backend.cached_transform(self._float32_kernel, self._spectrum_cache, compute, aux=bound)
+            read = float32_kernel_reader(lambda: float32_weights(self), ops.shape(kernel))
+            spectrum, lip = backend.cached_transform(read, self._spectrum_cache, compute, aux=bound)
         else:
             spectrum, lip = compute(kernel), bound(kernel)
         scale = backend.l2_norm(x) * lip

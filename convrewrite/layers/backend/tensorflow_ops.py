@@ -11,6 +11,7 @@ import contextlib
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # TF's own test for an XLA context (no public one)
 
 __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
@@ -165,8 +166,6 @@ def conj(x):
 def _portable() -> bool:
     """True while tracing for XLA (`jit_compile=True`) or for an exported artifact (`exporting()`): places
     without TensorFlow's complex<->float Bitcast (XLA has no kernel for it; converters no rule)."""
-    from tensorflow.python.ops import control_flow_util  # TF's own test for an XLA context (no public one)
-
     return bool(_EXPORTING[0]) or (not tf.executing_eagerly()
                                    and control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
@@ -320,8 +319,8 @@ def cached_transform(kernel, cache: SpectrumCache, compute, aux=None):
     compute: a differentiable function of it (e.g. its FFT). Given as a function, the kernel is read where
     the transform is needed: while a function is traced for export (`exporting()`), that is once, at trace
     time, and the transform becomes a constant of the traced function (no gradient flows to the kernel
-    there: an exported artifact is for inference). The check reads the whole kernel (kh*kw*Cin*Cout values), far cheaper than the
-    transform, and it is exact: whatever changed the kernel (fit, set_weights, load_weights,
+    there: an exported artifact is for inference). The check reads the whole kernel (kh*kw*Cin*Cout values), far
+    cheaper than the transform, and it is exact: whatever changed the kernel (fit, set_weights, load_weights,
     `kernel.assign`, an optimizer step inside the same tf.function) changes its bits, so a stale
     transform is never returned. On a miss the transform is recomputed and stored.
 
