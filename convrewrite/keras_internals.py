@@ -206,24 +206,33 @@ def hook_loaded_model(key: str, restore) -> None:
 
 # ---- export (layers/backend: transforms as constants of an exported artifact) ---------------------------
 def hook_exports(context) -> None:
-    """Run Keras's exports inside `context()` (a context-manager factory): `keras.Model.export` (every format:
-    SavedModel, ONNX, OpenVINO, LiteRT trace the model there) and the SavedModel archive's `write_out`
-    (where a hand-built `keras.export.ExportArchive` traces its endpoints: the class that `ExportArchive()`
-    makes on every backend derives from it). Wrapped once; what they do is otherwise unchanged."""
+    """Run Keras's exports inside `context(fmt)` (a context-manager factory taking the format written):
+    `keras.Model.export` (every format: SavedModel, ONNX, OpenVINO, LiteRT trace the model there) and the
+    SavedModel archive's `write_out` (where a hand-built `keras.export.ExportArchive` traces its endpoints: the
+    class that `ExportArchive()` makes on every backend derives from it). Wrapped once; what they do is
+    otherwise unchanged."""
+    import inspect
+
     import keras
     from keras.src.export.saved_model_export_archive import SavedModelExportArchive
 
-    def wrap(original):
+    def wrap(original, format_of):
         def wrapped(*args, **kwargs):
-            with context():
+            with context(format_of(*args, **kwargs)):
                 return original(*args, **kwargs)
-        wrapped.convrewrite_wrapped = True
+        wrapped.convrewrite_wrapped, wrapped.__wrapped__ = True, original
         wrapped.__doc__, wrapped.__name__ = original.__doc__, original.__name__
         return wrapped
 
-    for cls, name in ((keras.Model, "export"), (SavedModelExportArchive, "write_out")):
+    signature = inspect.signature(getattr(keras.Model.export, "__wrapped__", keras.Model.export))
+
+    def export_format(*args, **kwargs):  # Model.export(self, filepath, format="tf_saved_model", ...)
+        return signature.bind_partial(*args, **kwargs).arguments.get("format", "tf_saved_model")
+
+    for cls, name, format_of in ((keras.Model, "export", export_format),
+                                 (SavedModelExportArchive, "write_out", lambda *a, **k: "tf_saved_model")):
         if not getattr(getattr(cls, name), "convrewrite_wrapped", False):
-            setattr(cls, name, wrap(getattr(cls, name)))
+            setattr(cls, name, wrap(getattr(cls, name), format_of))
 
 
 # ---- reading variables past autocast (layers/fft.py) ---------------------------------------------------

@@ -183,20 +183,101 @@ RUNTIME_CELLS = [(impl, fmt) for impl in IMPLS for fmt in ("onnx", "openvino", "
                  if fmt in registry.get(impl).export_formats]
 
 
-@pytest.mark.tensorflow_only("Keras writes these formats through TensorFlow's converters; one backend suffices")
-@pytest.mark.parametrize("impl,fmt", RUNTIME_CELLS, ids=[f"{i}-{f}" for i, f in RUNTIME_CELLS])
-def test_export_formats_an_implementation_claims_hold_in_their_runtime(impl, fmt, tmp_path):
-    """`Implementation.export_formats` is what a plan for a format may choose from: each claim is exported
-    here, run in that runtime (OpenVINO at float32), and compared with Keras's original on finite inputs (the
-    original itself does not always export: tf2onnx cannot convert Keras's grouped conv, which the model
-    here leaves out)."""
+_RUNTIME_ORIGINALS = {}
+
+
+def _in_runtime(model, fmt, folder, cases):
+    """model exported as `fmt` into `folder`, run in its runtime on each of `cases`."""
+    from convrewrite import export
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run = export.load_runner(export.export_model(model, folder, fmt), fmt, n_outputs=1)
+    return [run(x)[0] for x in cases]
+
+
+def _runtime_original(fmt, tmp_path_factory):
+    """(outputs in the runtime, Keras's eager outputs) of the ungrouped original on CASES, once per format."""
+    if fmt not in _RUNTIME_ORIGINALS:
+        original = _model(grouped=False)
+        eager = [keras.ops.convert_to_numpy(original(x)) for x in CASES]
+        _RUNTIME_ORIGINALS[fmt] = (_in_runtime(original, fmt, tmp_path_factory.mktemp(fmt), CASES), eager)
+    return _RUNTIME_ORIGINALS[fmt]
+
+
+def _skip_without(fmt):
     from convrewrite import export
 
     if export.missing_packages(fmt):
         pytest.skip(f"{fmt} needs {', '.join(export.missing_packages(fmt))} (pip install -e '.[export]')")
-    original = _model(grouped=False)
-    fast = _forced(original, impl)
+
+
+@pytest.mark.tensorflow_only("Keras writes these formats through TensorFlow's converters; one backend suffices")
+@pytest.mark.parametrize("impl,fmt", RUNTIME_CELLS, ids=[f"{i}-{f}" for i, f in RUNTIME_CELLS])
+def test_export_formats_an_implementation_claims_hold_in_their_runtime(impl, fmt, tmp_path, tmp_path_factory):
+    """`Implementation.export_formats` is what a plan for a format may choose from: each claim is exported
+    here, run in that runtime (OpenVINO at float32), and compared with the original exported and run the same
+    way, on random inputs and on inputs with a NaN or an Inf (see `_same`). (The model leaves out the grouped
+    conv: tf2onnx cannot convert Keras's, original or not.)"""
+    _skip_without(fmt)
+    fast = _forced(_model(grouped=False), impl)
     if fast is None:
         pytest.skip(f"{impl} applies to no site of the model")
-    got = export.load_runner(export.export_model(fast, tmp_path, fmt), fmt, n_outputs=1)(CASES[0])
-    assert export.compare_outputs(got, [keras.ops.convert_to_numpy(original(CASES[0]))], TOL) is None
+    want, eager = _runtime_original(fmt, tmp_path_factory)
+    for got, w, e in zip(_in_runtime(fast, fmt, tmp_path, CASES), want, eager):
+        _same(got, w, e)
+
+
+def _model_1d_3d(rank):
+    """Conv1D sites (causal 15, depthwise 21 SAME, strided VALID 9) or Conv3D sites (SAME 5, VALID 3x5x7)."""
+    if rank == 1:
+        x = keras.Input((40, 4), batch_size=BATCH)
+        y = keras.layers.Conv1D(6, 15, padding="causal")(x)
+        y = keras.layers.DepthwiseConv1D(21, padding="same")(y)
+        y = keras.layers.Conv1D(4, 9, strides=2)(y)
+    else:
+        x = keras.Input((8, 10, 12, 3), batch_size=BATCH)
+        y = keras.layers.Conv3D(4, 5, padding="same")(keras.layers.Conv3D(3, (3, 5, 7))(x))
+    model = keras.Model(x, y)
+    rng = np.random.default_rng(rank)
+    for w in model.weights:
+        w.assign((rng.standard_normal(w.shape) / np.sqrt(max(np.prod(w.shape[:-1]), 1))).astype("float32"))
+    return model
+
+
+@pytest.mark.tensorflow_only("Keras writes these formats through TensorFlow's converters; one backend suffices")
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "litert"])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_the_1d_and_3d_fft_layers_hold_in_every_runtime(rank, fmt, tmp_path):
+    """The `fft` claim covers the 1-D and 3-D FFT layers too: their real-arithmetic transforms and guard in
+    each runtime, against the original there, with NaN and Inf inputs."""
+    _skip_without(fmt)
+    original = _model_1d_3d(rank)
+    plan = convrewrite.plan(original, cost_model=None)
+    for row in plan:
+        plan.force(row.site, "fft")
+    fast = convrewrite.optimize(original, plan=plan, check_speed=False)
+    assert {row.choice for row in fast.convrewrite_plan} == {"fft"}
+    rng = np.random.default_rng(5)
+    cases = [rng.standard_normal((BATCH, *original.input_shape[1:])).astype("float32") for _ in range(3)]
+    cases[1][0, 3], cases[2][0, 5] = np.nan, np.inf
+    want = _in_runtime(original, fmt, tmp_path / "original", cases)
+    for got, w, x in zip(_in_runtime(fast, fmt, tmp_path / "fast", cases), want, cases):
+        _same(got, w, keras.ops.convert_to_numpy(original(x)))
+
+
+@pytest.mark.parametrize("sizes,fft_shape", [((9,), (15,)), ((5, 7), (8, 12)), ((6, 6), (6, 6)), ((3, 4, 5), (4, 6, 7))])
+def test_real_arithmetic_transforms_equal_numpy_ffts(sizes, fft_shape):
+    """What the FFT layers compute for ONNX, OpenVINO and LiteRT (`layers/real_dft.py`) against numpy's FFTs,
+    odd and even lengths, zero-padded and not: the forward pairs, the inverse, and a round trip."""
+    from convrewrite.layers import real_dft
+
+    x = np.random.default_rng(len(sizes)).standard_normal((2, 3, *sizes)).astype("float32")
+    axes = tuple(range(2, 2 + len(sizes)))
+    z = keras.ops.convert_to_numpy(real_dft.rdft(x, fft_shape))
+    want = np.fft.rfftn(x.astype("float64"), s=fft_shape, axes=axes)
+    assert rel_error(np.stack([z[..., 0, :], z[..., 1, :]]), np.stack([want.real, want.imag])) <= TOL
+    back = keras.ops.convert_to_numpy(real_dft.irdft(z, fft_shape))
+    assert rel_error(back, np.fft.irfftn(want, s=fft_shape, axes=axes)) <= TOL
+    padded = np.zeros((2, 3, *fft_shape), "float32")
+    padded[(slice(None), slice(None), *(slice(0, n) for n in sizes))] = x
+    assert rel_error(back, padded) <= TOL

@@ -43,7 +43,7 @@ from .. import keras_internals
 from ..registry import Implementation, canary_spec, io_bytes, reduction_terms, register
 from ..shapes import output_length, same_pads
 from ..spec import ConvSpec
-from . import backend
+from . import backend, real_dft
 from .dft_matmul import dft_matrices, matmul_correlate, matmul_spectrum, matmul_spectrum_shape
 
 __all__ = [
@@ -395,8 +395,12 @@ def spectral_correlate(x, spectrum, layout: FFTLayout, groups: int, cg: int):
 
     x: (B, Cin, h, w) float32 with h <= P, w <= Q. spectrum: from `kernel_spectrum` (real block form
     (bins, G, 2 Cg, 2 Og) when cg > 1, complex (G, Og, bins) when cg == 1).
-    Returns (B, Cout, P, Q) float32; outputs are at [0, span) on each axis.
+    Returns (B, Cout, P, Q) float32; outputs are at [0, span) on each axis. Traced for a format without complex
+    tensors (`backend.real_arithmetic`): the same with real matrix products (`real_dft`; a Cg == 1 spectrum
+    then comes as (re, im) pairs (2, G, Og, bins)).
     """
+    if backend.real_arithmetic():
+        return real_dft.correlate(x, spectrum, layout.fft_shape, groups, cg)
     p, q = layout.fft_shape
     xf = backend.rfft2d(x, (p, q))  # (B, Cin, P, Q//2+1)
     if cg == 1:
@@ -551,7 +555,7 @@ class _FFTConvMixin:
             return ops.max(ops.sum(ops.abs(k), axis=(0, 1, 2)))
 
         cacheable = self._spectrum_cache is not None and layout.spectrum_key() == self._fft_layout.spectrum_key()
-        if training or not cacheable:
+        if not use_cached_transform(training, cacheable):
             # Training: the kernel changes every step, so caching would only add writes.
             return compute(kernel), bound(kernel)
         read = float32_kernel_reader(self._float32_weights, ops.shape(kernel))
@@ -575,9 +579,9 @@ class _FFTConvMixin:
         spectrum, lip = self._spectrum(kernel, layout, training)
         # The FFT runs inside its branch, not beside the cond: a call routed to Keras's branch does not compute
         # it at all, and nothing computed from a NaN/Inf/overflowing input is left in the graph for gradients.
-        return ops.cond(self._fft_is_exact(x, lip, bias, layout),
-                        lambda: self._fft_call(x, spectrum, bias, layout),
-                        lambda: ops.cast(super(_FFTConvMixin, self).call(inputs), self.compute_dtype))
+        return guarded(self, inputs, self._fft_is_exact(x, lip, bias, layout),
+                       lambda: self._fft_call(x, spectrum, bias, layout),
+                       lambda t: ops.cast(super(_FFTConvMixin, self).call(t), self.compute_dtype))
 
     def _smaller_than_kernel(self, h, w):
         """True when a VALID input is known (statically) to be smaller than the (dilated) kernel."""
@@ -711,6 +715,50 @@ class _FFTConvMixin:
         return config
 
 
+def use_cached_transform(training, cacheable) -> bool:
+    """Whether a layer takes its kernel's transform through `backend.cached_transform`: from the cache (an
+    inference call at the layout built for), or as a constant of an exported artifact (any layout: nothing
+    in an artifact computes a spectrum per call)."""
+    return backend.export_format() is not None or (cacheable and not training)
+
+
+def guarded(layer, inputs, ok, fast, direct):
+    """fast() where the scalar bool `ok` holds, else direct(inputs) (Keras's own computation): `ops.cond(ok,
+    fast, lambda: direct(inputs))`, in the form each runtime evaluates as written.
+
+    Traced for ONNX, OpenVINO or LiteRT (`backend.REAL_FORMATS`) the fast result is computed before the
+    conditional. For OpenVINO and LiteRT the conditional runs the direct computation or fills zeros, and a
+    select picks: with the fast path inside the conditional, or passed through it, OpenVINO 2026.4 returned
+    uninitialized values (~1e35) for a dense FFT conv on finite inputs. For ONNX the conditional passes the
+    fast result through (tf2onnx turned the select into arithmetic that spread the NaN of the unused FFT
+    result over the whole image), and its direct branch is written as `_shapes_known_inside` says."""
+    fmt = backend.export_format()
+    if fmt not in backend.REAL_FORMATS:
+        return ops.cond(ok, fast, lambda: direct(inputs))
+    y = fast()
+    if fmt == "onnx":
+        return ops.cond(ok, lambda: y, _shapes_known_inside(layer, inputs, direct))
+    return ops.where(ok, y, ops.cond(ok, lambda: ops.zeros(ops.shape(y), y.dtype), lambda: direct(inputs)))
+
+
+def _shapes_known_inside(layer, inputs, direct):
+    """direct(inputs) as a branch tf2onnx converts: it converts a conv inside a conditional only where the
+    shapes of its input and kernel are known there ("Conv attribute dilations has incorrect size" otherwise).
+    So the layer's weights are read before the conditional (a copy; keras.StatelessScope hands them to
+    Keras's call) and both they and the input are given their static shapes inside the branch. (For LiteRT
+    the weights stay read inside: read before, an Inf input gave wrong values there.)"""
+    values = [(v, ops.copy(v)) for v in layer.weights]  # (a copy: a conversion would defer the read)
+    static = None not in tuple(inputs.shape[1:])
+
+    def run():
+        known = [(v, ops.reshape(t, tuple(v.shape))) for v, t in values]
+        x = ops.reshape(inputs, (-1, *inputs.shape[1:])) if static else inputs
+        with keras.StatelessScope(state_mapping=known):
+            return direct(x)
+
+    return run
+
+
 def float32_weights(layer):
     """(kernel, bias or None) of a conv layer as float32: the variables themselves, not the float16 copies a
     mixed-precision policy's autocast would hand out (the transforms run in float32 whatever the compute dtype)."""
@@ -837,7 +885,6 @@ class FFTImplementation(Implementation):
     """
 
     name = "fft"
-    export_formats = frozenset({"tf_saved_model"})  # complex ops: README, Export
     description = "FFT convolution over the whole image (cached kernel spectra, per-bin complex matmul)"
     layer_classes = (FFTConv2D, FFTDepthwiseConv2D)
     tile_size = "full"
@@ -952,7 +999,6 @@ class FFTMatmulImplementation(FFTImplementation):
     known spatial size."""
 
     name = "fft-matmul"
-    export_formats = frozenset({"tf_saved_model", "litert"})  # real ops only; not onnx/openvino: README, Export
     description = "FFT-layout convolution with DFTs as matrix products, channels last (cached kernel spectra)"
     layer_classes = ()
     simplicity = 25

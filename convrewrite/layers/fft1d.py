@@ -29,10 +29,10 @@ from keras import ops
 
 from ..shapes import effective_length
 from ..spec import ConvSpec
-from . import backend
+from . import backend, real_dft
 from .fft import (
     AxisLayout, _dilate, _dtype_max, _transform_work, FFTLayout, default_tile, float32_kernel_reader, float32_weights,
-    full_axis_layout, next_fast_length, register_fft_kind, size_max, tiled_axis_layout,
+    full_axis_layout, guarded, next_fast_length, register_fft_kind, size_max, tiled_axis_layout, use_cached_transform,
 )
 
 __all__ = ["FFTConv1D", "FFTDepthwiseConv1D", "axis_layout_1d", "fft1d_cost_features"]
@@ -145,7 +145,10 @@ def kernel_spectrum_1d(kernel, axis: AxisLayout, groups: int, dilation: int = 1)
 def spectral_correlate_1d(x, spectrum, p: int, groups: int, cg: int):
     """Stride-1 correlation of a batch of sequences with a cached kernel spectrum.
 
-    x: (B, Cin, n) float32 with n <= P -> (B, Cout, P) float32; outputs at [0, span)."""
+    x: (B, Cin, n) float32 with n <= P -> (B, Cout, P) float32; outputs at [0, span). (For a format without
+    complex tensors: real matrix products, as the 2-D `spectral_correlate`.)"""
+    if backend.real_arithmetic():
+        return real_dft.correlate(x, spectrum, (p,), groups, cg)
     bins = p // 2 + 1
     xf = backend.rfft(x, p)  # (B, Cin, bins)
     if cg == 1:
@@ -250,7 +253,7 @@ class _FFTConv1DMixin:
 
         key = (axis.fft, None if axis.tile is not None else axis.pad_before)
         built = (self._fft_axis.fft, None if self._fft_axis.tile is not None else self._fft_axis.pad_before)
-        if training or self._spectrum_cache is None or key != built:
+        if not use_cached_transform(training, self._spectrum_cache is not None and key == built):
             return compute(kernel), bound(kernel)
         read = float32_kernel_reader(self._float32_weights, ops.shape(kernel))
         return backend.cached_transform(read, self._spectrum_cache, compute, aux=bound)
@@ -271,9 +274,9 @@ class _FFTConv1DMixin:
         kernel, bias = self._float32_weights()
         axis = self._axis_for(n)
         spectrum, lip = self._spectrum(kernel, axis, training)
-        return ops.cond(self._fft_is_exact(x, lip, bias, axis),
-                        lambda: self._fft_call(x, spectrum, bias, axis),
-                        lambda: ops.cast(super(_FFTConv1DMixin, self).call(inputs), self.compute_dtype))
+        return guarded(self, inputs, self._fft_is_exact(x, lip, bias, axis),
+                       lambda: self._fft_call(x, spectrum, bias, axis),
+                       lambda t: ops.cast(super(_FFTConv1DMixin, self).call(t), self.compute_dtype))
 
     def _fft_is_exact(self, x, lip, bias, axis):
         """Scalar bool, the 2-D layers' guard with one axis: ||x||_2 L finite, P^2 ||x||_2 L below float32's

@@ -21,9 +21,10 @@ import keras
 from keras import ops
 
 from ..spec import ConvSpec
-from . import backend
+from . import backend, real_dft
 from .fft import (
-    AxisLayout, _dilate, _dtype_max, float32_kernel_reader, float32_weights, full_axis_layout, register_fft_kind,
+    AxisLayout, _dilate, _dtype_max, float32_kernel_reader, float32_weights, full_axis_layout, guarded,
+    register_fft_kind, use_cached_transform,
 )
 
 __all__ = ["FFTConv3D", "volume_layout", "fft3d_cost_features"]
@@ -96,8 +97,11 @@ def kernel_spectrum_3d(kernel, axes, groups: int, dilation=(1, 1, 1)):
 
 
 def spectral_correlate_3d(x, spectrum, axes, groups: int, cg: int):
-    """x: (B, Cin, d, h, w) float32 -> (B, Cout, P, Q, R) float32, stride-1 outputs at [0, span) per axis."""
+    """x: (B, Cin, d, h, w) float32 -> (B, Cout, P, Q, R) float32, stride-1 outputs at [0, span) per axis. (For a
+    format without complex tensors: real matrix products, as the 2-D `spectral_correlate`.)"""
     p, q, r = (a.fft for a in axes)
+    if backend.real_arithmetic():
+        return real_dft.correlate(x, spectrum, (p, q, r), groups, cg)
     bins = _bins(axes)
     xf = backend.rfft3d(x, (p, q, r))
     if cg == 1:
@@ -187,7 +191,7 @@ class FFTConv3D(keras.layers.Conv3D):
         def bound(k):
             return ops.max(ops.sum(ops.abs(k), axis=(0, 1, 2, 3)))
 
-        if training or self._spectrum_cache is None or axes != self._axes:
+        if not use_cached_transform(training, self._spectrum_cache is not None and axes == self._axes):
             return compute(kernel), bound(kernel)
         read = float32_kernel_reader(self._float32_weights, ops.shape(kernel))
         return backend.cached_transform(read, self._spectrum_cache, compute, aux=bound)
@@ -204,9 +208,9 @@ class FFTConv3D(keras.layers.Conv3D):
         x = ops.cast(inputs, "float32")
         kernel, bias = self._float32_weights()
         spectrum, lip = self._spectrum(kernel, axes, training)
-        return ops.cond(self._fft_is_exact(x, lip, bias, axes),
-                        lambda: self._fft_call(x, spectrum, bias, axes),
-                        lambda: ops.cast(super(FFTConv3D, self).call(inputs), self.compute_dtype))
+        return guarded(self, inputs, self._fft_is_exact(x, lip, bias, axes),
+                       lambda: self._fft_call(x, spectrum, bias, axes),
+                       lambda t: ops.cast(super(FFTConv3D, self).call(t), self.compute_dtype))
 
     def _fft_is_exact(self, x, lip, bias, axes):
         scale = backend.l2_norm(x) * lip

@@ -131,7 +131,6 @@ class SeparableFFTImplementation(Implementation):
     stage is answered for by `stage` (the FFT implementation of DepthwiseConv2D) on `separable_stages`' spec."""
 
     name = "sep-fft"
-    export_formats = frozenset({"tf_saved_model"})  # complex ops: README, Export
     description = "SeparableConv2D: depthwise stage by full-image FFT (cached spectra), pointwise as Keras"
     layer_classes = (FFTSeparableConv2D,)
     simplicity = 21

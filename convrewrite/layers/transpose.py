@@ -35,7 +35,7 @@ from ..registry import Implementation, io_bytes, register
 from ..spec import ConvSpec
 from . import backend
 from .fft import FFT_ERROR_SCALE, FFT_ERROR_TERMS_CAP, choose_fft_layout, fft_cost_features, float32_kernel_reader, \
-    float32_weights, kernel_spectrum, spectral_correlate
+    float32_weights, guarded, kernel_spectrum, spectral_correlate, use_cached_transform
 
 __all__ = ["SubpixelConv2DTranspose", "TransposeSubpixelImplementation", "TransposeFFTImplementation",
            "phase_kernel", "phase_axis", "phase_spec",
@@ -204,9 +204,9 @@ class SubpixelConv2DTranspose(keras.layers.Conv2DTranspose):
         finite = backend.l2_norm(ops.cast(self.kernel, "float32"))
         if _has_zero_taps(self.kernel_size, self.strides):
             finite = finite * backend.l2_norm(ops.cast(inputs, "float32"))
-        return ops.cond(ops.isfinite(finite),
-                        lambda: self._subpixel(inputs, phase_kernel(self.kernel, self.strides), self.compute_dtype),
-                        lambda: super(SubpixelConv2DTranspose, self).call(inputs))
+        return guarded(self, inputs, ops.isfinite(finite),
+                       lambda: self._subpixel(inputs, phase_kernel(self.kernel, self.strides), self.compute_dtype),
+                       lambda t: super(SubpixelConv2DTranspose, self).call(t))
 
     def _fft_branch(self, inputs, layout, training):
         """The FFT result where it provably equals Keras's (the checks of layers/fft.py's `_fft_is_exact` on the
@@ -221,9 +221,8 @@ class SubpixelConv2DTranspose(keras.layers.Conv2DTranspose):
         def bound(k):  # the largest L1 norm of one output channel's taps (phases included)
             return ops.max(ops.sum(ops.abs(k), axis=(0, 1, 3)))
 
-        cacheable = (not training and self._spectrum_cache is not None
-                     and layout.spectrum_key() == self._fft_layout.spectrum_key())
-        if cacheable:
+        cacheable = self._spectrum_cache is not None and layout.spectrum_key() == self._fft_layout.spectrum_key()
+        if use_cached_transform(training, cacheable):
             read = float32_kernel_reader(lambda: float32_weights(self), ops.shape(kernel))
             spectrum, lip = backend.cached_transform(read, self._spectrum_cache, compute, aux=bound)
         else:
@@ -245,8 +244,8 @@ class SubpixelConv2DTranspose(keras.layers.Conv2DTranspose):
 
             return self._subpixel(x, None, "float32", conv=conv, bias=bias)
 
-        return ops.cond(ok, fft, lambda: ops.cast(super(SubpixelConv2DTranspose, self).call(inputs),
-                                                  self.compute_dtype))
+        return guarded(self, inputs, ok, fft, lambda t: ops.cast(super(SubpixelConv2DTranspose, self).call(t),
+                                                                 self.compute_dtype))
 
     def _subpixel(self, inputs, kernel, dtype, conv=None, bias=None):
         """The decomposition: pad, one stride-1 conv (`conv`, default Keras's), depth_to_space, crop, bias,
@@ -290,7 +289,6 @@ class TransposeSubpixelImplementation(Implementation):
     decomposition): no zero-inserted input, TF's fast forward conv kernel instead of its backprop-input one."""
 
     name = "subpixel"
-    export_formats = frozenset({"tf_saved_model", "openvino", "litert"})  # not onnx: README, Export
     description = "Conv2DTranspose as one stride-1 Conv2D with s*s*filters outputs + depth_to_space"
     layer_classes = (SubpixelConv2DTranspose,)
     simplicity = 12
@@ -336,7 +334,6 @@ class TransposeFFTImplementation(TransposeSubpixelImplementation):
     kernel spectrum cached per weight state): for large kernels. Needs the spatial size at build."""
 
     name = "subpixel-fft"
-    export_formats = frozenset({"tf_saved_model"})  # complex ops: README, Export
     description = "Conv2DTranspose through the sub-pixel decomposition, its stride-1 conv by FFT"
     layer_classes = ()  # made by SubpixelConv2DTranspose too: `for_layer` names it subpixel
     simplicity = 22

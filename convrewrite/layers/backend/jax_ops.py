@@ -25,7 +25,8 @@ from jax import lax
 __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block",
     "real_block_matmul", "matmul", "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
-    "SpectrumCache", "cached_transform", "exporting", "resize_bilinear", "after", "device_details", "graph_function",
+    "SpectrumCache", "cached_transform", "exporting", "export_format", "real_arithmetic", "REAL_FORMATS",
+    "resize_bilinear", "after", "device_details", "graph_function",
     "forward_backward", "jit", "custom_gradient", "wait_for",
 ]
 
@@ -209,11 +210,24 @@ class SpectrumCache:
         pass
 
 
+REAL_FORMATS = frozenset({"onnx", "openvino", "litert"})  # as on TensorFlow; not reached from JAX
+
+
 @contextlib.contextmanager
-def exporting():
+def exporting(fmt="tf_saved_model"):
     """Nothing to change on JAX: no cache state exists, and an export (jax2tf) traces the transform as a
     function of the kernel, as every call computes it."""
     yield
+
+
+def export_format():
+    """None: the layers trace the same on JAX whatever an export writes (see `exporting`)."""
+    return None
+
+
+def real_arithmetic() -> bool:
+    """False: JAX exports only a SavedModel (through jax2tf), which takes complex tensors."""
+    return False
 
 
 def cached_transform(kernel, cache: SpectrumCache, compute, aux=None):

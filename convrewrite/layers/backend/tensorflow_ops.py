@@ -16,7 +16,8 @@ from tensorflow.python.ops import control_flow_util  # TF's own test for an XLA 
 __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
     "matmul", "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
-    "SpectrumCache", "cached_transform", "exporting", "resize_bilinear", "after", "device_details", "graph_function",
+    "SpectrumCache", "cached_transform", "exporting", "export_format", "real_arithmetic", "REAL_FORMATS",
+    "resize_bilinear", "after", "device_details", "graph_function",
     "forward_backward", "jit", "custom_gradient", "wait_for",
 ]
 
@@ -166,7 +167,7 @@ def conj(x):
 def _portable() -> bool:
     """True while tracing for XLA (`jit_compile=True`) or for an exported artifact (`exporting()`): places
     without TensorFlow's complex<->float Bitcast (XLA has no kernel for it; converters no rule)."""
-    return bool(_EXPORTING[0]) or (not tf.executing_eagerly()
+    return bool(_EXPORTING) or (not tf.executing_eagerly()
                                    and control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
@@ -285,28 +286,48 @@ class SpectrumCache(tf.Module):
         self.valid.assign(False)
 
 
-_EXPORTING = [0]  # how many `exporting()` contexts are open
+_EXPORTING = []  # the formats of the open `exporting()` contexts, outermost first
+
+REAL_FORMATS = frozenset({"onnx", "openvino", "litert"})
+"""Export formats whose converters take no complex tensors: an FFT layer traced for them computes its
+transforms as real matrix products on (real, imaginary) pairs (`layers/real_dft.py`)."""
 
 
 @contextlib.contextmanager
-def exporting():
-    """Within: functions traced for an exported inference artifact (Keras's `model.export`, an
-    `ExportArchive`) take each kernel's transform as a constant computed once, at trace time, from the
+def exporting(fmt="tf_saved_model"):
+    """Within: functions traced for an exported inference artifact of format `fmt` (Keras's `model.export`,
+    an `ExportArchive`) take each kernel's transform as a constant computed once, at trace time, from the
     kernel's current value (see `cached_transform`). Such an artifact then holds no cache variables, no
     variable assignment inside a cond and no bitwise kernel comparison: ops that XLA, ONNX, OpenVINO and
     LiteRT converters lack, and a SavedModel cannot restore the cache's state into anyway."""
-    _EXPORTING[0] += 1
+    _EXPORTING.append(fmt)
     try:
         yield
     finally:
-        _EXPORTING[0] -= 1
+        _EXPORTING.pop()
+
+
+def export_format():
+    """The format being traced for (see `exporting`), or None outside an export: the outermost export's, since
+    Keras writes ONNX and LiteRT through a SavedModel export of its own, nested inside."""
+    return _EXPORTING[0] if _EXPORTING else None
+
+
+def real_arithmetic() -> bool:
+    """True while tracing for a format in `REAL_FORMATS` (no complex tensors may appear in the graph)."""
+    return export_format() in REAL_FORMATS and not tf.executing_eagerly()
 
 
 def _constant_transform(kernel_fn, compute, aux):
-    """compute(kernel) (and aux(kernel)) evaluated now, outside the function being traced, as constants of it."""
+    """compute(kernel) (and aux(kernel)) evaluated now, outside the function being traced, as constants of it.
+    For a format without complex tensors (`real_arithmetic`) a complex value becomes (2, ...) float32: its
+    real and imaginary parts stacked on a new leading axis."""
+    pairs = real_arithmetic()
     with tf.init_scope():
         k = tf.convert_to_tensor(kernel_fn(), tf.float32)
         value = np.asarray(compute(k))
+        if pairs and np.iscomplexobj(value):
+            value = np.stack([value.real, value.imag]).astype(np.float32)
         extra = None if aux is None else np.float32(tf.cast(aux(k), tf.float32))
     value = tf.constant(value)
     return value if aux is None else (value, tf.constant(extra))
@@ -331,7 +352,7 @@ def cached_transform(kernel, cache: SpectrumCache, compute, aux=None):
     under the same key; then (transform, aux scalar) is returned.
     """
     if callable(kernel):
-        if _EXPORTING[0] and not tf.executing_eagerly():
+        if _EXPORTING and not tf.executing_eagerly():
             return _constant_transform(kernel, compute, aux)
         kernel = kernel()
     kernel = tf.convert_to_tensor(kernel, tf.float32)
