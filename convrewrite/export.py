@@ -9,7 +9,9 @@ was exported is verified by running the artifact in its runtime against the orig
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -66,8 +68,30 @@ def export_model(model, folder: Path, fmt: str) -> Path:
     _check_format(fmt)
     path = artifact_path(Path(folder), fmt)
     model(random_inputs(model, batch=1))  # Keras's ONNX export refuses a model that has never been called
-    model.export(str(path), format=fmt, verbose=False)
+    with _telemetry_declined(fmt):
+        model.export(str(path), format=fmt, verbose=False)
     return path
+
+
+@contextlib.contextmanager
+def _telemetry_declined(fmt: str):
+    """For an OpenVINO export: its converter's usage telemetry declined for this conversion. OpenVINO sends it by
+    default, from a background sender whose forked children try the network (and, seen on this project's
+    machines, left numpy's BLAS workers stopped in the parent); its converter skips it where the environment
+    says CI=true, which is set for the conversion alone and then restored. Nothing is written to the user's
+    home folder (OpenVINO's own opt-out tool would write a consent file there)."""
+    if fmt != "openvino":
+        yield
+        return
+    before = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = before
 
 
 def load_runner(path: Path, fmt: str, n_outputs: Optional[int] = None) -> Callable:

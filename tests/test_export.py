@@ -281,3 +281,24 @@ def test_real_arithmetic_transforms_equal_numpy_ffts(sizes, fft_shape):
     padded = np.zeros((2, 3, *fft_shape), "float32")
     padded[(slice(None), slice(None), *(slice(0, n) for n in sizes))] = x
     assert rel_error(back, padded) <= TOL
+
+
+def test_an_openvino_export_declines_its_telemetry_for_the_conversion_alone(monkeypatch, tmp_path):
+    """OpenVINO's converter sends usage telemetry unless CI=true: convrewrite's export sets it for the
+    conversion and restores what the environment held (the suite itself runs with CI=true)."""
+    import os
+
+    from convrewrite import export
+
+    model = _model(grouped=False)
+    seen = []
+    monkeypatch.setattr(model, "export", lambda path, format, verbose: seen.append((format, os.environ.get("CI"))))
+    for before in ("false", None):
+        if before is None:
+            monkeypatch.delenv("CI")
+        else:
+            monkeypatch.setenv("CI", before)
+        export.export_model(model, tmp_path, "openvino")
+        assert os.environ.get("CI") == before
+    export.export_model(model, tmp_path, "litert")
+    assert seen == [("openvino", "true"), ("openvino", "true"), ("litert", None)]
