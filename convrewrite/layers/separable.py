@@ -24,7 +24,7 @@ from ..registry import Implementation, io_bytes, register
 from ..shapes import effective_length
 from ..spec import ConvSpec, separable_stages
 from . import backend
-from .fft import FFTImplementation, FFTTiledImplementation, _FFTConvMixin, fft_cost_features
+from .fft import FFTImplementation, FFTTiledImplementation, _FFTConvMixin, fft_cost_features, guarded
 from .wide import SLOW_WIDTHS, RunsWide, default_run_kernel
 
 __all__ = ["FFTSeparableConv2D", "WideSeparableConv2D", "SeparableFFTImplementation",
@@ -107,8 +107,8 @@ class WideSeparableConv2D(RunsWide, _PointwiseMixin, keras.layers.SeparableConv2
             return super().call(inputs)  # Keras's own handling
         finite = ops.isfinite(backend.l2_norm(ops.cast(inputs, "float32"))
                               * backend.l2_norm(ops.cast(self.depthwise_kernel, "float32")))
-        return ops.cond(finite, lambda: self._wide_call(inputs, plans),
-                        lambda: super(WideSeparableConv2D, self).call(inputs))
+        return guarded(self, inputs, finite, lambda: self._wide_call(inputs, plans),
+                       lambda t: super(WideSeparableConv2D, self).call(t))
 
     def _wide_call(self, inputs, plans):
         y = self._run_depthwise(inputs, plans, self.depthwise_kernel)
@@ -184,7 +184,6 @@ class SeparableWideImplementation(Implementation):
     """SeparableConv2D whose depthwise kernel width is in TensorFlow's slow band, run at width 14."""
 
     name = "sep-wide"
-    export_formats = frozenset({"tf_saved_model", "openvino", "litert"})  # not onnx: README, Export
     description = "SeparableConv2D: depthwise kernel zero-padded to a width TF's depthwise kernel runs fast"
     layer_classes = (WideSeparableConv2D,)
     simplicity = 16

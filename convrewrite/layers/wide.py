@@ -31,6 +31,7 @@ from ..registry import Implementation, canary_spec, io_bytes, register
 from ..shapes import effective_length, pair, same_pads
 from ..spec import ConvSpec
 from . import backend
+from .fft import guarded
 
 __all__ = ["WideDepthwiseConv2D", "WideDepthwiseImplementation", "default_run_kernel", "axis_plan"]
 
@@ -142,8 +143,8 @@ class WideDepthwiseConv2D(RunsWide, keras.layers.DepthwiseConv2D):
             return super().call(inputs)  # Keras's own handling (an error for a too-small VALID input)
         finite = ops.isfinite(backend.l2_norm(ops.cast(inputs, "float32"))
                               * backend.l2_norm(ops.cast(self.kernel, "float32")))
-        return ops.cond(finite, lambda: self._wide_call(inputs, plans),
-                        lambda: super(WideDepthwiseConv2D, self).call(inputs))
+        return guarded(self, inputs, finite, lambda: self._wide_call(inputs, plans),
+                       lambda t: super(WideDepthwiseConv2D, self).call(t))
 
     def _smaller_than_kernel(self, shape):
         if self.padding != "valid":
@@ -170,7 +171,6 @@ class WideDepthwiseImplementation(Implementation):
     `default_run_kernel`). Exact: the same sums, NaN/Inf calls through Keras's own kernel."""
 
     name = "depthwise-wide"
-    export_formats = frozenset({"tf_saved_model", "openvino", "litert"})  # not onnx: README, Export
     description = "depthwise kernel zero-padded to a width TensorFlow's depthwise kernel runs fast"
     layer_classes = (WideDepthwiseConv2D,)
     simplicity = 15
