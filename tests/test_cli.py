@@ -437,9 +437,13 @@ def test_convert_failing_verification_names_layers_and_what_was_kept(models, tmp
 
 @pytest.mark.tensorflow_only("Keras writes ONNX through TensorFlow; the JAX run exports SavedModels in test_export")
 def test_convert_exports_onnx_with_only_replacements_onnx_carries_verified_in_onnxruntime(models, tmp_path):
-    """--export DIR --format onnx: the plan leaves out replacements that do not export to ONNX (the 5x5
-    3x13 depthwise site goes to depthwise-wide otherwise, planned for the shipped Xeon 6/167/1 profile's device), the artifact is run in onnxruntime and
-    compared with the original before anything is written."""
+    """--export DIR --format onnx: the plan chooses among the replacements that export to ONNX (all but PAC:
+    `implementations_for`); the 5x5 3x13 depthwise site goes to depthwise-wide, planned for the shipped Xeon
+    6/167/1 profile's device, which ONNX carries; the artifact is run in onnxruntime and compared with the
+    original before anything is written."""
+    from convrewrite import export
+
+    assert "pac" not in export.implementations_for("onnx") and "depthwise-wide" in export.implementations_for("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("tf2onnx")
     x = keras.Input((12, 12, 4))
@@ -451,7 +455,7 @@ def test_convert_exports_onnx_with_only_replacements_onnx_carries_verified_in_on
     r = _run(["convert", "wide.keras", "wide_onnx.keras", *profile, "--export", "onnx_out", "--format", "onnx"],
              tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "depthwise-wide" not in r.stdout and "onnx onnx_out (verified in its runtime)" in r.stdout, r.stdout
+    assert "depthwise-wide" in r.stdout and "onnx onnx_out (verified in its runtime)" in r.stdout, r.stdout
     assert (tmp_path / "onnx_out" / "model.onnx").exists() and _no_temp_files(tmp_path)
 
 
