@@ -28,6 +28,7 @@ import numpy as np
 from keras import ops
 
 from . import backend
+from .real_dft import real_forward_matrix, real_inverse_matrix
 
 __all__ = ["dft_matrices", "matmul_spectrum", "matmul_correlate", "matmul_spectrum_shape"]
 
@@ -44,10 +45,8 @@ def dft_matrices(layout, height: int, width: int):
     Computed in float64, rounded once to float32.
     """
     p, q = layout.fft_shape
-    f = q // 2 + 1
     rows, cols = layout.rows, layout.cols
-    fw = 2 * np.pi * np.outer(np.arange(f), np.arange(width)) / q
-    forward_w = np.concatenate([np.cos(fw), -np.sin(fw)])  # (2F, W)
+    forward_w = real_forward_matrix(width, q).T  # (2F, W)
     th = 2 * np.pi * np.outer(np.arange(p), np.arange(height)) / p  # (P, H)
     c, s = np.cos(th), np.sin(th)
     forward_h = np.stack([np.stack([c, s], -1), np.stack([-s, c], -1)], 1).reshape(2 * p, 2 * height)
@@ -55,10 +54,7 @@ def dft_matrices(layout, height: int, width: int):
     ph = 2 * np.pi * np.outer(kept_r, np.arange(p)) / p  # (out_h, P)
     c, s = np.cos(ph) / p, np.sin(ph) / p
     inverse_h = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], 1).reshape(2 * rows.out, 2 * p)
-    kept_c = np.arange(cols.out) * cols.stride
-    weight = np.where((np.arange(f) == 0) | ((q % 2 == 0) & (np.arange(f) == q // 2)), 1.0, 2.0) / q
-    pw = 2 * np.pi * np.outer(kept_c, np.arange(f)) / q  # (out_w, F)
-    inverse_w = np.concatenate([np.cos(pw) * weight, -np.sin(pw) * weight], 1)  # (out_w, 2F)
+    inverse_w = real_inverse_matrix(q)[:, np.arange(cols.out) * cols.stride].T  # (out_w, 2F): the kept columns
     return {name: m.astype("float32") for name, m in (
         ("forward_w", forward_w), ("forward_h", forward_h), ("inverse_h", inverse_h), ("inverse_w", inverse_w))}
 

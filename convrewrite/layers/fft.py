@@ -726,17 +726,16 @@ def guarded(layer, inputs, ok, fast, direct):
     """fast() where the scalar bool `ok` holds, else direct(inputs) (Keras's own computation): `ops.cond(ok,
     fast, lambda: direct(inputs))`, in the form each runtime evaluates as written.
 
-    Traced for ONNX, OpenVINO or LiteRT (`backend.REAL_FORMATS`) the fast result is computed before the
+    Traced for ONNX, OpenVINO or LiteRT (`backend.real_arithmetic`) the fast result is computed before the
     conditional. For OpenVINO and LiteRT the conditional runs the direct computation or fills zeros, and a
     select picks: with the fast path inside the conditional, or passed through it, OpenVINO 2026.4 returned
     uninitialized values (~1e35) for a dense FFT conv on finite inputs. For ONNX the conditional passes the
     fast result through (tf2onnx turned the select into arithmetic that spread the NaN of the unused FFT
     result over the whole image), and its direct branch is written as `_shapes_known_inside` says."""
-    fmt = backend.export_format()
-    if fmt not in backend.REAL_FORMATS:
+    if not backend.real_arithmetic():
         return ops.cond(ok, fast, lambda: direct(inputs))
     y = fast()
-    if fmt == "onnx":
+    if backend.export_format() == "onnx":
         return ops.cond(ok, lambda: y, _shapes_known_inside(layer, inputs, direct))
     return ops.where(ok, y, ops.cond(ok, lambda: ops.zeros(ops.shape(y), y.dtype), lambda: direct(inputs)))
 

@@ -1,7 +1,7 @@
 """The FFT layers' spectral correlation with real arithmetic only: the transforms as matrix products and the
 per-bin products on (real, imaginary) pairs.
 
-For runtimes whose converters take no complex tensors (ONNX, OpenVINO, LiteRT: `backend.REAL_FORMATS`): an
+For runtimes whose converters take no complex tensors (ONNX, OpenVINO, LiteRT: `backend.real_arithmetic`): an
 FFT layer traced for such an export computes the same correlation as on its FFT path (same transform sizes,
 the same kernel spectra, bins in the same order) with matmuls, slices, adds and multiplies. A complex value
 travels as a pair axis of length 2 just before the last (half-spectrum) axis: (..., 2, F) holds the real part
@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-__all__ = ["rdft", "irdft", "correlate"]
+__all__ = ["rdft", "irdft", "correlate", "real_forward_matrix", "real_inverse_matrix"]
 
 
-def _forward_last(n: int, p: int):
+def real_forward_matrix(n: int, p: int):
     """(n, 2F): x @ M = [Re X | Im X], the real DFT of length p of n real values (zero-padded to p)."""
     theta = 2 * np.pi * np.outer(np.arange(n), np.arange(p // 2 + 1)) / p
     return np.concatenate([np.cos(theta), -np.sin(theta)], 1).astype("float32")
@@ -40,7 +40,7 @@ def _inverse_complex(p: int):
     return np.block([[c, s], [-s, c]]).astype("float32")
 
 
-def _inverse_last(p: int):
+def real_inverse_matrix(p: int):
     """(2F, p): [Re X | Im X] @ M = x, the inverse real DFT of length p from its p // 2 + 1 bins (the bins a
     real inverse leaves implicit counted twice; the imaginary parts of bin 0 and, p even, of bin p / 2 unused,
     as an inverse real FFT does)."""
@@ -68,7 +68,7 @@ def rdft(x, fft_shape):
     real DFT of x zero-padded to fft_shape = (P_1, ..., P_k) (what `backend.rfft2d` computes for k = 2)."""
     k = len(fft_shape)
     spatial = tuple(x.shape[-k:])
-    last = _forward_last(spatial[-1], fft_shape[-1])
+    last = real_forward_matrix(spatial[-1], fft_shape[-1])
     z = ops.matmul(x, last)  # (B, C, n_1, ..., n_{k-1}, 2F)
     z = ops.reshape(z, (-1, *z.shape[1:-1], 2, last.shape[1] // 2))
     for i in range(k - 1):
@@ -81,7 +81,7 @@ def irdft(z, fft_shape):
     k = len(fft_shape)
     for i in range(k - 1):
         z = _along(z, 2 + i, _inverse_complex(fft_shape[i]))
-    last = _inverse_last(fft_shape[-1])
+    last = real_inverse_matrix(fft_shape[-1])
     return ops.matmul(ops.reshape(z, (-1, *z.shape[1:-2], last.shape[0])), last)
 
 

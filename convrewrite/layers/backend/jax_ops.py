@@ -25,7 +25,7 @@ from jax import lax
 __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block",
     "real_block_matmul", "matmul", "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
-    "SpectrumCache", "cached_transform", "exporting", "export_format", "real_arithmetic", "REAL_FORMATS",
+    "SpectrumCache", "cached_transform", "exporting", "export_format", "real_arithmetic",
     "resize_bilinear", "after", "device_details", "graph_function",
     "forward_backward", "jit", "custom_gradient", "wait_for",
 ]
@@ -208,9 +208,6 @@ class SpectrumCache:
 
     def invalidate(self):
         pass
-
-
-REAL_FORMATS = frozenset({"onnx", "openvino", "litert"})  # as on TensorFlow; not reached from JAX
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from tensorflow.python.ops import control_flow_util  # TF's own test for an XLA 
 __all__ = [
     "rfft2d", "irfft2d", "rfft", "irfft", "rfft3d", "irfft3d", "complex_as_real", "real_as_complex", "real_block", "real_block_matmul",
     "matmul", "complex_multiply", "conj", "frame", "bits_equal", "l2_norm",
-    "SpectrumCache", "cached_transform", "exporting", "export_format", "real_arithmetic", "REAL_FORMATS",
+    "SpectrumCache", "cached_transform", "exporting", "export_format", "real_arithmetic",
     "resize_bilinear", "after", "device_details", "graph_function",
     "forward_backward", "jit", "custom_gradient", "wait_for",
 ]
@@ -288,7 +288,7 @@ class SpectrumCache(tf.Module):
 
 _EXPORTING = []  # the formats of the open `exporting()` contexts, outermost first
 
-REAL_FORMATS = frozenset({"onnx", "openvino", "litert"})
+_REAL_FORMATS = frozenset({"onnx", "openvino", "litert"})
 """Export formats whose converters take no complex tensors: an FFT layer traced for them computes its
 transforms as real matrix products on (real, imaginary) pairs (`layers/real_dft.py`)."""
 
@@ -314,8 +314,8 @@ def export_format():
 
 
 def real_arithmetic() -> bool:
-    """True while tracing for a format in `REAL_FORMATS` (no complex tensors may appear in the graph)."""
-    return export_format() in REAL_FORMATS and not tf.executing_eagerly()
+    """True while tracing for ONNX, OpenVINO or LiteRT, whose converters take no complex tensors."""
+    return export_format() in _REAL_FORMATS and not tf.executing_eagerly()
 
 
 def _constant_transform(kernel_fn, compute, aux):
